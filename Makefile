@@ -1,0 +1,31 @@
+# Two entry points do all the set-up on a fresh machine (Python 3.11, pip, make):
+#   make quickstart   the main job
+#   make test         the test suite (what CI runs)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install quickstart test lint clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/ttt bench train nano --steps 3
+
+test: $(STAMP)
+	$(BIN)/ruff check ttt sweeps analysis tests
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff format ttt sweeps analysis tests
+	$(BIN)/ruff check --fix ttt sweeps analysis tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

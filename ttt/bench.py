@@ -1,0 +1,128 @@
+"""`ttt bench train|prefill`: step time, tokens/s, MFU, compile time and peak memory for
+several mixers side by side, in one process, on random tokens of the config's shapes."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ttt.config import Config
+from ttt.model import create_model
+from ttt.train.flops import flops_per_token, peak_flops
+from ttt.train.optim import hyper
+from ttt.train.step import init_opt_state, make_eval_step, make_train_step, uses_inner_loop
+
+
+@dataclass
+class BenchRow:
+    mode: str
+    preset: str
+    mixer: str
+    seq_len: int
+    batch: int
+    step_s: float  # median
+    step_s_min: float
+    step_s_max: float
+    tokens_per_s: float
+    compile_s: float
+    mfu: float | None
+    peak_mem_gb: float | None
+    device: str
+    remat: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _random_batch(cfg: Config, seed: int = 0):
+    b, t, v = cfg.data.batch_size, cfg.data.seq_len, cfg.model.vocab_size
+    tokens = jax.random.randint(jax.random.key(seed), (b, t + 1), 0, v)
+    return tokens[:, :-1], tokens[:, 1:], jnp.ones((b, t), bool)
+
+
+def _peak_mem_gb() -> float | None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def bench_one(cfg: Config, mode: str, steps: int = 5, warmup: int = 1) -> BenchRow:
+    """Compile once (timed), run `warmup` untimed steps, then time `steps` steps."""
+    graphdef, params = nnx.split(create_model(cfg.model, seed=cfg.train.seed))
+    batch = _random_batch(cfg)
+    if mode == "train":
+        fn = make_train_step(cfg, graphdef)
+        opt_state = init_opt_state(cfg, params)
+        args = [params, opt_state, batch, hyper(cfg, 0)]
+        t0 = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        compile_s = time.perf_counter() - t0
+
+        def run():
+            args[0], args[1], metrics = compiled(*args)
+            return metrics["loss"]
+    else:
+        fn = make_eval_step(cfg, graphdef)
+        args = [params, batch, jnp.float32(cfg.ttt.inner_lr)]
+        t0 = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        compile_s = time.perf_counter() - t0
+
+        def run():
+            return compiled(*args)[1]
+
+    for _ in range(warmup):
+        jax.block_until_ready(run())
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    device = jax.local_devices()[0]
+    training = mode == "train"
+    flops = flops_per_token(cfg, training=training, inner=uses_inner_loop(cfg, training))
+    peak = peak_flops(device.device_kind, cfg.train.peak_flops)
+    n_dev = len(jax.local_devices())
+    return BenchRow(
+        mode=mode,
+        preset=cfg.preset,
+        mixer=cfg.model.mixer,
+        seq_len=cfg.data.seq_len,
+        batch=cfg.data.batch_size,
+        step_s=med,
+        step_s_min=min(times),
+        step_s_max=max(times),
+        tokens_per_s=tokens / med,
+        compile_s=compile_s,
+        mfu=None if peak is None else flops * tokens / med / (peak * n_dev),
+        peak_mem_gb=_peak_mem_gb(),
+        device=device.device_kind,
+        remat=cfg.model.remat,
+    )
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    head = (
+        f"{'mode':7} {'preset':6} {'mixer':8} {'T':>7} {'B':>3} {'step s':>9} {'min..max':>17} "
+        f"{'tok/s':>10} {'compile s':>9} {'MFU':>6} {'mem GB':>7}  ratio"
+    )
+    lines = [head]
+    base = {(r.mode, r.preset, r.seq_len): r.step_s for r in rows if r.mixer == "full"}
+    for r in rows:
+        ref = base.get((r.mode, r.preset, r.seq_len))
+        ratio = f"{r.step_s / ref:.2f}x full" if ref else ""
+        mfu = "-" if r.mfu is None else f"{100 * r.mfu:.1f}%"
+        mem = "-" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.2f}"
+        lines.append(
+            f"{r.mode:7} {r.preset:6} {r.mixer:8} {r.seq_len:7d} {r.batch:3d} {r.step_s:9.4f} "
+            f"{r.step_s_min:8.4f}..{r.step_s_max:<8.4f} {r.tokens_per_s:10.0f} {r.compile_s:9.2f} "
+            f"{mfu:>6} {mem:>7}  {ratio}"
+        )
+    return "\n".join(lines)

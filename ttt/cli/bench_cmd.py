@@ -1,0 +1,67 @@
+"""`ttt bench train|prefill`: mixers side by side in one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ttt.cli.config_cmd import split_source
+
+app = typer.Typer(help="Measure step time, tokens/s, MFU and compile time.", no_args_is_help=True)
+
+
+def _run(mode: str, args: list[str], mixers: str, steps: int, warmup: int, out: Path | None):
+    from ttt.bench import bench_one, format_table
+    from ttt.config import MIXERS, ConfigError, load_config
+
+    source, overrides = split_source(args or [])
+    names = [m.strip() for m in mixers.split(",") if m.strip()]
+    for name in names:
+        if name not in MIXERS:
+            raise ConfigError(f"--mixers: {name!r} is not a mixer; allowed are {', '.join(MIXERS)}")
+    if steps < 1:
+        raise ConfigError(f"--steps={steps}: must be >= 1")
+    configs = [load_config(source, [*overrides, f"model.mixer={m}"]) for m in names]
+    rows = []
+    for cfg in configs:  # validate all before compiling any
+        rows.append(bench_one(cfg, mode, steps=steps, warmup=warmup))
+        typer.echo(f"  {cfg.model.mixer}: {rows[-1].step_s:.4f} s/step", err=True)
+    typer.echo(format_table(rows))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps([r.as_dict() for r in rows], indent=2))
+        typer.echo(f"wrote {out}")
+    return rows
+
+
+_ARGS = typer.Argument(None, help="[PRESET|FILE] [dotted.key=value ...]")
+_MIXERS = typer.Option("full,swa,ttt_e2e", help="Comma-separated mixers to compare.")
+_STEPS = typer.Option(5, help="Timed steps (median reported).")
+_WARMUP = typer.Option(1, help="Untimed steps after compile.")
+_OUT = typer.Option(None, "--json", help="Write the rows as JSON here.")
+
+
+@app.command("train")
+def train(
+    args: list[str] = _ARGS,
+    mixers: str = _MIXERS,
+    steps: int = _STEPS,
+    warmup: int = _WARMUP,
+    out: Path = _OUT,
+) -> None:
+    """Time the full training step (outer gradient, through the inner loop with meta)."""
+    _run("train", args, mixers, steps, warmup, out)
+
+
+@app.command("prefill")
+def prefill(
+    args: list[str] = _ARGS,
+    mixers: str = _MIXERS,
+    steps: int = _STEPS,
+    warmup: int = _WARMUP,
+    out: Path = _OUT,
+) -> None:
+    """Time the loss over a sequence with the inner loop and no outer gradient."""
+    _run("prefill", args, mixers, steps, warmup, out)

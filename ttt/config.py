@@ -1,0 +1,401 @@
+"""Typed, frozen run configs: presets, YAML loading, `dotted.key=value` overrides, validation.
+
+Every check here runs before anything is traced, so a bad value costs one clear line
+(`ConfigError`) instead of a shape error from deep inside JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ttt.errors import UserError
+
+MIXERS = ("full", "swa", "ttt_e2e")
+DTYPES = ("auto", "float32", "bfloat16", "float64")
+REMAT = ("none", "block", "inner")
+
+
+class ConfigError(UserError, ValueError):
+    """One line naming the key, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    mixer: str = "ttt_e2e"
+    window: int = 256  # k: query i sees keys j with i - k < j <= i
+    ttt_layers: int = 1  # final blocks that carry a prime MLP and learn at test time
+    layers: int = 4
+    width: int = 64
+    heads: int = 4
+    mlp: int = 128
+    vocab_size: int = 258
+    tie_embeddings: bool = True
+    param_dtype: str = "float32"
+    compute_dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
+    remat: str = "none"  # none | block (recompute each block) | inner (recompute each inner step)
+
+
+@dataclass(frozen=True)
+class TTTConfig:
+    chunk: int = 64  # b: tokens per inner step
+    inner_lr: float = 1.0  # eta
+    inner_lr_init: float = 0.1
+    inner_lr_warmup: float = 0.1  # fraction of outer steps
+    inner_clip: float = 1.0
+    meta: bool = True
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"
+    seq_len: int = 1024
+    batch_size: int = 8
+    cache_dir: str = ""  # empty: $TTT_CACHE or ~/.cache/ttt
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    lr: float = 3.0e-3
+    seed: int = 0
+    warmup: float = 0.1  # fraction of steps of linear outer-LR warm-up
+    min_lr: float = 1.0e-5
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip: float = 1.0
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 4
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    init_from: str = ""
+    peak_flops: float = 0.0  # 0: from the device kind
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "pico"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`{"model.window": 256, ...}`: the form used for overrides and tracking params."""
+        out = {"preset": self.preset}
+        for section in SECTIONS:
+            for k, v in dataclasses.asdict(getattr(self, section)).items():
+                out[f"{section}.{k}"] = v
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **flat: Any) -> Config:
+        """A copy with dotted-key overrides, validated."""
+        return load_config(self.to_dict(), [f"{k}={_fmt(v)}" for k, v in flat.items()])
+
+
+SECTIONS = {"model": ModelConfig, "ttt": TTTConfig, "data": DataConfig, "train": TrainConfig}
+
+
+# `mlp` is the regular MLP width for full/swa; `mlp_ttt` the narrower one used with
+# ttt_e2e so that adding prime MLPs keeps the parameter count (DESIGN.md, Table 3).
+PRESETS: dict[str, dict[str, Any]] = {
+    "pico": dict(
+        model=dict(layers=4, width=64, heads=4, mlp=192, window=64, ttt_layers=1, vocab_size=258),
+        mlp_ttt=160,
+        ttt=dict(chunk=16),
+        data=dict(seq_len=128, batch_size=4),
+        train=dict(lr=3e-3, steps=200),
+    ),
+    "nano": dict(
+        model=dict(layers=6, width=128, heads=4, mlp=384, window=64, ttt_layers=2, vocab_size=258),
+        mlp_ttt=288,
+        ttt=dict(chunk=32),
+        data=dict(seq_len=256, batch_size=8),
+        train=dict(lr=3e-3, steps=300),
+    ),
+}
+_PAPER = {  # size: layers, width, heads, mlp, mlp under ttt_e2e, ttt_layers, pre-train lr
+    "125m": (12, 768, 12, 2048, 1664, 3, 3e-3),
+    "350m": (24, 1024, 16, 2816, 2304, 6, 1.5e-3),
+    "760m": (24, 1536, 16, 4096, 3328, 6, 1.25e-3),
+    "1b": (24, 2048, 32, 5376, 4352, 6, 1e-3),
+    "3b": (32, 2560, 32, 6912, 5632, 8, 8e-4),
+}
+for _name, (_l, _d, _h, _m, _mt, _tl, _lr) in _PAPER.items():
+    PRESETS[_name] = dict(
+        model=dict(
+            layers=_l, width=_d, heads=_h, mlp=_m, window=8192, ttt_layers=_tl, vocab_size=128256
+        ),
+        mlp_ttt=_mt,
+        ttt=dict(chunk=1024),
+        data=dict(seq_len=8192, batch_size=8),
+        train=dict(lr=_lr),
+    )
+
+
+def _fmt(v: Any) -> str:
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _allowed(section: str) -> str:
+    return ", ".join(f"{section}.{f.name}" for f in fields(SECTIONS[section]))
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check one leaf against its dataclass type; ints are accepted where floats are."""
+    if isinstance(typ, str):
+        typ = eval(typ, {}, {})  # annotations are strings under `from __future__`
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads `3e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    raise TypeError(typ)  # pragma: no cover - a field type this loader does not know
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. model.window=128")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if key == "preset":
+        tree["preset"] = value
+        return
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise ConfigError(
+            f"unknown key {key!r}: allowed are preset and {', '.join(s + '.*' for s in SECTIONS)}"
+        )
+    section, name = parts
+    if name not in {f.name for f in fields(SECTIONS[section])}:
+        raise ConfigError(f"unknown key {key!r}: allowed in {section} are {_allowed(section)}")
+    tree.setdefault(section, {})[name] = value
+
+
+def _flatten_user(tree: Any, origin: str) -> dict[str, Any]:
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(tree).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key == "preset":
+            flat["preset"] = value
+        elif key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            for name, leaf in value.items():
+                flat[f"{key}.{name}"] = leaf
+        else:
+            raise ConfigError(f"unknown key {key!r}: allowed are preset, {', '.join(SECTIONS)}")
+    return flat
+
+
+def read_source(source: str | Path | dict | None) -> dict[str, Any]:
+    """A preset name, a YAML file or an already-loaded mapping, as a flat dict."""
+    if source is None:
+        return {}
+    if isinstance(source, dict):
+        return _flatten_user(source, "config")
+    text = str(source)
+    if text in PRESETS:
+        return {"preset": text}
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {text!r} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"config file {text!r} is not valid YAML: {str(e).splitlines()[0]}"
+            ) from None
+        return _flatten_user(tree, text)
+    raise ConfigError(f"config {text!r}: not a preset ({', '.join(PRESETS)}) nor a YAML file")
+
+
+def load_config(
+    source: str | Path | dict | None = None, overrides: typing.Sequence[str] = ()
+) -> Config:
+    """defaults <- preset <- YAML <- overrides, then validate."""
+    user = read_source(source)
+    for item in overrides:
+        key, value = _parse_override(item)
+        user[key] = value
+    preset = user.pop("preset", "pico")
+    if preset not in PRESETS:
+        raise ConfigError(f"preset={preset!r}: allowed are {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    tree: dict[str, Any] = {}
+    for section in SECTIONS:
+        for name, value in spec.get(section, {}).items():
+            _set(tree, f"{section}.{name}", value)
+    for key, value in user.items():
+        _set(tree, key, value)
+    mixer = tree.get("model", {}).get("mixer", ModelConfig.mixer)
+    if "model.mlp" not in user and mixer == "ttt_e2e":
+        tree["model"]["mlp"] = spec["mlp_ttt"]
+    built = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        kwargs = {
+            name: _coerce(f"{section}.{name}", value, hints[name])
+            for name, value in tree.get(section, {}).items()
+        }
+        built[section] = cls(**kwargs)
+    cfg = Config(preset=preset, **built)
+    validate(cfg)
+    return cfg
+
+
+def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    m, t, d, tr = cfg.model, cfg.ttt, cfg.data, cfg.train
+    _need(m.mixer in MIXERS, "model.mixer", m.mixer, f"allowed are {', '.join(MIXERS)}")
+    for name in ("layers", "width", "heads", "mlp", "vocab_size", "window"):
+        v = getattr(m, name)
+        _need(v >= 1, f"model.{name}", v, "must be a positive integer")
+    _need(m.width % m.heads == 0, "model.heads", m.heads, f"must divide model.width={m.width}")
+    _need(
+        (m.width // m.heads) % 2 == 0,
+        "model.heads",
+        m.heads,
+        f"must leave an even head_dim (model.width={m.width}); RoPE rotates pairs",
+    )
+    if m.mixer == "ttt_e2e":
+        _need(
+            1 <= m.ttt_layers <= m.layers,
+            "model.ttt_layers",
+            m.ttt_layers,
+            f"must be between 1 and model.layers={m.layers}",
+        )
+    else:
+        _need(
+            0 <= m.ttt_layers <= m.layers,
+            "model.ttt_layers",
+            m.ttt_layers,
+            f"must be between 0 and model.layers={m.layers}",
+        )
+    _need(
+        m.param_dtype in ("float32", "float64"),
+        "model.param_dtype",
+        m.param_dtype,
+        "allowed are float32, float64",
+    )
+    _need(
+        m.compute_dtype in DTYPES,
+        "model.compute_dtype",
+        m.compute_dtype,
+        f"allowed are {', '.join(DTYPES)}",
+    )
+    _need(m.remat in REMAT, "model.remat", m.remat, f"allowed are {', '.join(REMAT)}")
+
+    _need(t.chunk >= 1, "ttt.chunk", t.chunk, "must be a positive integer")
+    _need(t.inner_lr >= 0, "ttt.inner_lr", t.inner_lr, "must be >= 0")
+    _need(t.inner_lr_init >= 0, "ttt.inner_lr_init", t.inner_lr_init, "must be >= 0")
+    _need(
+        0 <= t.inner_lr_warmup <= 1,
+        "ttt.inner_lr_warmup",
+        t.inner_lr_warmup,
+        "must be a fraction of steps in [0, 1]",
+    )
+    _need(t.inner_clip > 0, "ttt.inner_clip", t.inner_clip, "must be > 0")
+
+    _need(d.seq_len >= 1, "data.seq_len", d.seq_len, "must be a positive integer")
+    _need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be a positive integer")
+    _need(bool(d.source), "data.source", d.source, "stdlib or a prepared dataset directory")
+    if m.mixer == "ttt_e2e":
+        _need(
+            d.seq_len % t.chunk == 0,
+            "data.seq_len",
+            d.seq_len,
+            f"must be a multiple of ttt.chunk={t.chunk}",
+        )
+
+    _need(tr.steps >= 1, "train.steps", tr.steps, "must be a positive integer")
+    _need(tr.lr > 0, "train.lr", tr.lr, "must be > 0")
+    _need(0 <= tr.min_lr <= tr.lr, "train.min_lr", tr.min_lr, f"must be in [0, train.lr={tr.lr}]")
+    _need(0 <= tr.warmup <= 1, "train.warmup", tr.warmup, "must be a fraction of steps in [0, 1]")
+    _need(tr.weight_decay >= 0, "train.weight_decay", tr.weight_decay, "must be >= 0")
+    _need(0 <= tr.b1 < 1, "train.b1", tr.b1, "must be in [0, 1)")
+    _need(0 <= tr.b2 < 1, "train.b2", tr.b2, "must be in [0, 1)")
+    _need(tr.clip > 0, "train.clip", tr.clip, "must be > 0")
+    _need(tr.grad_accum >= 1, "train.grad_accum", tr.grad_accum, "must be a positive integer")
+    _need(
+        d.batch_size % tr.grad_accum == 0,
+        "train.grad_accum",
+        tr.grad_accum,
+        f"must divide data.batch_size={d.batch_size}",
+    )
+    for name in ("log_every", "eval_every", "checkpoint_every"):
+        v = getattr(tr, name)
+        _need(v >= 0, f"train.{name}", v, "must be >= 0")
+    _need(tr.eval_batches >= 1, "train.eval_batches", tr.eval_batches, "must be a positive integer")
+    _need(
+        tr.keep_checkpoints >= 1,
+        "train.keep_checkpoints",
+        tr.keep_checkpoints,
+        "must be a positive integer",
+    )
+    _need(tr.peak_flops >= 0, "train.peak_flops", tr.peak_flops, "must be >= 0")
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "PRESETS",
+    "TTTConfig",
+    "TrainConfig",
+    "load_config",
+    "validate",
+    "MIXERS",
+]

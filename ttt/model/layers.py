@@ -1,0 +1,150 @@
+"""Blocks of the TTT-E2E Transformer (DESIGN.md, "The model").
+
+Every sublayer is `x = x + PostNorm(F(PreNorm(x)))`. Parameters live in `param_dtype`
+and are cast to the compute dtype where they are used, so the inner loop updates
+fp32 weights even when the matmuls run in bf16.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ttt.config import ModelConfig
+
+ROPE_THETA = 500_000.0
+NORM_EPS = 1e-6
+INIT_STD = 0.02
+
+
+class FastParam(nnx.Param):
+    """A weight the inner loop trains at test time (W1, W2, W3 of a prime MLP)."""
+
+
+def _at_least_f32(dtype):
+    """fp32 for bf16/fp32 compute, fp64 when a test runs the model in float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
+    return INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Statistics in fp32 whatever the compute dtype: bf16 variance loses the scale.
+        xf = x.astype(_at_least_f32(x.dtype))
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + NORM_EPS)
+        return (y * self.scale[...].astype(y.dtype)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rotate consecutive pairs (x0, x1), (x2, x3), ... by position * theta^(-2i/d).
+
+    x: (..., T, H, D); positions: (T,). Pairs are interleaved, not split in halves:
+    the other convention silently costs about 2 nats on the reference checkpoints.
+    """
+    d, ft = x.shape[-1], _at_least_f32(x.dtype)
+    inv_freq = ROPE_THETA ** (-jnp.arange(0, d, 2, dtype=ft) / d)
+    angle = positions.astype(ft)[:, None] * inv_freq  # (T, D/2)
+    cos, sin = jnp.cos(angle)[:, None, :], jnp.sin(angle)[:, None, :]  # (T, 1, D/2)
+    pairs = x.astype(ft).reshape(*x.shape[:-1], d // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def window_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+    """Query i sees key j iff j <= i, j > i - window, and j is a real token (j >= 0)."""
+    q, k = q_pos[:, None], k_pos[None, :]
+    mask = (k <= q) & (k >= 0)
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
+
+def attend(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
+    """Masked softmax attention. q: (..., T, H, D); k, v: (..., S, H, D)."""
+    scale, ft = q.shape[-1] ** -0.5, _at_least_f32(q.dtype)
+    scores = jnp.einsum("...thd,...shd->...hts", q, k, preferred_element_type=ft)
+    mask = window_mask(q_pos, k_pos, window)
+    scores = jnp.where(mask, scores * scale, jnp.finfo(ft).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("...hts,...shd->...thd", probs, v)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, h = cfg.width, cfg.heads
+        self.heads, self.head_dim = h, d // h
+        self.wq = nnx.Param(_normal(rngs, (d, d), dtype))
+        self.wk = nnx.Param(_normal(rngs, (d, d), dtype))
+        self.wv = nnx.Param(_normal(rngs, (d, d), dtype))
+        self.wo = nnx.Param(_normal(rngs, (d, d), dtype))
+        self.q_norm = RMSNorm(self.head_dim, dtype)
+        self.k_norm = RMSNorm(self.head_dim, dtype)
+
+    def __call__(self, x, positions, window: int | None, cache=None):
+        """x: (..., T, d). cache: (k, v, k_pos) of earlier tokens, or None.
+
+        Returns the output and this call's own (k, v), already normed and rotated, so a
+        caller can carry them into the next chunk's cache.
+        """
+        dt = x.dtype
+        split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.head_dim)  # noqa: E731
+        q = split(x @ self.wq[...].astype(dt))
+        k = split(x @ self.wk[...].astype(dt))
+        v = split(x @ self.wv[...].astype(dt))
+        q = rope(self.q_norm(q), positions)
+        k = rope(self.k_norm(k), positions)
+        if cache is None:
+            k_all, v_all, k_pos = k, v, positions
+        else:
+            ck, cv, cpos = cache
+            k_all = jnp.concatenate([ck, k], axis=-3)
+            v_all = jnp.concatenate([cv, v], axis=-3)
+            k_pos = jnp.concatenate([cpos, positions])
+        out = attend(q, k_all, v_all, positions, k_pos, window)
+        out = out.reshape(*out.shape[:-2], -1) @ self.wo[...].astype(dt)
+        return out, (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: W2(silu(W1 x) * W3 x)."""
+
+    def __init__(self, d: int, hidden: int, dtype, rngs: nnx.Rngs, param=nnx.Param):
+        self.w1 = param(_normal(rngs, (d, hidden), dtype))
+        self.w3 = param(_normal(rngs, (d, hidden), dtype))
+        self.w2 = param(_normal(rngs, (hidden, d), dtype))
+
+    def __call__(self, x):
+        dt = x.dtype
+        gate = jax.nn.silu(x @ self.w1[...].astype(dt))
+        return (gate * (x @ self.w3[...].astype(dt))) @ self.w2[...].astype(dt)
+
+
+class Block(nnx.Module):
+    """attention, then (TTT blocks only) the prime MLP, then the regular MLP."""
+
+    def __init__(self, cfg: ModelConfig, *, prime: bool, dtype, rngs: nnx.Rngs):
+        d = cfg.width
+        self.attn_pre, self.attn_post = RMSNorm(d, dtype), RMSNorm(d, dtype)
+        self.attn = Attention(cfg, dtype, rngs)
+        if prime:
+            self.prime_pre, self.prime_post = RMSNorm(d, dtype), RMSNorm(d, dtype)
+            self.prime_mlp = MLP(d, cfg.mlp, dtype, rngs, param=FastParam)
+        self.has_prime = prime
+        self.mlp_pre, self.mlp_post = RMSNorm(d, dtype), RMSNorm(d, dtype)
+        self.mlp = MLP(d, cfg.mlp, dtype, rngs)
+
+    def __call__(self, x, positions, window: int | None, cache=None):
+        a, kv = self.attn(self.attn_pre(x), positions, window, cache)
+        x = x + self.attn_post(a)
+        if self.has_prime:
+            x = x + self.prime_post(self.prime_mlp(self.prime_pre(x)))
+        x = x + self.mlp_post(self.mlp(self.mlp_pre(x)))
+        return x, kv

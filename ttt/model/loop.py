@@ -1,0 +1,161 @@
+"""The inner loop of TTT-E2E and the per-token loss for every mixer.
+
+For `ttt_e2e` the prefix blocks run once over the whole sequence with SWA; the suffix
+blocks then run chunk by chunk. Each chunk's loss is taken with the current inner
+weights W_{i-1} *before* they are updated on that chunk, so prediction stays causal:
+
+    g   = clip(grad_W loss_i(W_{i-1}), inner_clip)      # prime-MLP weights only
+    W_i = W_{i-1} - inner_lr * g
+
+Each suffix attention layer carries the normed, rotated keys and values of the last
+`window` tokens from one chunk to the next. Everything is differentiable, so with
+`meta: true` the outer gradient flows through every inner update (grad of grad).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ttt.config import TTTConfig
+from ttt.model.layers import FastParam
+from ttt.model.transformer import TTTModel, scan_blocks
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Next-token negative log-likelihood in fp32, shape of `targets`."""
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    mask = mask.astype(x.dtype)
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def clip_by_global_norm(tree, max_norm):
+    """Scale `tree` to global norm <= max_norm, with a gradient that is finite at zero.
+
+    The plain sqrt has an infinite derivative at 0, which would turn the meta-gradient
+    into NaN whenever an inner gradient vanishes (e.g. a fully masked chunk).
+    """
+    sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(tree))
+    positive = sq > 0
+    norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+    scale = max_norm / jnp.maximum(norm, max_norm)
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), tree)
+
+
+def carry_window(cache: jax.Array, new: jax.Array, axis: int) -> jax.Array:
+    """The KV window for the next chunk: the last `cache.shape[axis]` entries of cache ++ new."""
+    both = jnp.concatenate([cache, new], axis=axis)
+    keep = cache.shape[axis]
+    return jax.lax.slice_in_dim(both, both.shape[axis] - keep, both.shape[axis], axis=axis)
+
+
+def plain_nll(model: TTTModel, inputs: jax.Array, remat: bool = False) -> jax.Array:
+    """Logits of the whole network over whole sequences, no inner updates: `full`, `swa`,
+    and `ttt_e2e` trained with `meta: false` or evaluated with its initial weights."""
+    positions = jnp.arange(inputs.shape[-1])
+    x = model.embed_tokens(inputs)
+    x = scan_blocks(model.prefix, x, positions, model.window, remat)
+    x = scan_blocks(model.suffix, x, positions, model.window, remat)
+    return model.logits(x)
+
+
+def inner_loop_nll(
+    model: TTTModel,
+    inputs: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array,
+    inner_lr: jax.Array,
+    ttt: TTTConfig,
+    remat: str = "none",
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token NLL (B, T) under test-time training, and each sequence's loss (B,):
+    the mean of its chunk losses."""
+    batch, seq_len = inputs.shape
+    chunk, window = ttt.chunk, model.cfg.window
+    n_chunks = seq_len // chunk
+    cache_len = min(window, seq_len - chunk)  # enough for every query to see its window
+    positions = jnp.arange(seq_len)
+    h = scan_blocks(model.prefix, model.embed_tokens(inputs), positions, window, remat == "block")
+
+    graphdef, fast0, slow = nnx.split(model.suffix, FastParam, ...)
+    n_layers = model.cfg.ttt_layers
+    heads, head_dim = model.cfg.heads, model.cfg.width // model.cfg.heads
+
+    def chunk_loss(fast, cache, h_c, pos_c, tgt_c, mask_c):
+        ck, cv, cpos = cache
+
+        def layer(x, xs):
+            lf, ls, k_l, v_l = xs
+            x, kv = nnx.merge(graphdef, lf, ls)(x, pos_c, window, (k_l, v_l, cpos))
+            return x, kv
+
+        if remat == "block":
+            layer = jax.checkpoint(layer)
+        x, (k_new, v_new) = jax.lax.scan(layer, h_c, (fast, slow, ck, cv))
+        nll = token_nll(model.logits(x), tgt_c)
+        return masked_mean(nll, mask_c), (nll, k_new, v_new)
+
+    def step(carry, xs):
+        fast, ck, cv, cpos = carry
+        h_c, pos_c, tgt_c, mask_c = xs
+        grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
+        (loss, (nll, k_new, v_new)), g = grad_fn(fast, (ck, cv, cpos), h_c, pos_c, tgt_c, mask_c)
+        g = clip_by_global_norm(g, ttt.inner_clip)
+        fast = jax.tree.map(lambda w, gw: w - (inner_lr * gw).astype(w.dtype), fast, g)
+        ck, cv = carry_window(ck, k_new, axis=1), carry_window(cv, v_new, axis=1)
+        cpos = carry_window(cpos, pos_c, axis=0)
+        return (fast, ck, cv, cpos), (loss, nll)
+
+    if remat == "inner":
+        step = jax.checkpoint(step)
+
+    def one_sequence(h_s, tgt_s, mask_s):
+        xs = (
+            h_s.reshape(n_chunks, chunk, -1),
+            positions.reshape(n_chunks, chunk),
+            tgt_s.reshape(n_chunks, chunk),
+            mask_s.reshape(n_chunks, chunk),
+        )
+        # Empty cache slots sit at negative positions, which the attention mask drops.
+        ck = jnp.zeros((n_layers, cache_len, heads, head_dim), h_s.dtype)
+        cpos = jnp.arange(-cache_len, 0)
+        _, (losses, nll) = jax.lax.scan(step, (fast0, ck, ck, cpos), xs)
+        return nll.reshape(seq_len), jnp.mean(losses)
+
+    return jax.vmap(one_sequence)(h, targets, mask)
+
+
+def sequence_nll(
+    model: TTTModel,
+    batch: tuple[jax.Array, jax.Array, jax.Array],
+    inner_lr: jax.Array,
+    ttt: TTTConfig,
+    *,
+    inner: bool,
+    remat: str = "none",
+) -> tuple[jax.Array, jax.Array]:
+    """(loss, per-token NLL of shape (B, T)) for a batch `(inputs, targets, loss_mask)`.
+
+    `inner=True` runs test-time training (ttt_e2e only); the loss is then the mean over
+    sequences of the mean chunk loss. Otherwise it is the masked mean token NLL.
+    """
+    inputs, targets, mask = batch
+    if inner:
+        if model.suffix is None:
+            raise ValueError("the inner loop needs mixer ttt_e2e")
+        nll, seq_loss = inner_loop_nll(model, inputs, targets, mask, inner_lr, ttt, remat)
+        return jnp.mean(seq_loss), nll
+    nll = token_nll(plain_nll(model, inputs, remat != "none"), targets)
+    return masked_mean(nll, mask), nll
+
+
+def loss_fn(graphdef, params, batch, inner_lr, ttt: TTTConfig, *, inner: bool, remat="none"):
+    """The functional form used under `jax.jit`/`jax.grad`: merge happens at trace time only."""
+    model = nnx.merge(graphdef, params)
+    return sequence_nll(model, batch, inner_lr, ttt, inner=inner, remat=remat)

@@ -1,0 +1,80 @@
+"""Closed-form model FLOPs per token, for tokens/s -> MFU.
+
+Counting rules (a multiply-add is 2 FLOPs; only matmuls count):
+- a block's forward costs 2 * (4 d^2 + 3 d m [+ 3 d m for a prime MLP]) per token, plus
+  attention: 4 d * keys, where keys is the mean number of keys a query sees
+  (causal: (T + 1) / 2 for `full`; min(i + 1, window) averaged over i for `swa`/`ttt_e2e`);
+- the output projection costs 2 d V per token (tied or not);
+- one differentiation triples a computation's cost (forward + 2x backward).
+
+Training `full`/`swa` (and `ttt_e2e` with `meta: false`) costs 3 F. With the inner loop,
+the suffix blocks and the logits run forward and backward for every chunk (3 F_suffix);
+with `meta: true` the outer gradient differentiates that again (9 F_suffix), while the
+prefix is differentiated once (3 F_prefix). Prefill with the inner loop costs
+F_prefix + 3 F_suffix.
+"""
+
+from __future__ import annotations
+
+from ttt.config import Config
+from ttt.model.transformer import split_layers
+
+
+def mean_keys(seq_len: int, window: int | None) -> float:
+    """Mean over query positions i of the number of keys i attends to."""
+    if window is None or window >= seq_len:
+        return (seq_len + 1) / 2
+    # positions 0..window-1 see i+1 keys; the rest see `window`.
+    ramp = window * (window + 1) / 2
+    return (ramp + (seq_len - window) * window) / seq_len
+
+
+def block_flops(cfg: Config, prime: bool, keys: float) -> float:
+    d, m = cfg.model.width, cfg.model.mlp
+    dense = 4 * d * d + 3 * d * m * (2 if prime else 1)
+    return 2 * dense + 4 * d * keys
+
+
+def flops_per_token(cfg: Config, *, training: bool, inner: bool) -> float:
+    """Model FLOPs per token for one training step (`training`) or one prefill."""
+    m = cfg.model
+    n_prefix, n_suffix = split_layers(m)
+    window = None if m.mixer == "full" else m.window
+    keys = mean_keys(cfg.data.seq_len, window)
+    prefix = n_prefix * block_flops(cfg, False, keys)
+    logits = 2 * m.width * m.vocab_size
+    suffix = n_suffix * block_flops(cfg, True, keys) + logits
+    if not inner:
+        forward = prefix + suffix
+        return 3 * forward if training else forward
+    if training:
+        return 3 * prefix + 9 * suffix
+    return prefix + 3 * suffix
+
+
+# Dense bf16 peak FLOP/s by device kind (vendor datasheets, without sparsity).
+PEAK_FLOPS = {
+    "h200": 989e12,
+    "h100": 989e12,
+    "gh200": 989e12,
+    "a100": 312e12,
+    "l40s": 362e12,
+    "a10g": 125e12,
+    "b200": 2250e12,
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v6 lite": 918e12,
+}
+
+
+def peak_flops(device_kind: str, override: float = 0.0) -> float | None:
+    """Per-device peak, or None where unknown (CPUs): MFU is then not reported."""
+    if override > 0:
+        return override
+    kind = device_kind.lower()
+    for name, value in PEAK_FLOPS.items():
+        if name in kind:
+            return value
+    return None

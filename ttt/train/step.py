@@ -1,0 +1,95 @@
+"""The jitted train and eval steps, written functionally over (graphdef, params).
+
+Data parallelism: the batch is sharded over a 1-D `data` mesh of all local devices and
+parameters are replicated; XLA inserts the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ttt.config import Config
+from ttt.model.loop import loss_fn, masked_mean
+from ttt.train.optim import Hyper, inner_lr, optimizer, outer_lr
+
+
+def data_mesh(devices=None) -> jax.sharding.Mesh:
+    devices = devices if devices is not None else jax.local_devices()
+    return jax.make_mesh(
+        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def uses_inner_loop(cfg: Config, training: bool) -> bool:
+    """Training runs the inner loop only with meta-learning; evaluation always does."""
+    return cfg.model.mixer == "ttt_e2e" and (cfg.ttt.meta or not training)
+
+
+def make_train_step(cfg: Config, graphdef):
+    """`step(params, opt_state, batch, hyper) -> (params, opt_state, metrics)`."""
+    tx = optimizer(cfg)
+    accum = cfg.train.grad_accum
+    inner = uses_inner_loop(cfg, training=True)
+    remat = cfg.model.remat
+
+    def grads_of(params, batch, eta):
+        def f(p):
+            loss, _ = loss_fn(graphdef, p, batch, eta, cfg.ttt, inner=inner, remat=remat)
+            return loss
+
+        return jax.value_and_grad(f)(params)
+
+    def step(params, opt_state, batch, h: Hyper):
+        eta = inner_lr(h)
+        if accum == 1:
+            loss, grads = grads_of(params, batch, eta)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+
+            def body(carry, mb):
+                loss, g = grads_of(params, mb, eta)
+                return jax.tree.map(jnp.add, carry, (loss, g)), None
+
+            zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(body, zero, micro)
+            loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        lr = outer_lr(h)
+        params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": lr,
+            "inner_lr": eta,
+        }
+        return params, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_eval_step(cfg: Config, graphdef):
+    """`eval(params, batch, eta) -> (per-token NLL (B, T), masked mean loss)`; runs the
+    inner loop for ttt_e2e whatever `meta` says (test-time training)."""
+    inner = uses_inner_loop(cfg, training=False)
+
+    @jax.jit
+    def evaluate(params, batch, eta):
+        _, nll = loss_fn(graphdef, params, batch, eta, cfg.ttt, inner=inner, remat="none")
+        return nll, masked_mean(nll, batch[2])
+
+    return evaluate
+
+
+def init_opt_state(cfg: Config, params):
+    return optimizer(cfg).init(params)

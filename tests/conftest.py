@@ -3,9 +3,20 @@ import os
 # Tests run on the CPU of a 2-core machine; keep XLA from grabbing every thread pool.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_caches(tmp_path_factory):
+    """Datasets and compiled programs go to a per-session folder, shared by its tests."""
+    root = tmp_path_factory.mktemp("cache")
+    os.environ["TTT_CACHE"] = str(root)
+    os.environ["TTT_COMPILE_CACHE"] = str(root / "xla")
+    yield root
+
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import pytest  # noqa: E402
 
 from ttt.config import load_config  # noqa: E402
 
@@ -21,6 +32,39 @@ def pico():
 
     def make(*overrides, mixer="ttt_e2e"):
         base = ["data.seq_len=64", "ttt.chunk=16", "model.window=24", f"model.mixer={mixer}"]
+        return load_config("pico", [*base, *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small byte-level dataset prepared from part of the standard library."""
+    import sysconfig
+    from pathlib import Path
+
+    from ttt.data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "email"
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    prepare(str(stdlib / "email" / "*.py"), out, progress=False)
+    return out
+
+
+@pytest.fixture
+def train_cfg(corpus):
+    """A pico training config on the small corpus; extra overrides win."""
+
+    def make(*overrides):
+        base = [
+            f"data.source={corpus}",
+            "data.seq_len=64",
+            "ttt.chunk=16",
+            "model.window=24",
+            "data.batch_size=4",
+            "train.log_every=1",
+            "train.eval_batches=2",
+        ]
         return load_config("pico", [*base, *overrides])
 
     return make

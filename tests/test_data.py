@@ -1,0 +1,124 @@
+"""Byte-level preparation, the reference Zarr layout, and the batch loader."""
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from ttt.cli import main
+from ttt.data import BOS, Loader, open_split, prepare
+from ttt.data.prepare import write_tokens
+from ttt.errors import UserError
+
+
+def test_prepare_writes_reference_layout(corpus, tmp_path):
+    meta = json.loads((corpus / "meta.json").read_text())
+    arr = zarr.open_array(str(corpus / "train"), mode="r")
+    assert arr.ndim == 1 and arr.metadata.zarr_format == 3
+    codecs = json.dumps(arr.metadata.to_dict()["codecs"])
+    assert "blosc" in codecs and "zstd" in codecs
+    tokens = arr[:]
+    assert tokens[0] == BOS
+    assert (tokens == BOS).sum() == meta["documents"]["train"]  # one BOS per document
+    assert len(tokens) == meta["tokens"]["train"] and meta["documents"]["val"] >= 1
+    # Same content again: skipped, same fingerprint; --force rewrites.
+    again = prepare(meta["source"], corpus, progress=False)
+    assert again["fingerprint"] == meta["fingerprint"]
+
+
+def test_split_is_by_document_and_deterministic(corpus, tmp_path):
+    meta = json.loads((corpus / "meta.json").read_text())
+    other = prepare(meta["source"], tmp_path / "copy", progress=False)
+    assert other["documents"] == meta["documents"] and other["tokens"] == meta["tokens"]
+    a = zarr.open_array(str(corpus / "val"), mode="r")[:]
+    b = zarr.open_array(str(tmp_path / "copy" / "val"), mode="r")[:]
+    np.testing.assert_array_equal(a, b)
+
+
+def _llama_dataset(root, tokens):
+    """The released datasets' layout: no meta.json, Llama-3 ids, BOS 128000."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    for split in ("train", "val"):
+        zarr.create_array(
+            store=str(root / split),
+            data=np.asarray(tokens, np.uint32),
+            chunks=(7,),
+            compressors=[BloscCodec(cname="zstd", clevel=3)],
+        )
+
+
+def test_reference_layout_with_llama3_ids(tmp_path):
+    bos = 128000
+    tokens = [bos, 5, 6, 7, 8, bos, 9, 10, 11, 12, 13, bos, 14, 15, 16, 17, 100000]
+    _llama_dataset(tmp_path, tokens)
+    split = open_split(str(tmp_path), "train")
+    assert split.bos_id == bos
+    np.testing.assert_array_equal(split.window(0, len(tokens)), tokens)
+    loader = Loader(split, seq_len=4, batch_size=2, shuffle=False)
+    inputs, targets, mask = loader.batch_at(0)
+    np.testing.assert_array_equal(inputs[1], tokens[4:8])
+    np.testing.assert_array_equal(targets[1], tokens[5:9])
+    np.testing.assert_array_equal(mask[1], [False, True, True, True])  # target BOS is masked
+    assert mask[0].all()
+
+
+def test_loader_shuffles_by_seed_and_resumes_exactly(corpus):
+    split = open_split(str(corpus), "train")
+    a = Loader(split, 32, 3, seed=1)
+    batches = [next(a) for _ in range(5)]
+    b = Loader(split, 32, 3, seed=1, position=9)  # after three batches
+    np.testing.assert_array_equal(next(b)[0], batches[3][0])
+    c = Loader(split, 32, 3, seed=2)
+    assert not np.array_equal(next(c)[0], batches[0][0])
+    ids = a.sample_ids(0, a.num_samples)
+    assert sorted(ids) == list(range(a.num_samples))  # a permutation per epoch
+    # the sample's tokens are the slice [j T, (j + 1) T + 1)
+    j = int(a.sample_ids(0, 1)[0])
+    np.testing.assert_array_equal(batches[0][0][0], split.window(j * 32, 32))
+    np.testing.assert_array_equal(batches[0][1][0], split.window(j * 32 + 1, 32))
+
+
+def _cli_error(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert "Traceback" not in "\n".join(err)
+    return err[0]
+
+
+def test_bad_data_inputs(tmp_path, corpus, capsys):
+    line = _cli_error(["train", "pico", f"data.source={tmp_path / 'missing'}"], capsys)
+    assert "no such dataset directory" in line
+
+    empty = tmp_path / "empty"
+    write_tokens(empty, "train", np.zeros(0, np.uint16), BOS)
+    write_tokens(empty, "val", np.zeros(0, np.uint16), BOS)
+    assert "is empty" in _cli_error(["train", "pico", f"data.source={empty}"], capsys)
+
+    corrupt = tmp_path / "corrupt"
+    write_tokens(corrupt, "train", np.arange(100, dtype=np.uint16), BOS)
+    write_tokens(corrupt, "val", np.arange(100, dtype=np.uint16), BOS)
+    for chunk in (corrupt / "train" / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.write_bytes(b"not blosc at all")
+    assert "could not be decoded" in _cli_error(["train", "pico", f"data.source={corrupt}"], capsys)
+    (corrupt / "val" / "zarr.json").write_text("{broken")
+    with pytest.raises(UserError, match="not a readable Zarr array"):
+        open_split(str(corrupt), "val")
+
+    line = _cli_error(
+        ["train", "pico", f"data.source={corpus}", "data.seq_len=1048576", "ttt.chunk=1024"], capsys
+    )
+    assert "data.seq_len=1048576" in line and "tokens" in line
+
+
+def test_prepare_cli_bad_source(tmp_path, capsys):
+    line = _cli_error(
+        ["data", "prepare", "--source", str(tmp_path / "*.nothing"), "--out", str(tmp_path / "o")],
+        capsys,
+    )
+    assert "matches no file" in line

@@ -1,0 +1,185 @@
+"""Training: overfitting, data parallelism, exact resume, extension, divergence, eval."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from conftest import random_batch
+from flax import nnx
+
+from ttt.cli import main
+from ttt.model import create_model
+from ttt.train import run
+from ttt.train.optim import hyper
+from ttt.train.step import init_opt_state, make_train_step
+
+
+def losses(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+@pytest.mark.parametrize("mixer", ["full", "swa", "ttt_e2e"])
+def test_overfits_one_repeated_batch(train_cfg, mixer):
+    cfg = train_cfg(f"model.mixer={mixer}", "train.steps=60", "train.lr=1e-2", "train.warmup=0.05")
+    graphdef, params = nnx.split(create_model(cfg.model))
+    opt_state = init_opt_state(cfg, params)
+    step = make_train_step(cfg, graphdef)
+    batch = random_batch(jax.random.key(0), 4, cfg.data.seq_len, vocab=64)
+    first = None
+    for i in range(cfg.train.steps):
+        params, opt_state, m = step(params, opt_state, batch, hyper(cfg, i))
+        first = first if first is not None else float(m["loss"])
+    # Random tokens over 64 symbols: ln 64 = 4.16 nats is chance; memorising goes far below.
+    assert first > 5.0 and float(m["loss"]) < 1.0, (first, float(m["loss"]))
+
+
+def test_resume_continues_exactly(train_cfg, tmp_path):
+    cfg = train_cfg("train.steps=8", "train.checkpoint_every=3")
+    whole = run(cfg, tmp_path / "whole", progress=False)
+    part = run(cfg, tmp_path / "part", stop_at=5, progress=False)
+    assert part.status == "stopped" and part.step == 5
+    resumed = run(cfg, tmp_path / "part", progress=False)
+    assert resumed.status == "finished" and resumed.step == 8
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "part")
+    assert sorted(a) == sorted(b) == list(range(1, 9))  # each step logged once
+    np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=0, atol=1e-6)
+    pos = [
+        json.loads((d / "checkpoints" / "8" / "meta" / "metadata").read_text())["position"]
+        for d in (tmp_path / "whole", tmp_path / "part")
+    ]
+    assert pos[0] == pos[1] == 8 * cfg.data.batch_size
+    assert resumed.eval_loss == pytest.approx(whole.eval_loss, abs=1e-6)
+    # a finished run run again does nothing and reports the same
+    again = run(cfg, tmp_path / "part", progress=False)
+    assert again.status == "finished" and again.eval_loss == pytest.approx(whole.eval_loss)
+
+
+def test_a_run_dir_refuses_another_config(train_cfg, tmp_path, capsys):
+    run(train_cfg("train.steps=2"), tmp_path / "r", progress=False)
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "train",
+                "pico",
+                f"data.source={train_cfg().data.source}",
+                "--out",
+                str(tmp_path / "r"),
+                "-q",
+            ]
+        )
+    assert exc.value.code == 2 and "another config" in capsys.readouterr().err
+
+
+def test_extension_with_init_from(train_cfg, tmp_path):
+    base = run(train_cfg("train.steps=30"), tmp_path / "8k", progress=False)
+    run(train_cfg("data.seq_len=128", "train.steps=2"), tmp_path / "fresh", progress=False)
+    ext = run(
+        train_cfg("data.seq_len=128", "train.steps=2", f"train.init_from={tmp_path / '8k'}"),
+        tmp_path / "32k",
+        progress=False,
+    )
+    assert ext.status == "finished"
+    first = losses(tmp_path / "32k")[1]
+    # the loaded weights start where the short-context run ended, far below a fresh model
+    assert first < losses(tmp_path / "fresh")[1] - 1.0
+    assert abs(first - base.loss) < 0.5
+
+
+def test_init_from_needs_a_run(train_cfg, tmp_path):
+    from ttt.errors import UserError
+
+    with pytest.raises(UserError, match="train.init_from"):
+        run(train_cfg(f"train.init_from={tmp_path}"), tmp_path / "x", progress=False)
+
+
+def test_huge_inner_lr_diverges_cleanly(train_cfg, tmp_path, capsys):
+    cfg = train_cfg()
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "train",
+                "pico",
+                f"data.source={cfg.data.source}",
+                "data.seq_len=64",
+                "ttt.chunk=16",
+                "ttt.inner_lr=1e30",
+                "ttt.inner_lr_warmup=0",
+                "train.steps=5",
+                "-q",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
+    assert exc.value.code == 0
+    assert "diverged at step 1" in capsys.readouterr().out
+    info = json.loads((tmp_path / "d" / "run.json").read_text())
+    assert info["status"] == "diverged" and info["step"] == 1
+
+
+def test_eval_cli_writes_per_position_nll(train_cfg, tmp_path, capsys):
+    import polars as pl
+
+    run(train_cfg("train.steps=2"), tmp_path / "r", progress=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(tmp_path / "r"), "--seq-len", "128", "--max-batches", "1"])
+    assert exc.value.code == 0
+    frame = pl.read_parquet(tmp_path / "r" / "eval" / "nll_by_position_T128.parquet")
+    assert frame["position"].to_list() == list(range(128))
+    assert frame["count"].max() == 4 and frame["nll"].is_not_nan().sum() > 100
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(tmp_path / "r"), "--max-batches", "0"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(tmp_path / "r"), "--seq-len", "100"])
+    assert exc.value.code == 2 and "multiple of ttt.chunk" in capsys.readouterr().err
+
+
+DP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from ttt.config import load_config
+    from ttt.train import run
+    assert len(jax.devices()) == 2
+    cfg = load_config("pico", sys.argv[2:])
+    out = []
+    for n in (1, 2):
+        r = run(cfg, f"{sys.argv[1]}/dev{n}", devices=jax.devices()[:n], progress=False)
+        lines = open(f"{sys.argv[1]}/dev{n}/metrics.jsonl").read().splitlines()
+        out.append([json.loads(x)["loss"] for x in lines if "loss" in json.loads(x)])
+    print(json.dumps(out))
+""")
+
+
+def test_two_devices_match_one(train_cfg, tmp_path):
+    cfg = train_cfg()
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    args = [
+        f"data.source={cfg.data.source}",
+        "data.seq_len=64",
+        "ttt.chunk=16",
+        "model.window=24",
+        "data.batch_size=4",
+        "train.steps=5",
+        "train.log_every=1",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", DP_SCRIPT, str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(one) == len(two) == 5
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)

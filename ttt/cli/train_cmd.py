@@ -1,0 +1,75 @@
+"""`ttt data prepare`, `ttt train`, `ttt eval`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+from ttt.cli.config_cmd import split_source
+from ttt.errors import UserError
+
+data_app = typer.Typer(
+    help="Prepare byte-level corpora in the reference Zarr layout.", no_args_is_help=True
+)
+
+
+@data_app.command("prepare")
+def prepare(
+    out: Path = typer.Option(..., "--out", help="Dataset directory to write (DIR/train, DIR/val)."),
+    source: str = typer.Option("stdlib", help="stdlib, a directory, or a glob of files."),
+    force: bool = typer.Option(False, help="Rewrite even when the content is unchanged."),
+) -> None:
+    """Tokenise files as bytes (one document each, BOS first) and split train/val."""
+    from ttt.data.prepare import prepare as do_prepare
+
+    meta = do_prepare(source, out, force=force)
+    typer.echo(json.dumps(meta, indent=2))
+
+
+def default_out(cfg) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.preset}-{cfg.model.mixer}-{stamp}"
+
+
+def train(
+    args: list[str] = typer.Argument(..., help="CONFIG|PRESET [dotted.key=value ...]"),
+    out: Path = typer.Option(
+        None, "--out", help="Run directory (default runs/<preset>-<mixer>-<time>)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train a model; running again with the same --out resumes from its last checkpoint."""
+    from ttt.config import load_config
+    from ttt.train import run
+
+    source, overrides = split_source(args)
+    cfg = load_config(source, overrides)
+    out = out or default_out(cfg)
+    result = run(cfg, out, progress=not quiet)
+    if result.status == "diverged":
+        typer.echo(f"{out}: {result.message}")
+        return
+    typer.echo(
+        f"{out}: {result.status} at step {result.step}, loss {result.loss:.4f}"
+        + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+    )
+
+
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `ttt train`."),
+    seq_len: int = typer.Option(None, "--seq-len", help="Evaluate at this context length."),
+    max_batches: int = typer.Option(None, "--max-batches", help="Cap on validation batches."),
+) -> None:
+    """Evaluate with test-time training: mean loss and per-token NLL by position (Parquet)."""
+    from ttt.train.evaluate_run import evaluate_run
+
+    if max_batches is not None and max_batches < 1:
+        raise UserError(f"--max-batches={max_batches}: must be >= 1")
+    result, path = evaluate_run(run_dir, seq_len=seq_len, max_batches=max_batches)
+    typer.echo(
+        f"eval loss {result.loss:.4f} over {result.sequences} sequences of "
+        f"{result.seq_len} tokens; per-position NLL in {path}"
+    )

@@ -1,0 +1,143 @@
+"""Batches of `(inputs, targets, loss_mask)` from a flat token array.
+
+Sample j covers tokens [j*T, (j+1)*T + 1): inputs drop the last token, targets the first,
+and the mask is `target != BOS`. Training order is a seeded permutation per epoch, and a
+loader resumes at an exact sample position.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ttt.data.prepare import META, stdlib_dataset
+from ttt.errors import UserError
+
+LLAMA3_BOS = 128000
+IN_MEMORY_BYTES = 1 << 30  # smaller splits are read once into RAM
+
+
+@dataclass
+class TokenSplit:
+    tokens: np.ndarray | object  # an ndarray, or a zarr array read lazily
+    bos_id: int
+    path: Path
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        return np.asarray(self.tokens[start : start + length], dtype=np.int32)
+
+
+def dataset_root(source: str, cache_dir: str = "") -> Path:
+    """`stdlib` (prepared on first use) or a prepared directory in the reference layout."""
+    if source == "stdlib":
+        return stdlib_dataset(cache_dir)
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        raise UserError(
+            f"data.source={source!r}: no such dataset directory "
+            "(use stdlib, or run `ttt data prepare --out DIR` first)"
+        )
+    return root
+
+
+def open_split(source: str, split: str, cache_dir: str = "") -> TokenSplit:
+    import zarr
+
+    root = dataset_root(source, cache_dir)
+    path = root / split
+    try:
+        arr = zarr.open_array(str(path), mode="r")
+    except Exception as e:  # zarr raises several types for missing/corrupt stores
+        raise UserError(
+            f"data.source={source!r}: {path} is not a readable Zarr array ({type(e).__name__})"
+        ) from None
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise UserError(
+            f"data.source={source!r}: {path} must be a 1-D integer token array, "
+            f"got shape {arr.shape} dtype {arr.dtype}"
+        )
+    if arr.shape[0] == 0:
+        raise UserError(f"data.source={source!r}: {path} is empty")
+    meta = {}
+    if (root / META).is_file():
+        meta = json.loads((root / META).read_text())
+    bos = arr.attrs.get("bos_id", meta.get("bos_id", LLAMA3_BOS))
+    tokens = arr
+    if arr.nbytes <= IN_MEMORY_BYTES:
+        try:
+            tokens = arr[:]
+        except Exception as e:
+            raise UserError(
+                f"data.source={source!r}: {path} could not be decoded ({type(e).__name__}: {e})"
+            ) from None
+    fp = meta.get("fingerprint") or f"{arr.shape[0]}-{arr.dtype}"
+    return TokenSplit(tokens, int(bos), path, str(fp))
+
+
+class Loader:
+    """Yields numpy batches; `position` counts samples consumed and is all that resume needs."""
+
+    def __init__(
+        self,
+        split: TokenSplit,
+        seq_len: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        position: int = 0,
+        name: str = "data.seq_len",
+    ):
+        self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
+        self.seed, self.shuffle, self.position = seed, shuffle, position
+        self.num_samples = (len(split) - 1) // seq_len
+        if self.num_samples < batch_size:
+            raise UserError(
+                f"{name}={seq_len}: {split.path} holds {len(split):,} tokens, fewer than one "
+                f"batch of {batch_size} sequences needs ({batch_size * seq_len + 1:,})"
+            )
+        self._epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            n = self.num_samples
+            self._perm = (
+                np.random.default_rng([self.seed, epoch]).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+            )
+            self._epoch = epoch
+        return self._perm
+
+    def sample_ids(self, position: int, count: int) -> np.ndarray:
+        ids = []
+        for p in range(position, position + count):
+            epoch, index = divmod(p, self.num_samples)
+            ids.append(self._order(epoch)[index])
+        return np.asarray(ids)
+
+    def batch_at(self, position: int):
+        t = self.seq_len
+        rows = np.stack(
+            [
+                self.split.window(int(j) * t, t + 1)
+                for j in self.sample_ids(position, self.batch_size)
+            ]
+        )
+        inputs, targets = rows[:, :-1], rows[:, 1:]
+        return inputs, targets, targets != self.split.bos_id
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = self.batch_at(self.position)
+        self.position += self.batch_size
+        return batch

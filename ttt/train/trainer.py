@@ -1,0 +1,249 @@
+"""`ttt.train.run`: one training run, the unit a sweep trial calls in-process.
+
+A run directory holds `config.yaml`, `run.json` (data fingerprint, status),
+`metrics.jsonl`, `checkpoints/` (Orbax) and `eval/`. Calling `run` again on the same
+directory with the same config resumes from the latest checkpoint, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ttt import compile_cache
+from ttt.config import Config, load_config
+from ttt.data.loader import Loader, open_split
+from ttt.errors import UserError
+from ttt.model import create_model
+from ttt.train.checkpoint import Checkpoints, load_params
+from ttt.train.evaluate import EvalResult, evaluate
+from ttt.train.flops import flops_per_token, peak_flops
+from ttt.train.optim import hyper
+from ttt.train.step import (
+    batch_sharding,
+    data_mesh,
+    init_opt_state,
+    make_eval_step,
+    make_train_step,
+    replicated,
+    uses_inner_loop,
+)
+
+
+class Reporter:
+    """Hooks a caller (a sweep trial) gets; every method is optional."""
+
+    def metrics(self, step: int, values: dict) -> None: ...
+
+    def checkpoint(self, step: int, directory: Path, values: dict) -> None: ...
+
+    def evaluation(self, step: int, result: EvalResult) -> None: ...
+
+
+@dataclass
+class RunResult:
+    status: str  # finished | diverged | stopped
+    step: int
+    out_dir: Path
+    loss: float | None = None
+    eval_loss: float | None = None
+    message: str = ""
+    metrics: dict = field(default_factory=dict)
+
+
+def _check_vocab(cfg: Config, bos_id: int, path: Path) -> None:
+    if bos_id >= cfg.model.vocab_size:
+        raise UserError(
+            f"model.vocab_size={cfg.model.vocab_size}: smaller than the BOS id {bos_id} of "
+            f"{path}; set model.vocab_size to the dataset's vocabulary"
+        )
+
+
+def _check_run_dir(out: Path, cfg: Config) -> None:
+    saved = out / "config.yaml"
+    if not saved.exists():
+        return
+    old = load_config(__import__("yaml").safe_load(saved.read_text())).flat()
+    diff = [k for k, v in cfg.flat().items() if old.get(k) != v]
+    if diff:
+        k = diff[0]
+        raise UserError(
+            f"--out={str(out)!r} holds a run with another config ({k}: {old.get(k)!r} there, "
+            f"{cfg.flat()[k]!r} here); choose a new --out to start a new run"
+        )
+
+
+class _Log:
+    def __init__(self, path: Path, keep_until: int):
+        # On resume, drop lines past the checkpoint so each step is recorded once.
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = [ln for ln in lines if ln and json.loads(ln).get("step", 0) <= keep_until]
+        path.write_text("".join(ln + "\n" for ln in kept))
+        self.file = path.open("a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+def run(
+    cfg: Config,
+    out_dir: str | Path,
+    reporter: Reporter | None = None,
+    *,
+    devices=None,
+    stop_at: int | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Train (or resume) to `train.steps`, evaluating and checkpointing on the way.
+
+    `stop_at` ends early after that step with a checkpoint (status `stopped`), as a
+    killed run would have; running again continues exactly.
+    """
+    from tqdm import tqdm
+
+    reporter = reporter or Reporter()
+    compile_cache.enable()
+    out = Path(out_dir)
+    tr = cfg.train
+    mesh = data_mesh(devices)
+    n_dev = mesh.devices.size
+    if cfg.data.batch_size % (n_dev * tr.grad_accum):
+        raise UserError(
+            f"data.batch_size={cfg.data.batch_size}: must be a multiple of "
+            f"{n_dev} devices x train.grad_accum={tr.grad_accum}"
+        )
+    train_split = open_split(cfg.data.source, "train", cfg.data.cache_dir)
+    val_split = open_split(cfg.data.source, "val", cfg.data.cache_dir)
+    _check_vocab(cfg, train_split.bos_id, train_split.path)
+    loader = Loader(train_split, cfg.data.seq_len, cfg.data.batch_size, seed=tr.seed)
+    val = Loader(val_split, cfg.data.seq_len, cfg.data.batch_size, shuffle=False)
+
+    _check_run_dir(out, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+
+    graphdef, params = nnx.split(create_model(cfg.model, seed=tr.seed))
+    opt_state = init_opt_state(cfg, params)
+    ckpt = Checkpoints(out, keep=tr.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        params, opt_state, meta = ckpt.restore(start, params, opt_state)
+        loader.position = int(meta["position"])
+    elif tr.init_from:
+        params, _ = load_params(tr.init_from, params)
+    params = jax.device_put(params, replicated(mesh))
+    opt_state = jax.device_put(opt_state, replicated(mesh))
+    shard = batch_sharding(mesh)
+    put = lambda b: jax.device_put(tuple(jnp.asarray(x) for x in b), shard)  # noqa: E731
+
+    previous = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    run_info = {
+        "status": "running",
+        "step": start,
+        "data_fingerprint": train_split.fingerprint,
+        "bos_id": train_split.bos_id,
+        "devices": n_dev,
+        "device_kind": mesh.devices.flat[0].device_kind,
+    }
+    (out / "run.json").write_text(json.dumps(run_info, indent=2))
+    log = _Log(out / "metrics.jsonl", start)
+    train_step = make_train_step(cfg, graphdef)
+    eval_step = make_eval_step(cfg, graphdef)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    flops = flops_per_token(cfg, training=True, inner=uses_inner_loop(cfg, True))
+    peak = peak_flops(run_info["device_kind"], tr.peak_flops)
+    last = stop_at if stop_at is not None else tr.steps
+    last = min(last, tr.steps)
+
+    def do_eval(step: int) -> EvalResult:
+        result = evaluate(eval_step, params, val, tr.eval_batches, cfg.ttt.inner_lr, put)
+        log.write({"step": step, "eval_loss": result.loss})
+        result.write_parquet(out / "eval" / "nll_by_position.parquet")
+        reporter.evaluation(step, result)
+        return result
+
+    def save(step: int, values: dict) -> None:
+        directory = ckpt.save(step, params, opt_state, {"step": step, "position": loader.position})
+        reporter.checkpoint(step, directory, values)
+
+    result = RunResult("finished", start, out)
+    bar = tqdm(
+        total=tr.steps,
+        initial=start,
+        disable=not progress,
+        desc=out.name,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    t_last = time.perf_counter()
+
+    def record(s: int, m) -> bool:
+        """Log step s; False when its loss is not finite."""
+        nonlocal t_last
+        values = {k: float(v) for k, v in jax.device_get(m).items()}
+        if not math.isfinite(values["loss"]):
+            result.status, result.step = "diverged", s
+            result.message = f"diverged at step {s}"
+            return False
+        now = time.perf_counter()
+        values["tokens_per_s"] = tokens_per_step / max(now - t_last, 1e-9)
+        values["flops_per_token"] = flops
+        if peak:
+            values["mfu"] = flops * values["tokens_per_s"] / (peak * n_dev)
+        t_last = now
+        result.loss, result.metrics = values["loss"], values
+        if s % max(tr.log_every, 1) == 0 or s == last:
+            log.write({"step": s, **values})
+            reporter.metrics(s, values)
+        bar.update(s - bar.n)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
+        return True
+
+    pending = []  # steps dispatched but not yet read back
+    step = start
+    with bar:
+        for step in range(start + 1, last + 1):
+            batch = put(next(loader))
+            params, opt_state, m = train_step(params, opt_state, batch, hyper(cfg, step - 1))
+            pending.append((step, m))
+            evaluate_now = bool(tr.eval_every) and step % tr.eval_every == 0 and step < tr.steps
+            save_now = bool(tr.checkpoint_every) and step % tr.checkpoint_every == 0
+            sync = step == last or evaluate_now or save_now
+            # Read the previous step's metrics while this one runs; all of them at a sync.
+            while len(pending) > (0 if sync else 1):
+                if not record(*pending.pop(0)):
+                    break
+            if result.status == "diverged":
+                break
+            if evaluate_now:
+                result.eval_loss = do_eval(step).loss
+            if save_now and step < last:
+                save(step, result.metrics)
+    if result.status == "diverged":
+        run_info.update(status="diverged", step=result.step, message=result.message)
+    else:
+        result.step = step
+        if step < tr.steps:
+            result.status, values = "stopped", result.metrics
+        elif step == start and previous.get("status") == "finished":  # nothing left to do
+            result.loss, result.eval_loss = previous.get("loss"), previous.get("eval_loss")
+        else:
+            result.eval_loss = do_eval(step).loss
+            values = {**result.metrics, "eval_loss": result.eval_loss}
+        if step > start:
+            save(step, values)
+        run_info.update(
+            status=result.status, step=step, loss=result.loss, eval_loss=result.eval_loss
+        )
+    ckpt.close()
+    log.file.close()
+    (out / "run.json").write_text(json.dumps(run_info, indent=2))
+    return result

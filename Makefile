@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/ttt bench train nano --steps 3
+	$(BIN)/ttt sweep run sweeps/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check ttt sweeps analysis tests

@@ -126,3 +126,27 @@ def format_table(rows: list[BenchRow]) -> str:
             f"{mfu:>6} {mem:>7}  {ratio}"
         )
     return "\n".join(lines)
+
+
+def bench_compile_cache(cfg: Config, cache_dir) -> dict:
+    """Cold compile of the train step, then the step of a config that differs only in
+    learning rates (outer and inner), with the persistent cache warm. Times cover trace,
+    lowering and compile: what a new trial waits before its first step."""
+    from ttt import compile_cache
+
+    compile_cache.enable(cache_dir)
+    lr_only = cfg.replace(**{"train.lr": cfg.train.lr / 3, "ttt.inner_lr": cfg.ttt.inner_lr / 2})
+    times = []
+    for c in (cfg, lr_only):
+        graphdef, params = nnx.split(create_model(c.model, seed=c.train.seed))
+        args = (params, init_opt_state(c, params), _random_batch(c), hyper(c, 0))
+        t0 = time.perf_counter()
+        make_train_step(c, graphdef).lower(*args).compile()
+        times.append(time.perf_counter() - t0)
+    return {
+        "preset": cfg.preset,
+        "mixer": cfg.model.mixer,
+        "cold_s": times[0],
+        "warm_lr_only_s": times[1],
+        "ratio": times[1] / times[0],
+    }

@@ -361,7 +361,7 @@ def validate(cfg: Config) -> None:
 
     _need(tr.steps >= 1, "train.steps", tr.steps, "must be a positive integer")
     _need(tr.lr > 0, "train.lr", tr.lr, "must be > 0")
-    _need(0 <= tr.min_lr <= tr.lr, "train.min_lr", tr.min_lr, f"must be in [0, train.lr={tr.lr}]")
+    _need(tr.min_lr >= 0, "train.min_lr", tr.min_lr, "must be >= 0")
     _need(0 <= tr.warmup <= 1, "train.warmup", tr.warmup, "must be a fraction of steps in [0, 1]")
     _need(tr.weight_decay >= 0, "train.weight_decay", tr.weight_decay, "must be >= 0")
     _need(0 <= tr.b1 < 1, "train.b1", tr.b1, "must be in [0, 1)")

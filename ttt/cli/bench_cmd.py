@@ -65,3 +65,28 @@ def prefill(
 ) -> None:
     """Time the loss over a sequence with the inner loop and no outer gradient."""
     _run("prefill", args, mixers, steps, warmup, out)
+
+
+@app.command("cache")
+def cache(args: list[str] = _ARGS, mixers: str = _MIXERS) -> None:
+    """Cold compile against a learning-rate-only change with the persistent cache warm."""
+    import tempfile
+
+    from ttt.bench import bench_compile_cache
+    from ttt.config import load_config
+
+    source, overrides = split_source(args or [])
+    typer.echo(f"{'preset':6} {'mixer':8} {'cold s':>8} {'warm s':>8} {'warm/cold':>9}")
+    configs = [
+        load_config(source, [*overrides, f"model.mixer={m.strip()}"])
+        for m in mixers.split(",")
+        if m.strip()
+    ]
+    # One fresh cache for the whole command: JAX binds its cache folder once per process.
+    with tempfile.TemporaryDirectory() as d:
+        for cfg in configs:
+            r = bench_compile_cache(cfg, d)
+            typer.echo(
+                f"{r['preset']:6} {r['mixer']:8} {r['cold_s']:8.2f} {r['warm_lr_only_s']:8.2f} "
+                f"{100 * r['ratio']:8.1f}%"
+            )

@@ -45,12 +45,13 @@ def hyper(cfg: Config, step: int) -> Hyper:
 
 
 def outer_lr(h: Hyper) -> jax.Array:
-    """Linear warm-up to `lr`, then cosine decay to `min_lr` at `total_steps`."""
+    """Linear warm-up to `lr`, then cosine decay to `min_lr` (capped at `lr`) at `total_steps`."""
+    min_lr = jnp.minimum(h.min_lr, h.lr)
     warm = h.lr * (h.step + 1) / jnp.maximum(h.warmup_steps, 1)
     progress = jnp.clip(
         (h.step - h.warmup_steps) / jnp.maximum(h.total_steps - h.warmup_steps, 1), 0, 1
     )
-    cosine = h.min_lr + 0.5 * (h.lr - h.min_lr) * (1 + jnp.cos(jnp.pi * progress))
+    cosine = min_lr + 0.5 * (h.lr - min_lr) * (1 + jnp.cos(jnp.pi * progress))
     return jnp.where(h.step < h.warmup_steps, warm, cosine)
 
 

@@ -42,7 +42,10 @@ class Reporter:
 
     def metrics(self, step: int, values: dict) -> None: ...
 
-    def checkpoint(self, step: int, directory: Path, values: dict) -> None: ...
+    def checkpoint(self, step: int, directory: Path, values: dict, final: bool = False) -> None:
+        """A checkpoint was written; `values` are that step's metrics (with `eval_loss` and
+        `final=True` at the end). Steps that are checkpointed get this call instead of
+        `metrics`, so a caller reports each step once."""
 
     def evaluation(self, step: int, result: EvalResult) -> None: ...
 
@@ -170,9 +173,9 @@ def run(
         reporter.evaluation(step, result)
         return result
 
-    def save(step: int, values: dict) -> None:
+    def save(step: int, values: dict, final: bool = False) -> None:
         directory = ckpt.save(step, params, opt_state, {"step": step, "position": loader.position})
-        reporter.checkpoint(step, directory, values)
+        reporter.checkpoint(step, directory, values, final)
 
     result = RunResult("finished", start, out)
     bar = tqdm(
@@ -185,7 +188,7 @@ def run(
     )
     t_last = time.perf_counter()
 
-    def record(s: int, m) -> bool:
+    def record(s: int, m, report: bool = True) -> bool:
         """Log step s; False when its loss is not finite."""
         nonlocal t_last
         values = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -202,7 +205,8 @@ def run(
         result.loss, result.metrics = values["loss"], values
         if s % max(tr.log_every, 1) == 0 or s == last:
             log.write({"step": s, **values})
-            reporter.metrics(s, values)
+            if report:
+                reporter.metrics(s, values)
         bar.update(s - bar.n)
         bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
         return True
@@ -219,7 +223,9 @@ def run(
             sync = step == last or evaluate_now or save_now
             # Read the previous step's metrics while this one runs; all of them at a sync.
             while len(pending) > (0 if sync else 1):
-                if not record(*pending.pop(0)):
+                s, m = pending.pop(0)
+                # a step that will be checkpointed is reported with its checkpoint
+                if not record(s, m, report=not (s == step and (save_now or step == last))):
                     break
             if result.status == "diverged":
                 break
@@ -239,7 +245,7 @@ def run(
             result.eval_loss = do_eval(step).loss
             values = {**result.metrics, "eval_loss": result.eval_loss}
         if step > start:
-            save(step, values)
+            save(step, values, final=result.status == "finished")
         run_info.update(
             status=result.status, step=step, loss=result.loss, eval_loss=result.eval_loss
         )

@@ -1,0 +1,212 @@
+"""MLflow tracking of a sweep: one writer, on the driver.
+
+A Ray Tune callback turns trial events into MLflow calls, so concurrent trials never
+share a SQLite file (no `database is locked`) and a remote tracking server sees one
+client. Layout: one experiment per sweep, a parent run for the sweep, one child run per
+trial (tag `mlflow.parentRunId`), found again by its `ttt.trial_id` tag on resume so a
+resumed trial never gets a second run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+from ray.tune import Callback
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlruns"
+# What a trial reports that is worth a metric history in MLflow.
+METRIC_KEYS = (
+    "loss",
+    "grad_norm",
+    "lr",
+    "inner_lr",
+    "tokens_per_s",
+    "mfu",
+    "eval_loss",
+    "flops_per_token",
+)
+OUTCOME_STATUS = {
+    "finished": "FINISHED",
+    "diverged": "FAILED",
+    "early_stopped": "KILLED",
+    "error": "FAILED",
+    "interrupted": "KILLED",
+}
+
+
+def default_tracking_uri(cwd: str | Path | None = None) -> str:
+    """SQLite in the working directory: no server needed."""
+    return f"sqlite:///{Path(cwd or os.getcwd()).absolute() / DEFAULT_DB}"
+
+
+def client(tracking_uri: str):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(c, name: str, tracking_uri: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:"):  # artifacts beside the database
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        location = (db.parent / DEFAULT_ARTIFACTS).absolute().as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def find_run(c, experiment_id: str, tags: dict[str, str]):
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = c.search_runs([experiment_id], filter_string=query, max_results=1)
+    return runs[0] if runs else None
+
+
+class MlflowSweepCallback(Callback):
+    """Logs every trial of one sweep stage. Picklable (Tune stores it with the run config):
+    the client and caches are rebuilt after a restore."""
+
+    def __init__(self, tracking_uri: str, sweep: str, parent_run_id: str, stage: str, params_of):
+        self.tracking_uri, self.sweep, self.stage = tracking_uri, sweep, stage
+        self.parent_run_id = parent_run_id
+        self.params_of = params_of  # trial.config -> flat config dict
+        self._reset()
+
+    def _reset(self):
+        self._client = None
+        self._runs: dict[str, str] = {}  # trial_id -> run_id
+        self._last_step: dict[str, int] = {}
+        self._done: set[str] = set()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for key in ("_client", "_runs", "_last_step", "_done"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = client(self.tracking_uri)
+        return self._client
+
+    def experiment_id(self) -> str:
+        return self.client.get_run(self.parent_run_id).info.experiment_id
+
+    def run_id(self, trial) -> str:
+        """The trial's child run: found by tag after a restore, created otherwise."""
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        c, exp = self.client, self.experiment_id()
+        tags = {"ttt.trial_id": trial.trial_id, "ttt.sweep": self.sweep, "ttt.stage": self.stage}
+        found = find_run(c, exp, {"ttt.trial_id": trial.trial_id})
+        if found is not None:
+            run_id = found.info.run_id
+            history = c.get_metric_history(run_id, "loss")
+            self._last_step[run_id] = max((m.step for m in history), default=0)
+            if found.data.tags.get("ttt.outcome") == "finished":
+                self._done.add(run_id)  # Tune may restart it; MLflow already has it all
+            elif found.info.status != "RUNNING":
+                c.update_run(run_id, status="RUNNING")
+        else:
+            run = c.create_run(
+                exp,
+                run_name=str(trial),
+                tags={
+                    **tags,
+                    "mlflow.parentRunId": self.parent_run_id,
+                    "ttt.role": "trial",
+                },
+            )
+            run_id = run.info.run_id
+            self._log_params(run_id, self.params_of(trial.config))
+            self._last_step[run_id] = 0
+        self._runs[trial.trial_id] = run_id
+        return run_id
+
+    def _log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.client.set_tag(self.run_id(trial), "ttt.trial_name", str(trial))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+
+        run_id = self.run_id(trial)
+        step = int(result.get("step", result.get("training_iteration", 0)))
+        if run_id in self._done or step <= self._last_step.get(run_id, 0):
+            return  # already logged before the driver restarted
+        self._last_step[run_id] = max(step, self._last_step.get(run_id, 0))
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(result[k]), now, step)
+            for k in METRIC_KEYS
+            if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])
+        ]
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
+        if result.get("node_id"):
+            self.client.set_tag(run_id, "ttt.node_id", result["node_id"])
+
+    def _log_eval(self, trial, run_id: str) -> None:
+        """The final checkpoint carries the eval outputs (per-token NLL Parquet)."""
+        ckpt = trial.checkpoint
+        if ckpt is None:
+            return
+        with ckpt.as_directory() as d:
+            for f in sorted((Path(d) / "eval").glob("*.parquet")):
+                self.client.log_artifact(run_id, str(f), artifact_path="eval")
+
+    def _finish(self, trial, outcome: str, message: str = "") -> None:
+        run_id = self.run_id(trial)
+        if run_id in self._done:
+            return
+        self._done.add(run_id)
+        self.client.set_tag(run_id, "ttt.outcome", outcome)
+        if message:
+            self.client.set_tag(run_id, "ttt.message", message[:5000])
+        self.client.set_terminated(run_id, status=OUTCOME_STATUS[outcome])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        outcome = last.get("outcome") or "early_stopped"
+        if outcome == "finished" and self.run_id(trial) not in self._done:
+            run_id = self.run_id(trial)
+            self._log_eval(trial, run_id)
+            if "eval_loss" in last:
+                self.client.log_metric(
+                    run_id,
+                    "final_eval_loss",
+                    float(last["eval_loss"]),
+                    step=int(last.get("step", 0)),
+                )
+        self._finish(trial, outcome, last.get("message", ""))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        run_id = self.run_id(trial)
+        retries = int(self.client.get_run(run_id).data.tags.get("ttt.retries", "0")) + 1
+        self.client.set_tag(run_id, "ttt.retries", str(retries))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = ""
+        path = getattr(trial, "error_file", None)
+        if path and os.path.exists(path):
+            error = Path(path).read_text().strip().splitlines()[-1]
+        self._finish(trial, "error", error)

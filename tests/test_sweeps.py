@@ -1,0 +1,290 @@
+"""Sweeps on a local Ray cluster, tracked in MLflow (SQLite), started by the tests."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.spec import load_spec
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+BASE = [
+    "data.seq_len=64",
+    "ttt.chunk=16",
+    "model.window=24",
+    "data.batch_size=4",
+    "train.eval_batches=1",
+]
+
+
+def write_spec(path: Path, corpus, **fields) -> Path:
+    spec = {
+        "base": {"config": "pico", "overrides": [*BASE, f"data.source={corpus}"]},
+        "report_every": 1,
+        "max_failures": 0,
+        **fields,
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    os.environ["TTT_TUNE_VERBOSE"] = "0"
+    ctx = ray.init(
+        num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False
+    )
+    yield ctx
+    ray.shutdown()
+
+
+def mlflow_runs(uri: str, name: str):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(name)
+    runs = c.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("ttt.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("ttt.role") == "trial"]
+    return c, parents, children
+
+
+def _token() -> str:
+    return (Path.home() / ".ray" / "auth_token").read_text().strip()
+
+
+def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster):
+    from sweeps.driver import run_sweep
+
+    spec = load_spec(
+        write_spec(
+            tmp_path / "e2e.yaml",
+            corpus,
+            name="e2e",
+            max_concurrent=2,
+            search={"train.lr": {"grid": [3e-3, 1e-3]}},
+            variants=[{"model.mixer": "swa"}, {"model.mixer": "ttt_e2e"}],
+            stop={"steps": 4},
+            checkpoint_every=2,
+        )
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    url = f"http://{ray_cluster.dashboard_url}/api/version"
+    codes = {"with": [], "without": []}
+    stop = threading.Event()
+
+    def poll():  # the dashboard must answer while trials run
+        while not stop.is_set():
+            for kind, headers in (
+                ("with", {"Authorization": f"Bearer {_token()}"}),
+                ("without", {}),
+            ):
+                try:
+                    with urllib.request.urlopen(
+                        urllib.request.Request(url, headers=headers), timeout=5
+                    ) as r:
+                        codes[kind].append((r.status, json.loads(r.read())))
+                except urllib.error.HTTPError as e:
+                    codes[kind].append((e.code, None))
+            time.sleep(1)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    result = run_sweep(spec, tracking_uri=uri, storage_path=str(tmp_path / "ray"))
+    stop.set()
+    poller.join()
+    assert any(code == 200 and body for code, body in codes["with"]), codes
+    assert all(code == 401 for code, _ in codes["without"]), codes
+
+    assert [r["outcome"] for r in result.stages[0].rows] == ["finished"] * 4
+    c, parents, children = mlflow_runs(uri, "e2e")
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert [a.path for a in c.list_artifacts(parent.info.run_id, "spec")] == ["spec/e2e.yaml"]
+    seen = set()
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED" and run.data.tags["ttt.outcome"] == "finished"
+        p = run.data.params
+        seen.add((p["model.mixer"], float(p["train.lr"])))
+        assert p["data.seq_len"] == "64" and p["train.steps"] == "4"
+        history = c.get_metric_history(run.info.run_id, "loss")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4]
+        assert "final_eval_loss" in run.data.metrics
+        assert [a.path for a in c.list_artifacts(run.info.run_id, "eval")] == [
+            "eval/nll_by_position.parquet"
+        ]
+    assert seen == {(m, lr) for m in ("swa", "ttt_e2e") for lr in (3e-3, 1e-3)}
+
+
+def test_asha_stops_a_trial_early(tmp_path, corpus, ray_cluster):
+    from sweeps.driver import run_sweep
+
+    spec = load_spec(
+        write_spec(
+            tmp_path / "asha.yaml",
+            corpus,
+            name="asha",
+            max_concurrent=1,
+            search={"model.mixer": "swa", "train.lr": {"grid": [1e-2, 3e-3, 1e-5, 1e-6]}},
+            stop={"steps": 8},
+            scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2},
+        )
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_sweep(spec, tracking_uri=uri, storage_path=str(tmp_path / "ray"))
+    outcomes = [r["outcome"] for r in result.stages[0].rows]
+    assert "early_stopped" in outcomes and "finished" in outcomes
+    _, _, children = mlflow_runs(uri, "asha")
+    stopped = [r for r in children if r.data.tags["ttt.outcome"] == "early_stopped"]
+    assert stopped and all(r.info.status == "KILLED" for r in stopped)
+    assert all(max(m for m in [int(r.data.params["train.steps"])]) == 8 for r in stopped)
+
+
+def test_failing_trial_is_retried_then_failed(tmp_path, corpus, ray_cluster):
+    from sweeps.driver import run_sweep
+
+    spec = load_spec(
+        write_spec(
+            tmp_path / "fail.yaml",
+            corpus,
+            name="fail",
+            max_concurrent=2,
+            max_failures=1,
+            search={
+                "model.mixer": "swa",
+                "data.source": {"grid": [str(corpus), str(tmp_path / "missing")]},
+            },
+            stop={"steps": 2},
+        )
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_sweep(spec, tracking_uri=uri, storage_path=str(tmp_path / "ray"))
+    assert sorted(r["outcome"] for r in result.stages[0].rows) == ["error", "finished"]
+    _, _, children = mlflow_runs(uri, "fail")
+    failed = [r for r in children if r.info.status == "FAILED"]
+    assert len(failed) == 1 and failed[0].data.tags["ttt.outcome"] == "error"
+    assert failed[0].data.tags.get("ttt.retries") == "1"
+    assert "no such dataset directory" in failed[0].data.tags.get("ttt.message", "")
+
+
+def test_killed_driver_resumes_without_duplicates(tmp_path, corpus):
+    spec = write_spec(
+        tmp_path / "resume.yaml",
+        corpus,
+        name="resume",
+        max_concurrent=1,
+        search={"model.mixer": "swa", "train.lr": {"grid": [3e-3, 2e-3, 1e-3]}},
+        stop={"steps": 12},
+        checkpoint_every=3,
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "ttt.cli",
+        "sweep",
+        "run",
+        str(spec),
+        "--tracking-uri",
+        uri,
+        "--storage-path",
+        str(tmp_path / "ray"),
+    ]
+    env = {**os.environ, "TTT_TUNE_VERBOSE": "0"}
+    driver = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    finished_before = None
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once one trial finished and another is under way
+        time.sleep(1)
+        if not (tmp_path / "mlflow.db").exists():
+            continue
+        try:
+            _, _, children = mlflow_runs(uri, "resume")
+        except Exception:
+            continue
+        done = [r for r in children if r.info.status == "FINISHED"]
+        if done and len(children) >= 2:
+            finished_before = {r.info.run_id: r.info.end_time for r in done}
+            break
+    assert finished_before, "no trial finished in time"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+    again = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=True,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    c, parents, children = mlflow_runs(uri, "resume")
+    assert len(parents) == 1 and len(children) == 3  # no duplicate child runs
+    for run in children:
+        assert run.info.status == "FINISHED", run.data.tags
+        steps = [m.step for m in c.get_metric_history(run.info.run_id, "loss")]
+        assert sorted(steps) == list(range(1, 13)), steps  # each step logged once
+        if run.info.run_id in finished_before:  # not re-run
+            assert run.info.end_time == finished_before[run.info.run_id]
+
+
+BAD_SPECS = [
+    ({"name": "x", "serach": {}}, "serach"),
+    ({"name": "x", "search": {"model.windw": {"grid": [1]}}}, "search.model.windw"),
+    ({"name": "x", "search": {"model.window": {"normal": [1, 2]}}}, "unknown distribution"),
+    ({"name": "x", "search": {"ttt.inner_lr": {"loguniform": [0, 1]}}}, "loguniform"),
+    ({"name": "x", "search": {"ttt.chunk": {"grid": [16, 48]}}}, "data.seq_len=64"),
+    ({"name": "x", "scheduler": "hyperband"}, "scheduler"),
+    ({"name": "x", "resources": {"tpu": 1}}, "resources.tpu"),
+    ({"search": {}}, "name"),
+]
+
+
+@pytest.mark.parametrize("fields,needle", BAD_SPECS)
+def test_bad_specs_give_one_line_and_exit_2(tmp_path, corpus, fields, needle, capsys):
+    from ttt.cli import main
+
+    path = tmp_path / "bad.yaml"
+    spec = {"base": {"config": "pico", "overrides": BASE}, **fields}
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "run", str(path), "--dry-run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {path}") and needle in err[0], err
+
+
+SHIPPED = sorted((Path(__file__).parent.parent / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_specs_pass_dry_run(path, capsys):
+    from ttt.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "run", str(path), "--dry-run"])
+    assert exc.value.code == 0
+    assert "distinct compiled shapes" in capsys.readouterr().out

@@ -1,0 +1,3 @@
+from ttt.cli import main
+
+main()

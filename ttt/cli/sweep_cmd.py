@@ -1,0 +1,128 @@
+"""`ttt sweep run|status|ls` and `ttt ui`: thin wrappers over the `sweeps` package."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Run sweeps on Ray Tune, tracked in MLflow.", no_args_is_help=True)
+
+_STORAGE = typer.Option(None, "--storage-path", help="Ray results folder (default ./ray_results).")
+
+
+def dry_run_table(spec) -> str:
+    from sweeps.spec import TRACED_KEYS, shape_key
+
+    varying = sorted({k for p in spec.points for k in p})
+    lines = [
+        f"sweep {spec.name}: {len(spec.points)} grid point(s) x {spec.num_samples} "
+        f"sample(s) = {len(spec.points) * spec.num_samples} trial(s)"
+    ]
+    for key, (kind, args) in spec.random.items():
+        lines.append(f"  sampled: {key} ~ {kind}{args}")
+    shapes: dict[tuple, int] = {}
+    rows = []
+    for i, point in enumerate(spec.points):
+        cfg = spec.config(point, {})
+        sid = shapes.setdefault(shape_key(cfg), len(shapes))
+        rows.append(
+            [str(i), *[str(point.get(k, "")) for k in varying], str(spec.num_samples), f"#{sid}"]
+        )
+    head = ["trial", *varying, "samples", "shape"]
+    widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
+    lines += [fmt(head), *map(fmt, rows)]
+    random_shapes = [k for k in spec.random if k not in TRACED_KEYS]
+    note = f" (+ sampled shape keys: {', '.join(random_shapes)})" if random_shapes else ""
+    lines.append(f"distinct compiled shapes: {len(shapes)}{note}")
+    for stage in spec.stages:
+        lines.append(f"stage {stage.name}: from {stage.start_from} with {stage.overrides}")
+    return "\n".join(lines)
+
+
+@app.command("run")
+def run(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="A sweep spec (YAML)."),
+    address: str = typer.Option(
+        None, "--address", help="An existing Ray cluster (default: start one)."
+    ),
+    tracking_uri: str = typer.Option(
+        None, "--tracking-uri", help="MLflow URI (default sqlite:///./mlflow.db)."
+    ),
+    storage_path: str = _STORAGE,
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the trials and shapes; run nothing."
+    ),
+) -> None:
+    """Run (or resume) a sweep. Re-running the same command resumes it."""
+    from sweeps.spec import load_spec
+
+    spec = load_spec(spec_path)
+    typer.echo(dry_run_table(spec))
+    if dry_run:
+        return
+    from sweeps.driver import run_sweep
+
+    result = run_sweep(spec, address=address, tracking_uri=tracking_uri, storage_path=storage_path)
+    for stage in result.stages:
+        counts = Counter(r["outcome"] for r in stage.rows)
+        typer.echo(
+            f"stage {stage.name}: " + ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
+        )
+        done = [r for r in stage.rows if r.get(spec.metric) is not None]
+        if done:
+            best = (min if spec.mode == "min" else max)(done, key=lambda r: r[spec.metric])
+            typer.echo(f"  best {spec.metric} {best[spec.metric]:.4f}: {best['config']}")
+    typer.echo(f"MLflow parent run {result.parent_run_id} in {result.tracking_uri}")
+
+
+def _storage(storage_path: str | None) -> Path:
+    from sweeps.driver import DEFAULT_STORAGE
+
+    return Path(storage_path or DEFAULT_STORAGE).absolute()
+
+
+@app.command("status")
+def status(
+    name: str = typer.Argument(..., help="Sweep name."), storage_path: str = _STORAGE
+) -> None:
+    """Each trial's state and best metric."""
+    from sweeps.status import sweep_status
+
+    typer.echo(sweep_status(name, _storage(storage_path)))
+
+
+@app.command("ls")
+def ls(storage_path: str = _STORAGE) -> None:
+    """The sweeps under the storage path."""
+    from sweeps.status import list_sweeps
+
+    typer.echo(list_sweeps(_storage(storage_path)))
+
+
+def ui(
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="Default sqlite:///./mlflow.db."),
+    port: int = typer.Option(5000, "--port"),
+) -> None:
+    """Start the MLflow UI on 127.0.0.1."""
+    from sweeps.tracking import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    args = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
+    os.execv(sys.executable, args)

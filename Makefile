@@ -18,6 +18,7 @@ install: $(STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/ttt sweep run sweeps/quickstart.yaml
+	$(BIN)/ttt plots --experiment quickstart --out figures
 
 test: $(STAMP)
 	$(BIN)/ruff check ttt sweeps analysis tests

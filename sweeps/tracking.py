@@ -210,3 +210,40 @@ class MlflowSweepCallback(Callback):
         if path and os.path.exists(path):
             error = Path(path).read_text().strip().splitlines()[-1]
         self._finish(trial, "error", error)
+
+
+def log_bench_rows(tracking_uri: str, rows: list[dict], experiment: str = "bench") -> list[str]:
+    """One run per `ttt bench` row (tag `ttt.role=bench`): what the latency figures read."""
+    from mlflow.entities import Metric, Param
+
+    c = client(tracking_uri)
+    exp = ensure_experiment(c, experiment, tracking_uri)
+    now = int(time.time() * 1000)
+    ids = []
+    for row in rows:
+        run = c.create_run(
+            exp,
+            run_name=f"{row['mode']}-{row['preset']}-{row['mixer']}-T{row['seq_len']}",
+            tags={"ttt.role": "bench", "ttt.outcome": "finished"},
+        )
+        params = [
+            Param(k, str(row[k]))
+            for k in ("mode", "preset", "mixer", "seq_len", "batch", "device", "remat")
+        ]
+        metrics = [
+            Metric(k, float(row[k]), now, 0)
+            for k in (
+                "step_s",
+                "step_s_min",
+                "step_s_max",
+                "tokens_per_s",
+                "compile_s",
+                "mfu",
+                "peak_mem_gb",
+            )
+            if row.get(k) is not None
+        ]
+        c.log_batch(run.info.run_id, metrics=metrics, params=params)
+        c.set_terminated(run.info.run_id)
+        ids.append(run.info.run_id)
+    return ids

@@ -12,7 +12,15 @@ from ttt.cli.config_cmd import split_source
 app = typer.Typer(help="Measure step time, tokens/s, MFU and compile time.", no_args_is_help=True)
 
 
-def _run(mode: str, args: list[str], mixers: str, steps: int, warmup: int, out: Path | None):
+def _run(
+    mode: str,
+    args: list[str],
+    mixers: str,
+    steps: int,
+    warmup: int,
+    out: Path | None,
+    tracking_uri: str | None = None,
+):
     from ttt.bench import bench_one, format_table
     from ttt.config import MIXERS, ConfigError, load_config
 
@@ -33,6 +41,11 @@ def _run(mode: str, args: list[str], mixers: str, steps: int, warmup: int, out: 
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps([r.as_dict() for r in rows], indent=2))
         typer.echo(f"wrote {out}")
+    if tracking_uri:
+        from sweeps.tracking import log_bench_rows
+
+        log_bench_rows(tracking_uri, [r.as_dict() for r in rows])
+        typer.echo(f"logged {len(rows)} rows to {tracking_uri} (experiment 'bench')")
     return rows
 
 
@@ -41,6 +54,9 @@ _MIXERS = typer.Option("full,swa,ttt_e2e", help="Comma-separated mixers to compa
 _STEPS = typer.Option(5, help="Timed steps (median reported).")
 _WARMUP = typer.Option(1, help="Untimed steps after compile.")
 _OUT = typer.Option(None, "--json", help="Write the rows as JSON here.")
+_URI = typer.Option(
+    None, "--tracking-uri", help="Also log each row to MLflow (experiment 'bench')."
+)
 
 
 @app.command("train")
@@ -50,9 +66,10 @@ def train(
     steps: int = _STEPS,
     warmup: int = _WARMUP,
     out: Path = _OUT,
+    tracking_uri: str = _URI,
 ) -> None:
     """Time the full training step (outer gradient, through the inner loop with meta)."""
-    _run("train", args, mixers, steps, warmup, out)
+    _run("train", args, mixers, steps, warmup, out, tracking_uri)
 
 
 @app.command("prefill")
@@ -62,9 +79,10 @@ def prefill(
     steps: int = _STEPS,
     warmup: int = _WARMUP,
     out: Path = _OUT,
+    tracking_uri: str = _URI,
 ) -> None:
     """Time the loss over a sequence with the inner loop and no outer gradient."""
-    _run("prefill", args, mixers, steps, warmup, out)
+    _run("prefill", args, mixers, steps, warmup, out, tracking_uri)
 
 
 @app.command("cache")
@@ -90,3 +108,20 @@ def cache(args: list[str] = _ARGS, mixers: str = _MIXERS) -> None:
                 f"{r['preset']:6} {r['mixer']:8} {r['cold_s']:8.2f} {r['warm_lr_only_s']:8.2f} "
                 f"{100 * r['ratio']:8.1f}%"
             )
+
+
+@app.command("analysis")
+def analysis_bench(
+    runs: int = typer.Option(500, "--runs"),
+    steps: int = typer.Option(1000, "--steps"),
+    metrics: int = typer.Option(5, "--metrics"),
+) -> None:
+    """Time the analysis loaders on a synthetic MLflow store (runs x steps x metrics)."""
+    import tempfile
+    from pathlib import Path
+
+    from analysis.synthetic import bench_analysis
+
+    with tempfile.TemporaryDirectory() as d:
+        r = bench_analysis(Path(d), runs, steps, metrics)
+    typer.echo(json.dumps(r, indent=2))

@@ -1,0 +1,310 @@
+"""Matplotlib drawings of the recipes' tidy tables, and `build_all` behind `ttt plots`.
+
+Conventions follow the paper: context axes are log2 and labelled 8K..128K, differences
+are to full attention with the zero line drawn, and the paper's published numbers appear
+as labelled reference markers (black outlines) where it printed any.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import polars as pl  # noqa: E402
+
+from analysis.recipes import HINTS, RECIPES, Data  # noqa: E402
+
+PAPER_DIR = Path(__file__).parent / "paper"
+PAPER_METHOD = {"full_attention": "full", "swa": "swa", "ttt_e2e": "ttt_e2e"}
+COLORS = {
+    "full": "tab:blue",
+    "swa": "tab:orange",
+    "ttt_e2e": "tab:green",
+    "ttt_e2e (meta off)": "tab:red",
+}
+
+
+def paper(name: str) -> pl.DataFrame:
+    """A table the paper published (shipped with this package, see analysis/paper/)."""
+    return pl.read_csv(PAPER_DIR / name)
+
+
+def fmt_tokens(v: float) -> str:
+    v = int(v)
+    if v >= 1 << 20 and v % (1 << 20) == 0:
+        return f"{v >> 20}M"
+    return f"{v // 1024}K" if v >= 1024 and v % 1024 == 0 else str(v)
+
+
+def context_axis(ax, values) -> None:
+    ax.set_xscale("log", base=2)
+    ticks = sorted({float(v) for v in values})
+    ax.set_xticks(ticks, [fmt_tokens(v) for v in ticks])
+    ax.minorticks_off()
+
+
+def lines(
+    ax,
+    table: pl.DataFrame,
+    x: str,
+    y: str = "mean",
+    lo: str = "min",
+    hi: str = "max",
+    group: str = "method",
+    label_fmt=str,
+) -> None:
+    for key, g in table.filter(pl.col(x).is_not_null()).group_by(group, maintain_order=True):
+        name = key[0]
+        g = g.sort(x)
+        color = COLORS.get(name) if isinstance(name, str) else None
+        ax.plot(g[x], g[y], marker="o", label=label_fmt(name), color=color)
+        if lo in g.columns and "runs" in g.columns and g["runs"].max() > 1:
+            ax.fill_between(g[x], g[lo], g[hi], alpha=0.2, color=color)
+
+
+def references(ax, table: pl.DataFrame, x: str) -> None:
+    """Rows with no x value (a method that ignores the swept knob) as horizontal lines."""
+    for row in table.filter(pl.col(x).is_null()).iter_rows(named=True):
+        ax.axhline(
+            row["mean"],
+            ls="--",
+            color=COLORS.get(row["method"], "gray"),
+            label=f"{row['method']} (reference)",
+        )
+
+
+PAPER_MARKER = {"full": "s", "swa": "^", "ttt_e2e": "*"}
+
+
+def paper_markers(ax, xs, ys, label: str, method: str | None = None) -> None:
+    """Published values: hollow markers, shaped and outlined by method."""
+    ax.scatter(
+        xs,
+        ys,
+        marker=PAPER_MARKER.get(method, "D"),
+        s=90,
+        facecolor="none",
+        edgecolor=COLORS.get(method, "black"),
+        linewidths=1.5,
+        zorder=5,
+        label=label,
+    )
+
+
+def draw(name: str, table: pl.DataFrame):
+    fig_fn = DRAW[name]
+    return fig_fn(table)
+
+
+def _context_length(t):
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    lines(a, t, "data.seq_len")
+    ref = paper("fig9_loss_by_context.csv").filter(pl.col("method").is_in(list(PAPER_METHOD)))
+    for m, g in ref.group_by("method"):
+        paper_markers(
+            a, g["context"], g["loss"], f"paper 3B: {PAPER_METHOD[m[0]]}", PAPER_METHOD[m[0]]
+        )
+    context_axis(a, [*t["data.seq_len"].to_list(), *ref["context"].to_list()])
+    a.set(xlabel="context length (tokens)", ylabel="eval loss (nats/token)", title="Loss")
+    d = t.filter(pl.col("delta").is_not_null())
+    lines(b, d, "data.seq_len", "delta", "delta_min", "delta_max")
+    full = ref.filter(pl.col("method") == "full_attention").select(
+        "context", pl.col("loss").alias("f")
+    )
+    pd = ref.join(full, on="context").filter(pl.col("method") != "full_attention")
+    for m, g in pd.group_by("method"):
+        paper_markers(
+            b,
+            g["context"],
+            g["loss"] - g["f"],
+            f"paper 3B: {PAPER_METHOD[m[0]]}",
+            PAPER_METHOD[m[0]],
+        )
+    b.axhline(0, color="black", lw=0.8)
+    context_axis(b, [*d["data.seq_len"].to_list(), *pd["context"].to_list()])
+    b.set(
+        xlabel="context length (tokens)",
+        ylabel="loss - full attention (nats)",
+        title="Loss difference to full attention",
+    )
+    for ax in (a, b):
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _ablation(x: str, xlabel: str, log2: bool, paper_panel: str | None):
+    def f(t):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        lines(ax, t, x)
+        references(ax, t, x)
+        vals = t.filter(pl.col(x).is_not_null())[x].to_list()
+        if paper_panel:
+            pts = paper("ablation_points.csv").filter(pl.col("panel") == paper_panel)
+            pts = pts.filter(pl.col("method").is_in(["ttt_e2e", "full_attention"]))
+            if not pts.is_empty():
+                ax2 = ax.twinx()
+                for m, g in pts.group_by("method"):
+                    name = PAPER_METHOD[m[0]]
+                    paper_markers(
+                        ax2, g["value"], g["loss"], f"paper 760M: {name} (right axis)", name
+                    )
+                ax2.set_ylabel("paper loss, 760M DCLM 8K")
+                ax2.legend(fontsize=7, loc="lower right")
+                vals += pts["value"].to_list()
+        if log2:
+            context_axis(ax, vals)
+        ax.set(xlabel=xlabel, ylabel="eval loss (nats/token)")
+        ax.legend(fontsize=7, loc="center right")
+        return fig
+
+    return f
+
+
+def _ttt_layers(t):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lines(
+        ax,
+        t,
+        "data.seq_len",
+        "delta",
+        group="model.ttt_layers",
+        label_fmt=lambda n: f"{n} TTT layers",
+    )
+    ax.axhline(0, color="black", lw=0.8)
+    context_axis(ax, t["data.seq_len"].to_list())
+    ax.set(xlabel="context length (tokens)", ylabel="loss - full attention (nats)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _delta(x: str, xlabel: str):
+    def f(t):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        lines(ax, t, x, "delta", "delta_min", "delta_max")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ticks = sorted(set(t[x].to_list()))
+        ax.set_xticks(ticks, [f"{v / 1e6:.0f}M" if v < 1e9 else f"{v / 1e9:.1f}B" for v in ticks])
+        ax.minorticks_off()
+        ax.set(xlabel=xlabel, ylabel="loss - full attention (nats)")
+        ax.legend(fontsize=7)
+        return fig
+
+    return f
+
+
+def _token_index(t):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, g in t.group_by("method", maintain_order=True):
+        g = g.filter(pl.col("position") > 0).sort("position")
+        color = COLORS.get(key[0])
+        ax.plot(g["position"], g["mean"], color=color, lw=0.5, alpha=0.3)
+        ax.plot(g["position"], g["binned"], label=key[0], color=color, lw=1.5)
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="token index (log scale)",
+        ylabel="NLL (nats/token)",
+        title="Loss by token index (faint: per position; bold: log-binned)",
+    )
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _inner_lr_meta(t):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lines(ax, t, "ttt.inner_lr")
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="inner learning rate eta (log scale)",
+        ylabel="eval loss (nats/token)",
+        title="Inner LR, meta-learning on and off",
+    )
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _latency(title: str, paper_csv: str | None):
+    def f(t):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        t = t.with_columns((pl.col("method") + " " + pl.col("preset")).alias("label"))
+        lines(ax, t, "seq_len", group="label")
+        vals = t["seq_len"].to_list()
+        if paper_csv:
+            ref = paper(paper_csv)
+            for m, g in ref.group_by("method"):
+                paper_markers(
+                    ax,
+                    g["context"],
+                    g["prefill_s_per_1k_tokens"],
+                    f"paper 3B H100: {PAPER_METHOD.get(m[0], m[0])}",
+                )
+            vals += ref["context"].to_list()
+        context_axis(ax, vals)
+        ax.set(xlabel="context length (tokens)", ylabel="seconds per 1K tokens", title=title)
+        ax.legend(fontsize=7)
+        return fig
+
+    return f
+
+
+def _curves(t):
+    exps = t["experiment"].unique(maintain_order=True).to_list()
+    fig, axes = plt.subplots(1, len(exps), figsize=(6 * len(exps), 4), squeeze=False)
+    for ax, exp in zip(axes[0], exps, strict=True):
+        for key, g in t.filter(pl.col("experiment") == exp).group_by(
+            "run_name", maintain_order=True
+        ):
+            ax.plot(g["step"], g["value"], label=key[0], lw=1)
+        ax.set(xlabel="step", ylabel="training loss (nats/token)", title=exp)
+        ax.legend(fontsize=6)
+    return fig
+
+
+DRAW = {
+    "fig1_context_length": _context_length,
+    "fig1_prefill_latency": _latency("Prefill latency", "latency_h100_3b.csv"),
+    "fig8_train_latency": _latency("Training latency", None),
+    "fig4_window": _ablation("model.window", "sliding window k (tokens)", True, "window"),
+    "fig4_chunk": _ablation("ttt.chunk", "chunk length b (tokens)", True, "chunk"),
+    "fig4_ttt_layers": _ttt_layers,
+    "fig5_model_size": _delta("params", "non-embedding parameters"),
+    "fig5_training_tokens": _delta("tokens", "training tokens"),
+    "fig6_token_index": _token_index,
+    "inner_lr_meta": _inner_lr_meta,
+    "curves": _curves,
+}
+
+
+def build_all(
+    tracking_uri: str,
+    out: Path,
+    experiments: list[str] | None = None,
+    formats=("png", "pdf"),
+    only: list[str] | None = None,
+):
+    """Write every figure that has data; return (written {name: [paths]}, missing {name: hint})."""
+    data = Data(tracking_uri, experiments)
+    written, missing = {}, {}
+    for name, recipe in RECIPES.items():
+        if only and name not in only:
+            continue
+        table = recipe(data)
+        if table is None or table.is_empty():
+            missing[name] = HINTS[name]
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        fig = draw(name, table)
+        fig.tight_layout()
+        paths = []
+        for fmt in formats:
+            path = out / f"{name}.{fmt}"
+            fig.savefig(path, dpi=130)
+            paths.append(path)
+        plt.close(fig)
+        table_path = out / f"{name}.parquet"
+        table.write_parquet(table_path)
+        written[name] = [*paths, table_path]
+    return written, missing

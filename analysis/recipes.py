@@ -1,0 +1,322 @@
+"""One recipe per paper figure: select runs by the params that define the figure, average
+over seeds (mean with min/max bands), and return the tidy table that the figure draws.
+
+Recipes return `None` when the store holds no data for them; `HINTS` names the sweep
+spec (or command) that would produce it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from analysis.loaders import metric_history, runs, token_nll
+
+LOSS = "final_eval_loss"
+# The knobs a figure may hold fixed or vary (DESIGN.md, "What users sweep").
+KNOBS = [
+    "preset",
+    "model.window",
+    "ttt.chunk",
+    "ttt.inner_lr",
+    "ttt.inner_lr_init",
+    "ttt.meta",
+    "model.ttt_layers",
+    "data.seq_len",
+    "data.batch_size",
+    "train.steps",
+    "train.lr",
+    "stage",
+]
+
+
+@dataclass
+class Data:
+    """The runs of a store, with histories and per-token NLL loaded on first use."""
+
+    tracking_uri: str
+    experiments: list[str] | None = None
+    _runs: pl.DataFrame | None = None
+    _cache: dict = field(default_factory=dict)
+
+    @property
+    def runs(self) -> pl.DataFrame:
+        if self._runs is None:
+            self._runs = with_method(runs(self.tracking_uri, self.experiments))
+        return self._runs
+
+    def bench(self) -> pl.DataFrame:
+        if "bench" not in self._cache:
+            self._cache["bench"] = runs(self.tracking_uri, self.experiments, role="bench")
+        return self._cache["bench"]
+
+    def history(self, run_ids, keys=("loss",)) -> pl.DataFrame:
+        return metric_history(self.tracking_uri, list(run_ids), list(keys))
+
+    def nll(self, run_ids) -> pl.DataFrame:
+        return token_nll(self.tracking_uri, list(run_ids))
+
+
+def with_method(frame: pl.DataFrame) -> pl.DataFrame:
+    """`method`: the mixer, with meta-learning off marked (TTT-naive)."""
+    if frame.is_empty() or "model.mixer" not in frame.columns:
+        return frame.with_columns(pl.lit(None, pl.String).alias("method"))
+    meta = pl.col("ttt.meta") if "ttt.meta" in frame.columns else pl.lit(True)
+    return frame.with_columns(
+        pl.when((pl.col("model.mixer") == "ttt_e2e") & (meta == False))  # noqa: E712
+        .then(pl.lit("ttt_e2e (meta off)"))
+        .otherwise(pl.col("model.mixer"))
+        .alias("method")
+    )
+
+
+def finished(frame: pl.DataFrame, value: str = LOSS) -> pl.DataFrame:
+    if frame.is_empty() or value not in frame.columns or "outcome" not in frame.columns:
+        return frame.clear()
+    return frame.filter((pl.col("outcome") == "finished") & pl.col(value).is_not_null())
+
+
+def hold_others(frame: pl.DataFrame, vary: list[str]) -> pl.DataFrame:
+    """Within each method keep the runs at the most common value of every knob that the
+    figure does not vary, so one line is one setting."""
+    out = []
+    for _, group in frame.group_by("method", maintain_order=True):
+        for knob in KNOBS:
+            if knob in vary or knob not in group.columns or group.is_empty():
+                continue
+            counts = group[knob].value_counts(sort=True)
+            group = group.filter(pl.col(knob).eq_missing(counts[knob][0]))
+        out.append(group)
+    return pl.concat(out) if out else frame
+
+
+def aggregate(frame: pl.DataFrame, by: list[str], value: str = LOSS) -> pl.DataFrame:
+    """Seed mean with min/max over the runs that share `by`."""
+    return (
+        frame.group_by(by)
+        .agg(
+            pl.col(value).mean().alias("mean"),
+            pl.col(value).min().alias("min"),
+            pl.col(value).max().alias("max"),
+            pl.len().alias("runs"),
+        )
+        .sort(by)
+    )
+
+
+def delta_to_full(table: pl.DataFrame, on: list[str]) -> pl.DataFrame:
+    """Each method's mean minus full attention's at the same `on` values."""
+    full = table.filter(pl.col("method") == "full").select(*on, pl.col("mean").alias("full"))
+    return (
+        table.filter(pl.col("method") != "full")
+        .join(full, on=on, how="inner")
+        .with_columns(
+            (pl.col("mean") - pl.col("full")).alias("delta"),
+            (pl.col("min") - pl.col("full")).alias("delta_min"),
+            (pl.col("max") - pl.col("full")).alias("delta_max"),
+        )
+    )
+
+
+def _sweep_figure(data: Data, x: str, methods=None, vary_extra=()) -> pl.DataFrame | None:
+    frame = finished(data.runs)
+    if frame.is_empty() or x not in frame.columns:
+        return None
+    if methods is not None:
+        frame = frame.filter(pl.col("method").is_in(methods))
+    frame = hold_others(frame, [x, *vary_extra])
+    table = aggregate(frame.filter(pl.col(x).is_not_null()), ["method", *vary_extra, x])
+    if table.is_empty() or table[x].n_unique() < 2:
+        return None
+    return table
+
+
+def context_length(data: Data):
+    """Fig 1 left / Fig 9: loss and loss minus full attention's against context length."""
+    table = _sweep_figure(data, "data.seq_len")
+    if table is None or "full" not in table["method"].to_list():
+        return None
+    delta = delta_to_full(table, ["data.seq_len"]).select(
+        "method", "data.seq_len", "delta", "delta_min", "delta_max"
+    )
+    return table.join(delta, on=["method", "data.seq_len"], how="left")
+
+
+def window(data: Data):
+    """Fig 4 left: loss against the window k (full attention as a reference line)."""
+    table = _sweep_figure(data, "model.window", methods=["swa", "ttt_e2e"])
+    return None if table is None else _with_full_reference(data, table)
+
+
+def chunk(data: Data):
+    """Fig 4 middle: TTT-E2E loss against the chunk b; full and SWA as reference lines."""
+    table = _sweep_figure(data, "ttt.chunk", methods=["ttt_e2e"])
+    return None if table is None else _with_full_reference(data, table, ("full", "swa"))
+
+
+def _with_full_reference(data: Data, table: pl.DataFrame, refs=("full",)) -> pl.DataFrame:
+    frame = finished(data.runs).filter(pl.col("method").is_in(list(refs)))
+    if frame.is_empty():
+        return table
+    ref = aggregate(hold_others(frame, []), ["method"]).with_columns(
+        pl.lit(None, table.schema[table.columns[1]]).alias(table.columns[1])
+    )
+    return pl.concat([table, ref.select(table.columns)], how="vertical_relaxed")
+
+
+def ttt_layers(data: Data):
+    """Fig 4 right: loss minus full attention's against context length, per TTT-layer count."""
+    frame = finished(data.runs)
+    if frame.is_empty() or "model.ttt_layers" not in frame.columns:
+        return None
+    ttt = frame.filter(pl.col("method") == "ttt_e2e")
+    full = frame.filter(pl.col("method") == "full")
+    if ttt["model.ttt_layers"].n_unique() < 2 or full.is_empty():
+        return None
+    vary = ["data.seq_len", "model.ttt_layers"]
+    table = aggregate(
+        hold_others(pl.concat([ttt, full], how="diagonal_relaxed"), vary),
+        ["method", "model.ttt_layers", "data.seq_len"],
+    )
+    full_t = table.filter(pl.col("method") == "full").select(
+        "data.seq_len", pl.col("mean").alias("full")
+    )
+    out = (
+        table.filter(pl.col("method") == "ttt_e2e")
+        .join(full_t, on="data.seq_len")
+        .with_columns((pl.col("mean") - pl.col("full")).alias("delta"))
+    )
+    return None if out.is_empty() else out
+
+
+def model_size(data: Data):
+    """Fig 5 left: loss minus full attention's against model size (non-embedding params)."""
+    from ttt.config import load_config
+    from ttt.model.params import param_counts
+
+    table = _sweep_figure(data, "preset")
+    if table is None or "full" not in table["method"].to_list():
+        return None
+    sizes = {
+        p: param_counts(load_config(p, ["model.mixer=full"]).model)["non_embedding"]
+        for p in table["preset"].unique().to_list()
+    }
+    out = delta_to_full(table, ["preset"]).with_columns(
+        pl.col("preset").replace_strict(sizes, return_dtype=pl.Int64).alias("params")
+    )
+    return out.sort("params")
+
+
+def training_tokens(data: Data):
+    """Fig 5 right: loss minus full attention's against training tokens."""
+    frame = finished(data.runs)
+    need = {"train.steps", "data.batch_size", "data.seq_len"}
+    if frame.is_empty() or not need <= set(frame.columns):
+        return None
+    frame = frame.with_columns(
+        (pl.col("train.steps") * pl.col("data.batch_size") * pl.col("data.seq_len")).alias("tokens")
+    )
+    frame = hold_others(frame, ["train.steps", "data.batch_size"])
+    table = aggregate(frame, ["method", "tokens"])
+    if table["tokens"].n_unique() < 2 or "full" not in table["method"].to_list():
+        return None
+    return delta_to_full(table, ["tokens"])
+
+
+def token_index(data: Data):
+    """Fig 6: loss by token index (log x), per method, averaged over sequences and seeds."""
+    frame = finished(data.runs)
+    if frame.is_empty():
+        return None
+    frame = hold_others(frame, [])
+    nll = data.nll(frame["run_id"].to_list())
+    if nll.is_empty():
+        return None
+    joined = nll.join(frame.select("run_id", "method"), on="run_id")
+    table = (
+        joined.group_by(["method", "position"])
+        .agg(
+            pl.col("nll").mean().alias("mean"),
+            pl.col("nll").min().alias("min"),
+            pl.col("nll").max().alias("max"),
+            pl.len().alias("runs"),
+        )
+        .sort(["method", "position"])
+    )
+    # Per-position means are noisy on a log axis; the drawn line averages log-spaced bins
+    # (four per octave) of them.
+    table = table.with_columns(
+        ((pl.col("position") + 1).log(2) * 4).floor().cast(pl.Int64).alias("bin")
+    )
+    return table.with_columns(pl.col("mean").mean().over(["method", "bin"]).alias("binned"))
+
+
+def inner_lr_meta(data: Data):
+    """This product's ablation: loss against the inner LR, meta-learning on and off."""
+    frame = finished(data.runs)
+    if frame.is_empty() or "ttt.inner_lr" not in frame.columns:
+        return None
+    frame = frame.filter(pl.col("model.mixer") == "ttt_e2e")
+    if frame.is_empty():
+        return None
+    frame = hold_others(frame, ["ttt.inner_lr", "ttt.meta"])
+    table = aggregate(frame, ["method", "ttt.inner_lr"])
+    if table["ttt.inner_lr"].n_unique() < 2 and table["method"].n_unique() < 2:
+        return None
+    return table
+
+
+def latency(data: Data, mode: str):
+    """Fig 1 right (prefill) / Fig 8 (train): seconds per 1K tokens against context length,
+    from `ttt bench ... --tracking-uri` runs."""
+    bench = data.bench()
+    if bench.is_empty() or "mode" not in bench.columns:
+        return None
+    frame = bench.filter(pl.col("mode") == mode)
+    if frame.is_empty():
+        return None
+    frame = frame.with_columns(
+        (pl.col("step_s") / (pl.col("seq_len") * pl.col("batch") / 1024)).alias("s_per_1k")
+    )
+    return aggregate(frame, ["mixer", "preset", "seq_len"], "s_per_1k").rename({"mixer": "method"})
+
+
+def curves(data: Data):
+    """Loss against step, one line per trial, for every sweep."""
+    frame = data.runs
+    if frame.is_empty():
+        return None
+    hist = data.history(frame["run_id"].to_list(), ["loss"])
+    if hist.is_empty():
+        return None
+    return hist.join(frame.select("run_id", "experiment", "run_name", "outcome"), on="run_id")
+
+
+RECIPES: dict[str, Callable] = {
+    "fig1_context_length": context_length,
+    "fig1_prefill_latency": lambda d: latency(d, "prefill"),
+    "fig8_train_latency": lambda d: latency(d, "train"),
+    "fig4_window": window,
+    "fig4_chunk": chunk,
+    "fig4_ttt_layers": ttt_layers,
+    "fig5_model_size": model_size,
+    "fig5_training_tokens": training_tokens,
+    "fig6_token_index": token_index,
+    "inner_lr_meta": inner_lr_meta,
+    "curves": curves,
+}
+HINTS = {
+    "fig1_context_length": "sweeps/context_scaling.yaml",
+    "fig1_prefill_latency": "ttt bench prefill PRESET data.seq_len=T --tracking-uri URI",
+    "fig8_train_latency": "ttt bench train PRESET data.seq_len=T --tracking-uri URI",
+    "fig4_window": "sweeps/window_ablation.yaml (or sweeps/quickstart.yaml)",
+    "fig4_chunk": "sweeps/chunk_ablation.yaml",
+    "fig4_ttt_layers": "sweeps/ttt_layers_ablation.yaml",
+    "fig5_model_size": "sweeps/model_size.yaml",
+    "fig5_training_tokens": "sweeps/model_size.yaml with a train.steps grid",
+    "fig6_token_index": "sweeps/quickstart.yaml (any sweep with full and ttt_e2e)",
+    "inner_lr_meta": "sweeps/inner_lr.yaml and sweeps/meta.yaml (or sweeps/quickstart.yaml)",
+    "curves": "any sweep",
+}

@@ -1,0 +1,177 @@
+"""Synthetic tracking stores with known values, written through the real MLflow client:
+for the tests, the notebooks' fixtures and `ttt bench analysis`."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+
+@dataclass
+class FakeRun:
+    experiment: str
+    params: dict
+    final: dict = field(default_factory=dict)  # metric -> value (logged at the last step)
+    history: dict = field(default_factory=dict)  # metric -> list of (step, value)
+    nll: np.ndarray | None = None  # per-position NLL -> eval/nll_by_position.parquet
+    outcome: str = "finished"
+    role: str = "trial"
+
+
+STATUS = {
+    "finished": "FINISHED",
+    "diverged": "FAILED",
+    "error": "FAILED",
+    "early_stopped": "KILLED",
+}
+
+
+def write_store(tracking_uri: str, runs: list[FakeRun]) -> list[str]:
+    """Create experiments, a parent run each, and the child runs; return child run ids."""
+    from mlflow.entities import Metric, Param
+
+    from sweeps.tracking import client, ensure_experiment
+
+    c = client(tracking_uri)
+    parents: dict[str, str] = {}
+    ids = []
+    now = int(time.time() * 1000)
+    for run in runs:
+        exp = ensure_experiment(c, run.experiment, tracking_uri)
+        if run.experiment not in parents:
+            parent = c.create_run(
+                exp,
+                run_name=run.experiment,
+                tags={"ttt.role": "sweep", "ttt.sweep": run.experiment},
+            )
+            parents[run.experiment] = parent.info.run_id
+            c.set_terminated(parent.info.run_id)
+        r = c.create_run(
+            exp,
+            tags={
+                "ttt.role": run.role,
+                "ttt.sweep": run.experiment,
+                "ttt.stage": "main",
+                "ttt.outcome": run.outcome,
+                "mlflow.parentRunId": parents[run.experiment],
+            },
+        )
+        rid = r.info.run_id
+        params = [Param(k, str(v)) for k, v in run.params.items()]
+        metrics = [Metric(k, float(v), now, s) for k, pts in run.history.items() for s, v in pts]
+        last = max((s for pts in run.history.values() for s, _ in pts), default=0)
+        metrics += [Metric(k, float(v), now, last) for k, v in run.final.items()]
+        for i in range(0, max(len(metrics), len(params), 1), 1000):
+            c.log_batch(
+                rid, metrics=metrics[i : i + 1000], params=params[i : i + 100] if i == 0 else []
+            )
+        for i in range(100, len(params), 100):
+            c.log_batch(rid, params=params[i : i + 100])
+        if run.nll is not None:
+            with tempfile.TemporaryDirectory() as d:
+                path = Path(d) / "nll_by_position.parquet"
+                pl.DataFrame(
+                    {
+                        "position": np.arange(len(run.nll)),
+                        "nll": run.nll,
+                        "count": np.ones(len(run.nll), np.int64),
+                    }
+                ).write_parquet(path)
+                c.log_artifact(rid, str(path), artifact_path="eval")
+        c.set_terminated(rid, status=STATUS[run.outcome])
+        ids.append(rid)
+    return ids
+
+
+def trial_params(mixer: str, **overrides) -> dict:
+    """A full flat config for a nano trial, as a sweep would log it."""
+    from ttt.config import load_config
+
+    keys = [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
+    return load_config("nano", [f"model.mixer={mixer}", *keys]).flat()
+
+
+def quickstart_like(tracking_uri: str, experiment: str = "quickstart", seeds=(0, 1)) -> None:
+    """A store shaped like the quickstart sweep, with smooth known losses: the notebooks'
+    test fixture."""
+    rng = np.random.default_rng(0)
+    settings = [
+        ("full", {}),
+        ("swa", {"model__window": 32}),
+        ("swa", {"model__window": 64}),
+        ("ttt_e2e", {"model__window": 32}),
+        ("ttt_e2e", {"model__window": 64}),
+        ("ttt_e2e", {"ttt__chunk": 64}),
+        ("ttt_e2e", {"ttt__inner_lr": 0.1}),
+        ("ttt_e2e", {"ttt__meta": False}),
+    ]
+    fake = []
+    for seed in seeds:
+        for i, (mixer, over) in enumerate(settings):
+            final = 3.4 - 0.03 * i + 0.01 * seed
+            steps = range(5, 55, 5)
+            fake.append(
+                FakeRun(
+                    experiment,
+                    trial_params(mixer, train__seed=seed, **over),
+                    final={"final_eval_loss": final, "eval_loss": final},
+                    history={"loss": [(s, final + 2.5 * np.exp(-s / 15)) for s in steps]},
+                    nll=final + 0.5 / np.sqrt(1 + np.arange(256)) + rng.normal(0, 0.01, 256),
+                )
+            )
+    write_store(tracking_uri, fake)
+
+
+def bench_store(tracking_uri: str, n_runs: int, steps: int, keys: int) -> list[str]:
+    """`n_runs` trial runs with `keys` metric histories of `steps` points each."""
+    names = ["loss", "grad_norm", "lr", "inner_lr", "tokens_per_s", "mfu", "eval_loss"][:keys]
+    names += [f"metric_{i}" for i in range(keys - len(names))]
+    fake = [
+        FakeRun(
+            "bench-analysis",
+            trial_params("ttt_e2e", train__seed=i),
+            final={"final_eval_loss": 3.0 + i / n_runs},
+            history={k: [(s, 1.0 + s / steps) for s in range(1, steps + 1)] for k in names},
+        )
+        for i in range(n_runs)
+    ]
+    return write_store(tracking_uri, fake)
+
+
+def bench_analysis(workdir: Path, n_runs: int = 500, steps: int = 1000, keys: int = 5) -> dict:
+    """Time the loaders on a synthetic store (the write is not timed)."""
+    from analysis.loaders import metric_history, runs
+
+    uri = f"sqlite:///{workdir / 'bench.db'}"
+    t0 = time.perf_counter()
+    bench_store(uri, n_runs, steps, keys)
+    write_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    frame = runs(uri)
+    runs_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hist = metric_history(uri, frame["run_id"].to_list())
+    hist_s = time.perf_counter() - t0
+    # The non-bulk way for comparison: one MLflow request per run and metric.
+    from sweeps.tracking import client
+
+    c = client(uri)
+    keys_ = hist["key"].unique().to_list()
+    t0 = time.perf_counter()
+    naive = sum(len(c.get_metric_history(r, k)) for r in frame["run_id"] for k in keys_)
+    naive_s = time.perf_counter() - t0
+    assert naive == hist.height
+    return {
+        "runs": frame.height,
+        "points": hist.height,
+        "write_s": write_s,
+        "load_runs_s": runs_s,
+        "load_history_s": hist_s,
+        "per_request_history_s": naive_s,
+        "speedup": naive_s / hist_s,
+    }

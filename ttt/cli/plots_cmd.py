@@ -1,0 +1,36 @@
+"""`ttt plots`: every paper figure that the tracked runs can draw."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def plots(
+    experiment: list[str] = typer.Option(
+        None, "--experiment", "-e", help="Sweep name(s); default all."
+    ),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="Default sqlite:///./mlflow.db."),
+    out: Path = typer.Option(Path("figures"), "--out", help="Folder for the figures."),
+    fmt: str = typer.Option("png,pdf", "--format", help="Comma-separated image formats."),
+) -> None:
+    """Build every figure that has data; name the sweep that would produce each missing one."""
+    from analysis.figures import build_all
+    from sweeps.tracking import default_tracking_uri
+    from ttt.errors import UserError
+
+    formats = [f.strip() for f in fmt.split(",") if f.strip()]
+    bad = [f for f in formats if f not in ("png", "pdf", "svg")]
+    if bad or not formats:
+        raise UserError(f"--format={fmt!r}: allowed are png, pdf, svg (comma-separated)")
+    uri = tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise UserError(f"--tracking-uri={uri!r}: no such database (run a sweep first)")
+    written, missing = build_all(uri, out, experiment or None, formats)
+    for name, paths in written.items():
+        typer.echo(f"{name}: " + ", ".join(str(p) for p in paths))
+    for name, hint in missing.items():
+        typer.echo(f"{name}: no data yet; run {hint}")
+    if not written:
+        typer.echo("no figure had data")

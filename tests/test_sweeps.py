@@ -65,19 +65,24 @@ def _token() -> str:
     return (Path.home() / ".ray" / "auth_token").read_text().strip()
 
 
-def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster):
+def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster, capsys):
     from sweeps.driver import run_sweep
 
+    # Four trials at once on two CPUs: MLflow (SQLite) must never see "database is locked".
     spec = load_spec(
         write_spec(
             tmp_path / "e2e.yaml",
             corpus,
             name="e2e",
-            max_concurrent=2,
+            max_concurrent=4,
+            resources={"cpu": 0.5},
             search={"train.lr": {"grid": [3e-3, 1e-3]}},
             variants=[{"model.mixer": "swa"}, {"model.mixer": "ttt_e2e"}],
             stop={"steps": 4},
             checkpoint_every=2,
+            stages=[
+                {"name": "ext", "from": "best", "steps": 2, "overrides": {"data.seq_len": 128}}
+            ],
         )
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -109,8 +114,18 @@ def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster):
     assert all(code == 401 for code, _ in codes["without"]), codes
 
     assert [r["outcome"] for r in result.stages[0].rows] == ["finished"] * 4
+    assert [r["outcome"] for r in result.stages[1].rows] == ["finished"]
     c, parents, children = mlflow_runs(uri, "e2e")
-    assert len(parents) == 1 and len(children) == 4
+    ext = [r for r in children if r.data.tags["ttt.stage"] == "ext"]
+    children = [r for r in children if r.data.tags["ttt.stage"] == "main"]
+    assert len(parents) == 1 and len(children) == 4 and len(ext) == 1
+    # the stage starts from the best first-stage trial's checkpoint, at the new length
+    best = min(children, key=lambda r: r.data.metrics["final_eval_loss"])
+    assert ext[0].data.params["data.seq_len"] == "128"
+    assert ext[0].data.params["model.mixer"] == best.data.params["model.mixer"]
+    assert ext[0].data.params["train.lr"] == best.data.params["train.lr"]
+    assert "checkpoint" in ext[0].data.params["train.init_from"]
+    assert ext[0].info.status == "FINISHED"
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert [a.path for a in c.list_artifacts(parent.info.run_id, "spec")] == ["spec/e2e.yaml"]
@@ -128,6 +143,16 @@ def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster):
             "eval/nll_by_position.parquet"
         ]
     assert seen == {(m, lr) for m in ("swa", "ttt_e2e") for lr in (3e-3, 1e-3)}
+
+    from ttt.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "status", "e2e", "--storage-path", str(tmp_path / "ray")])
+    with pytest.raises(SystemExit):
+        main(["sweep", "ls", "--storage-path", str(tmp_path / "ray")])
+    out = capsys.readouterr().out
+    assert out.count("TERMINATED finished") == 5 and "e2e-ext:" in out
+    assert "e2e: 4 TERMINATED" in out and "e2e-ext: 1 TERMINATED" in out
 
 
 def test_asha_stops_a_trial_early(tmp_path, corpus, ray_cluster):
@@ -154,7 +179,7 @@ def test_asha_stops_a_trial_early(tmp_path, corpus, ray_cluster):
     assert all(max(m for m in [int(r.data.params["train.steps"])]) == 8 for r in stopped)
 
 
-def test_failing_trial_is_retried_then_failed(tmp_path, corpus, ray_cluster):
+def test_failing_and_diverging_trials(tmp_path, corpus, ray_cluster):
     from sweeps.driver import run_sweep
 
     spec = load_spec(
@@ -164,21 +189,27 @@ def test_failing_trial_is_retried_then_failed(tmp_path, corpus, ray_cluster):
             name="fail",
             max_concurrent=2,
             max_failures=1,
-            search={
-                "model.mixer": "swa",
-                "data.source": {"grid": [str(corpus), str(tmp_path / "missing")]},
-            },
+            variants=[
+                {"model.mixer": "swa"},
+                {"model.mixer": "swa", "data.source": str(tmp_path / "missing")},
+                {"model.mixer": "ttt_e2e", "ttt.inner_lr": 1e30, "ttt.inner_lr_warmup": 0},
+            ],
             stop={"steps": 2},
         )
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_sweep(spec, tracking_uri=uri, storage_path=str(tmp_path / "ray"))
-    assert sorted(r["outcome"] for r in result.stages[0].rows) == ["error", "finished"]
+    outcomes = sorted(r["outcome"] for r in result.stages[0].rows)
+    assert outcomes == ["diverged", "error", "finished"]
     _, _, children = mlflow_runs(uri, "fail")
-    failed = [r for r in children if r.info.status == "FAILED"]
-    assert len(failed) == 1 and failed[0].data.tags["ttt.outcome"] == "error"
-    assert failed[0].data.tags.get("ttt.retries") == "1"
-    assert "no such dataset directory" in failed[0].data.tags.get("ttt.message", "")
+    by = {r.data.tags["ttt.outcome"]: r for r in children}
+    assert by["error"].info.status == "FAILED" and by["error"].data.tags["ttt.retries"] == "1"
+    assert "no such dataset directory" in by["error"].data.tags["ttt.message"]
+    # divergence is a result, not an infrastructure failure: no retry
+    assert by["diverged"].info.status == "FAILED"
+    assert "ttt.retries" not in by["diverged"].data.tags
+    assert by["diverged"].data.tags["ttt.message"] == "diverged at step 1"
+    assert by["finished"].info.status == "FINISHED"
 
 
 def test_killed_driver_resumes_without_duplicates(tmp_path, corpus):

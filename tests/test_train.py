@@ -54,6 +54,10 @@ def test_resume_continues_exactly(train_cfg, tmp_path):
         for d in (tmp_path / "whole", tmp_path / "part")
     ]
     assert pos[0] == pos[1] == 8 * cfg.data.batch_size
+    # keep_checkpoints=2: of steps 3, 6 and 8 only the last two stay
+    assert sorted(
+        p.name for p in (tmp_path / "whole" / "checkpoints").iterdir() if p.name.isdigit()
+    ) == ["6", "8"]
     assert resumed.eval_loss == pytest.approx(whole.eval_loss, abs=1e-6)
     # a finished run run again does nothing and reports the same
     again = run(cfg, tmp_path / "part", progress=False)
@@ -183,3 +187,50 @@ def test_two_devices_match_one(train_cfg, tmp_path):
     one, two = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(one) == len(two) == 5
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
+
+
+def test_schedules():
+    from ttt.config import load_config
+    from ttt.train.optim import inner_lr, outer_lr
+
+    cfg = load_config(
+        "pico",
+        [
+            "train.steps=100",
+            "train.lr=1e-3",
+            "train.min_lr=1e-5",
+            "train.warmup=0.1",
+            "ttt.inner_lr=1.0",
+            "ttt.inner_lr_init=0.1",
+            "ttt.inner_lr_warmup=0.2",
+        ],
+    )
+    lr = [float(outer_lr(hyper(cfg, s))) for s in range(100)]
+    eta = [float(inner_lr(hyper(cfg, s))) for s in range(100)]
+    np.testing.assert_allclose(lr[0], 1e-4, rtol=1e-5)  # warm-up: (step + 1) / 10 of peak
+    np.testing.assert_allclose(lr[9], 1e-3, rtol=1e-5)
+    np.testing.assert_allclose(lr[10], 1e-3, rtol=1e-5)  # cosine starts at the peak
+    np.testing.assert_allclose(lr[55], 1e-5 + 0.5 * (1e-3 - 1e-5), rtol=1e-4)  # half-way
+    assert lr[99] < 1.1e-5 and all(a >= b for a, b in zip(lr[10:], lr[11:], strict=False))
+    np.testing.assert_allclose(eta[0], 0.1, rtol=1e-6)
+    np.testing.assert_allclose(eta[10], 0.1 + 0.5 * 0.9, rtol=1e-6)
+    np.testing.assert_allclose(eta[20:], 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "variant", ["train.grad_accum=2", "model.remat=block", "model.remat=inner"]
+)
+def test_grad_accum_and_remat_leave_the_step_unchanged(train_cfg, variant):
+    losses_by = {}
+    for extra in ([], [variant]):
+        cfg = train_cfg(*extra)
+        graphdef, params = nnx.split(create_model(cfg.model))
+        step = make_train_step(cfg, graphdef)
+        opt_state = init_opt_state(cfg, params)
+        batch = random_batch(jax.random.key(1), 4, cfg.data.seq_len)
+        out = []
+        for i in range(3):
+            params, opt_state, m = step(params, opt_state, batch, hyper(cfg, i))
+            out.append(float(m["loss"]))
+        losses_by[bool(extra)] = out
+    np.testing.assert_allclose(losses_by[True], losses_by[False], rtol=2e-5, atol=2e-5)

@@ -57,9 +57,19 @@ def trial_main(config: dict, spec: SweepSpec) -> None:
         overrides["train.init_from"] = config["init_from"]
     cfg = spec.config(config["point"], overrides, stage)
     node_id = ray.get_runtime_context().get_node_id()
-    run_dir = Path(tune.get_context().get_trial_dir()) / "run"
+    # Node-local scratch, outside Tune's trial folder (which Tune syncs to storage as
+    # driver artifacts): Tune's checkpoints are what persists.
+    ctx = tune.get_context()
+    run_dir = (
+        Path(tempfile.gettempdir())
+        / "ttt-trials"
+        / ctx.get_experiment_name()
+        / ctx.get_trial_id()
+        / "run"
+    )
     if run_dir.exists():
         shutil.rmtree(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -79,16 +89,19 @@ def trial_main(config: dict, spec: SweepSpec) -> None:
             finally:
                 shutil.rmtree(stage_dir, ignore_errors=True)
 
-    if (run_dir / FINAL).exists():
-        tune.report(json.loads((run_dir / FINAL).read_text()))
-        return
-    result = run(cfg, run_dir, reporter=TuneReporter(), progress=False)
-    if result.status == "diverged":
-        tune.report(
-            {
-                "outcome": "diverged",
-                "step": result.step,
-                "message": result.message,
-                "node_id": node_id,
-            }
-        )
+    try:
+        if (run_dir / FINAL).exists():
+            tune.report(json.loads((run_dir / FINAL).read_text()))
+            return
+        result = run(cfg, run_dir, reporter=TuneReporter(), progress=False)
+        if result.status == "diverged":
+            tune.report(
+                {
+                    "outcome": "diverged",
+                    "step": result.step,
+                    "message": result.message,
+                    "node_id": node_id,
+                }
+            )
+    finally:
+        shutil.rmtree(run_dir.parent, ignore_errors=True)

@@ -19,7 +19,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from ttt.cli import bench_cmd, config_cmd, plots_cmd, sweep_cmd, train_cmd
+    from ttt.cli import bench_cmd, config_cmd, plots_cmd, sweep_cmd, tracking_cmd, train_cmd
 
     app.add_typer(config_cmd.app, name="config")
     app.add_typer(train_cmd.data_app, name="data")
@@ -28,6 +28,7 @@ def _register() -> None:
     app.add_typer(sweep_cmd.app, name="sweep")
     app.command("ui")(sweep_cmd.ui)
     app.command("plots")(plots_cmd.plots)
+    app.add_typer(tracking_cmd.app, name="tracking")
     app.add_typer(bench_cmd.app, name="bench")
 
 

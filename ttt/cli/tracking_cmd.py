@@ -1,0 +1,74 @@
+"""`ttt tracking serve`: an MLflow tracking server for sweeps that span several nodes."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="MLflow tracking server for multi-node sweeps.", no_args_is_help=True)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_args(
+    host: str, port: int, backend_store_uri: str, artifacts_destination: str
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend_store_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        artifacts_destination,
+    ]
+
+
+@app.command("serve")
+def serve(
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Interface to bind (loopback by default)."
+    ),
+    port: int = typer.Option(5000, "--port"),
+    backend_store_uri: str = typer.Option(
+        None, "--backend-store-uri", help="Default sqlite:///./mlflow.db."
+    ),
+    artifacts_destination: str = typer.Option(
+        None, "--artifacts-destination", help="Default ./mlartifacts (or s3://..., gs://...)."
+    ),
+) -> None:
+    """Serve tracking and artifacts; point sweeps at it with --tracking-uri http://HOST:PORT."""
+    from sweeps.tracking import default_tracking_uri
+
+    backend = backend_store_uri or default_tracking_uri()
+    artifacts = artifacts_destination or str(Path("mlartifacts").absolute())
+    if not is_loopback(host):
+        typer.echo(
+            f"warning: binding {host}: an MLflow server has no authentication, anyone who "
+            "can reach this port can read and change every run. Keep it on a private "
+            "network, or behind an authenticating proxy.",
+            err=True,
+        )
+    typer.echo(
+        f"MLflow tracking server on http://{host}:{port} (store {backend}, artifacts {artifacts})"
+    )
+    typer.echo(f"  sweeps: ttt sweep run SPEC --tracking-uri http://{host}:{port}")
+    args = server_args(host, port, backend, artifacts)
+    os.execv(args[0], args)

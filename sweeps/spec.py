@@ -311,7 +311,14 @@ def load_spec(path: str | Path) -> SweepSpec:
             )
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
             raise _err(path, f"resources.{k}", f"expected a number >= 0, got {v!r}")
-    gpu = float(resources.get("gpu", 0))
+    if resources.get("nodes", 1) != 1:
+        raise _err(
+            path,
+            "resources.nodes",
+            f"{resources['nodes']}: trials spanning several "
+            "nodes are not supported yet; use nodes: 1 (a trial uses one node's GPUs)",
+        )
+    gpu = float(resources.get("gpu", resources.get("gpus_per_node", 0)))
     if gpu > 1 and gpu != int(gpu):
         raise _err(path, "resources.gpu", f"{gpu}: fractions are for sharing one GPU (< 1)")
 

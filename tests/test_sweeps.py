@@ -291,6 +291,7 @@ BAD_SPECS = [
     ({"name": "x", "scheduler": "hyperband"}, "scheduler"),
     ({"name": "x", "resources": {"tpu": 1}}, "resources.tpu"),
     ({"search": {}}, "name"),
+    ({"name": "x", "resources": {"nodes": 2, "gpus_per_node": 8}}, "resources.nodes"),
 ]
 
 

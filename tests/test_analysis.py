@@ -196,3 +196,40 @@ def test_notebooks_execute(tmp_path, name, monkeypatch):
             if "image/png" in o.get("data", {})
         ]
         assert len(images) >= 3
+
+
+def test_bench_rows_feed_the_latency_figure(tmp_path, capsys):
+    for seq_len in (32, 64):
+        with pytest.raises(SystemExit) as exc:
+            main(
+                [
+                    "bench",
+                    "prefill",
+                    "pico",
+                    f"data.seq_len={seq_len}",
+                    "ttt.chunk=16",
+                    "data.batch_size=2",
+                    "--steps",
+                    "1",
+                    "--warmup",
+                    "0",
+                    "--tracking-uri",
+                    uri(tmp_path),
+                ]
+            )
+        assert exc.value.code == 0
+    assert "logged 3 rows" in capsys.readouterr().out
+    written, missing = build_all(
+        uri(tmp_path), tmp_path / "figs", only=["fig1_prefill_latency", "fig8_train_latency"]
+    )
+    assert "fig8_train_latency" in missing
+    table = pl.read_parquet(written["fig1_prefill_latency"][-1])
+    assert sorted(table["method"].unique()) == ["full", "swa", "ttt_e2e"]
+    assert sorted(table["seq_len"].unique()) == [32, 64]
+    bench = runs(uri(tmp_path), role="bench")
+    row = bench.filter((pl.col("mixer") == "swa") & (pl.col("seq_len") == 64)).row(0, named=True)
+    got = table.filter((pl.col("method") == "swa") & (pl.col("seq_len") == 64))["mean"][0]
+    assert got == pytest.approx(row["step_s"] / (64 * 2 / 1024))  # seconds per 1K tokens
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "train", "pico", "--mixers", "mamba"])
+    assert exc.value.code == 2 and "mamba" in capsys.readouterr().err

@@ -59,30 +59,31 @@ _URI = typer.Option(
 )
 
 
-@app.command("train")
-def train(
-    args: list[str] = _ARGS,
-    mixers: str = _MIXERS,
-    steps: int = _STEPS,
-    warmup: int = _WARMUP,
-    out: Path = _OUT,
-    tracking_uri: str = _URI,
-) -> None:
-    """Time the full training step (outer gradient, through the inner loop with meta)."""
-    _run("train", args, mixers, steps, warmup, out, tracking_uri)
+def _timing_command(mode: str, doc: str):
+    def command(
+        args: list[str] = _ARGS,
+        mixers: str = _MIXERS,
+        steps: int = _STEPS,
+        warmup: int = _WARMUP,
+        out: Path = _OUT,
+        tracking_uri: str = _URI,
+    ) -> None:
+        _run(mode, args, mixers, steps, warmup, out, tracking_uri)
+
+    command.__doc__ = doc
+    return command
 
 
-@app.command("prefill")
-def prefill(
-    args: list[str] = _ARGS,
-    mixers: str = _MIXERS,
-    steps: int = _STEPS,
-    warmup: int = _WARMUP,
-    out: Path = _OUT,
-    tracking_uri: str = _URI,
-) -> None:
-    """Time the loss over a sequence with the inner loop and no outer gradient."""
-    _run("prefill", args, mixers, steps, warmup, out, tracking_uri)
+app.command("train")(
+    _timing_command(
+        "train", "Time the full training step (outer gradient, through the inner loop with meta)."
+    )
+)
+app.command("prefill")(
+    _timing_command(
+        "prefill", "Time the loss over a sequence with the inner loop and no outer gradient."
+    )
+)
 
 
 @app.command("cache")

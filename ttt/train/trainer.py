@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import yaml
 from flax import nnx
 
 from ttt import compile_cache
@@ -73,7 +74,7 @@ def _check_run_dir(out: Path, cfg: Config) -> None:
     saved = out / "config.yaml"
     if not saved.exists():
         return
-    old = load_config(__import__("yaml").safe_load(saved.read_text())).flat()
+    old = load_config(yaml.safe_load(saved.read_text())).flat()
     diff = [k for k, v in cfg.flat().items() if old.get(k) != v]
     if diff:
         k = diff[0]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -234,3 +235,62 @@ def test_grad_accum_and_remat_leave_the_step_unchanged(train_cfg, variant):
             out.append(float(m["loss"]))
         losses_by[bool(extra)] = out
     np.testing.assert_allclose(losses_by[True], losses_by[False], rtol=2e-5, atol=2e-5)
+
+
+def test_two_processes_match_one(train_cfg, tmp_path):
+    """One run made of 2 JAX processes (joined with jax.distributed, CPU collectives)
+    follows the same loss trajectory as one process with the same global batch."""
+    cfg = train_cfg()
+    args = [
+        "pico",
+        f"data.source={cfg.data.source}",
+        "data.seq_len=64",
+        "ttt.chunk=16",
+        "model.window=24",
+        "data.batch_size=4",
+        "train.steps=5",
+        "train.log_every=1",
+        "train.eval_batches=1",
+        "-q",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "ttt.cli", "train", *args]
+    procs = [
+        subprocess.Popen(
+            [
+                *cmd,
+                "--out",
+                str(tmp_path / "multi"),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    single = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "single")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert single.returncode == 0, single.stderr[-2000:]
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "multi")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=0, atol=1e-5)
+    info = json.loads((tmp_path / "multi" / "run.json").read_text())
+    assert info["devices"] == 2 and info["status"] == "finished"

@@ -40,6 +40,11 @@ def train(
         None, "--out", help="Run directory (default runs/<preset>-<mixer>-<time>)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    coordinator: str = typer.Option(
+        None, "--coordinator", help="HOST:PORT of process 0, for a multi-process run."
+    ),
+    num_processes: int = typer.Option(1, "--num-processes"),
+    process_id: int = typer.Option(0, "--process-id"),
 ) -> None:
     """Train a model; running again with the same --out resumes from its last checkpoint."""
     from ttt.config import load_config
@@ -47,6 +52,10 @@ def train(
 
     source, overrides = split_source(args)
     cfg = load_config(source, overrides)
+    if coordinator:
+        from ttt.train.distributed import initialize
+
+        initialize(coordinator, num_processes, process_id)
     out = out or default_out(cfg)
     result = run(cfg, out, progress=not quiet)
     if result.status == "diverged":

@@ -43,6 +43,10 @@ def evaluate(eval_step, params, loader: Loader, max_batches: int, eta: float, pu
     for i in range(batches):
         inputs, targets, mask = loader.batch_at(i * loader.batch_size)
         nll, _ = eval_step(params, put((inputs, targets, mask)), jnp.float32(eta))
+        if jax.process_count() > 1:  # rows live on other processes' devices
+            from jax.experimental import multihost_utils
+
+            nll = multihost_utils.process_allgather(nll, tiled=True)
         nll = np.asarray(jax.device_get(nll), np.float64)
         total += (nll * mask).sum(0)
         count += mask.sum(0)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import yaml
 from flax import nnx
 
@@ -17,7 +16,7 @@ from ttt.errors import UserError
 from ttt.model import create_model
 from ttt.train.checkpoint import load_params
 from ttt.train.evaluate import EvalResult, evaluate
-from ttt.train.step import batch_sharding, data_mesh, make_eval_step, replicated
+from ttt.train.step import batch_putter, data_mesh, make_eval_step, replicated
 
 
 def evaluate_run(
@@ -33,7 +32,6 @@ def evaluate_run(
     params, step = load_params(run_dir, params, key="RUN_DIR")
     mesh = data_mesh()
     params = jax.device_put(params, replicated(mesh))
-    shard = batch_sharding(mesh)
     val = Loader(
         open_split(cfg.data.source, "val", cfg.data.cache_dir),
         cfg.data.seq_len,
@@ -41,7 +39,7 @@ def evaluate_run(
         shuffle=False,
         name="--seq-len",
     )
-    put = lambda b: jax.device_put(tuple(jnp.asarray(x) for x in b), shard)  # noqa: E731
+    put = batch_putter(mesh)
     result = evaluate(
         make_eval_step(cfg, graphdef),
         params,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -17,7 +18,8 @@ from ttt.train.optim import Hyper, inner_lr, optimizer, outer_lr
 
 
 def data_mesh(devices=None) -> jax.sharding.Mesh:
-    devices = devices if devices is not None else jax.local_devices()
+    """All devices of all processes (a multi-host run joins them with jax.distributed)."""
+    devices = devices if devices is not None else jax.devices()
     return jax.make_mesh(
         (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
     )
@@ -29,6 +31,26 @@ def batch_sharding(mesh) -> NamedSharding:
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_putter(mesh):
+    """Host batch -> global arrays sharded over `data`. Every process reads the same
+    global batch (same seed, same position) and contributes its own rows."""
+    shard = batch_sharding(mesh)
+    nproc, pid = jax.process_count(), jax.process_index()
+
+    def put(batch):
+        if nproc == 1:
+            return jax.device_put(tuple(jnp.asarray(x) for x in batch), shard)
+        rows = batch[0].shape[0] // nproc
+        return tuple(
+            jax.make_array_from_process_local_data(
+                shard, np.asarray(x[pid * rows : (pid + 1) * rows]), x.shape
+            )
+            for x in batch
+        )
+
+    return put
 
 
 def uses_inner_loop(cfg: Config, training: bool) -> bool:

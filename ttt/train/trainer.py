@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import yaml
 from flax import nnx
 
@@ -28,7 +27,7 @@ from ttt.train.evaluate import EvalResult, evaluate
 from ttt.train.flops import flops_per_token, peak_flops
 from ttt.train.optim import hyper
 from ttt.train.step import (
-    batch_sharding,
+    batch_putter,
     data_mesh,
     init_opt_state,
     make_eval_step,
@@ -85,7 +84,10 @@ def _check_run_dir(out: Path, cfg: Config) -> None:
 
 
 class _Log:
-    def __init__(self, path: Path, keep_until: int):
+    def __init__(self, path: Path, keep_until: int, enabled: bool = True):
+        self.file = None
+        if not enabled:
+            return
         # On resume, drop lines past the checkpoint so each step is recorded once.
         lines = path.read_text().splitlines() if path.exists() else []
         kept = [ln for ln in lines if ln and json.loads(ln).get("step", 0) <= keep_until]
@@ -93,8 +95,13 @@ class _Log:
         self.file = path.open("a")
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def run(
@@ -131,8 +138,13 @@ def run(
     val = Loader(val_split, cfg.data.seq_len, cfg.data.batch_size, shuffle=False)
 
     _check_run_dir(out, cfg)
+    # In a multi-process run every process trains; process 0 alone writes files and reports.
+    lead = jax.process_index() == 0
+    if not lead:
+        reporter = Reporter()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    if lead:
+        (out / "config.yaml").write_text(cfg.to_yaml())
 
     graphdef, params = nnx.split(create_model(cfg.model, seed=tr.seed))
     opt_state = init_opt_state(cfg, params)
@@ -145,8 +157,7 @@ def run(
         params, _ = load_params(tr.init_from, params)
     params = jax.device_put(params, replicated(mesh))
     opt_state = jax.device_put(opt_state, replicated(mesh))
-    shard = batch_sharding(mesh)
-    put = lambda b: jax.device_put(tuple(jnp.asarray(x) for x in b), shard)  # noqa: E731
+    put = batch_putter(mesh)
 
     previous = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
     run_info = {
@@ -157,8 +168,9 @@ def run(
         "devices": n_dev,
         "device_kind": mesh.devices.flat[0].device_kind,
     }
-    (out / "run.json").write_text(json.dumps(run_info, indent=2))
-    log = _Log(out / "metrics.jsonl", start)
+    if lead:
+        (out / "run.json").write_text(json.dumps(run_info, indent=2))
+    log = _Log(out / "metrics.jsonl", start, enabled=lead)
     train_step = make_train_step(cfg, graphdef)
     eval_step = make_eval_step(cfg, graphdef)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -170,7 +182,8 @@ def run(
     def do_eval(step: int) -> EvalResult:
         result = evaluate(eval_step, params, val, tr.eval_batches, cfg.ttt.inner_lr, put)
         log.write({"step": step, "eval_loss": result.loss})
-        result.write_parquet(out / "eval" / "nll_by_position.parquet")
+        if lead:
+            result.write_parquet(out / "eval" / "nll_by_position.parquet")
         reporter.evaluation(step, result)
         return result
 
@@ -251,6 +264,7 @@ def run(
             status=result.status, step=step, loss=result.loss, eval_loss=result.eval_loss
         )
     ckpt.close()
-    log.file.close()
-    (out / "run.json").write_text(json.dumps(run_info, indent=2))
+    log.close()
+    if lead:
+        (out / "run.json").write_text(json.dumps(run_info, indent=2))
     return result

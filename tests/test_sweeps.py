@@ -65,6 +65,73 @@ def _token() -> str:
     return (Path.home() / ".ray" / "auth_token").read_text().strip()
 
 
+# Runs before the module's shared cluster starts: the driver here starts its own.
+def test_killed_driver_resumes_without_duplicates(tmp_path, corpus):
+    spec = write_spec(
+        tmp_path / "resume.yaml",
+        corpus,
+        name="resume",
+        max_concurrent=1,
+        search={"model.mixer": "swa", "train.lr": {"grid": [3e-3, 2e-3, 1e-3]}},
+        stop={"steps": 12},
+        checkpoint_every=3,
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "ttt.cli",
+        "sweep",
+        "run",
+        str(spec),
+        "--tracking-uri",
+        uri,
+        "--storage-path",
+        str(tmp_path / "ray"),
+    ]
+    env = {**os.environ, "TTT_TUNE_VERBOSE": "0"}
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, start_new_session=True, stdout=log, stderr=log
+    )
+    finished_before = None
+    deadline = time.time() + 480
+    while time.time() < deadline:  # kill once one trial finished and another is under way
+        time.sleep(1)
+        if not (tmp_path / "mlflow.db").exists():
+            continue
+        try:
+            _, _, children = mlflow_runs(uri, "resume")
+        except Exception:
+            continue
+        done = [r for r in children if r.info.status == "FINISHED"]
+        if done and len(children) >= 2:
+            finished_before = {r.info.run_id: r.info.end_time for r in done}
+            break
+    assert finished_before, (tmp_path / "driver.log").read_text()[-3000:]
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+    again = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=True,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    c, parents, children = mlflow_runs(uri, "resume")
+    assert len(parents) == 1 and len(children) == 3  # no duplicate child runs
+    for run in children:
+        assert run.info.status == "FINISHED", run.data.tags
+        steps = [m.step for m in c.get_metric_history(run.info.run_id, "loss")]
+        assert sorted(steps) == list(range(1, 13)), steps  # each step logged once
+        if run.info.run_id in finished_before:  # not re-run
+            assert run.info.end_time == finished_before[run.info.run_id]
+
+
 def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster, capsys):
     from sweeps.driver import run_sweep
 
@@ -210,76 +277,6 @@ def test_failing_and_diverging_trials(tmp_path, corpus, ray_cluster):
     assert "ttt.retries" not in by["diverged"].data.tags
     assert by["diverged"].data.tags["ttt.message"] == "diverged at step 1"
     assert by["finished"].info.status == "FINISHED"
-
-
-def test_killed_driver_resumes_without_duplicates(tmp_path, corpus):
-    spec = write_spec(
-        tmp_path / "resume.yaml",
-        corpus,
-        name="resume",
-        max_concurrent=1,
-        search={"model.mixer": "swa", "train.lr": {"grid": [3e-3, 2e-3, 1e-3]}},
-        stop={"steps": 12},
-        checkpoint_every=3,
-    )
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "ttt.cli",
-        "sweep",
-        "run",
-        str(spec),
-        "--tracking-uri",
-        uri,
-        "--storage-path",
-        str(tmp_path / "ray"),
-    ]
-    env = {**os.environ, "TTT_TUNE_VERBOSE": "0"}
-    driver = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    finished_before = None
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill once one trial finished and another is under way
-        time.sleep(1)
-        if not (tmp_path / "mlflow.db").exists():
-            continue
-        try:
-            _, _, children = mlflow_runs(uri, "resume")
-        except Exception:
-            continue
-        done = [r for r in children if r.info.status == "FINISHED"]
-        if done and len(children) >= 2:
-            finished_before = {r.info.run_id: r.info.end_time for r in done}
-            break
-    assert finished_before, "no trial finished in time"
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-
-    again = subprocess.run(
-        cmd,
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        start_new_session=True,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    c, parents, children = mlflow_runs(uri, "resume")
-    assert len(parents) == 1 and len(children) == 3  # no duplicate child runs
-    for run in children:
-        assert run.info.status == "FINISHED", run.data.tags
-        steps = [m.step for m in c.get_metric_history(run.info.run_id, "loss")]
-        assert sorted(steps) == list(range(1, 13)), steps  # each step logged once
-        if run.info.run_id in finished_before:  # not re-run
-            assert run.info.end_time == finished_before[run.info.run_id]
 
 
 BAD_SPECS = [

@@ -61,6 +61,7 @@ BAD = [
     (["pico", "model.mixer=mamba"], "model.mixer='mamba'"),
     (["pico", "model.window=abc"], "model.window='abc'"),
     (["pico", "data.seq_len"], "data.seq_len"),
+    (["pico", "model.attention=flash"], "model.attention='flash'"),
 ]
 
 

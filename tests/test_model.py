@@ -9,7 +9,7 @@ from flax import nnx
 
 from ttt.model import create_model, loss_fn
 from ttt.model.layers import Attention
-from ttt.model.loop import carry_window, plain_nll, token_nll
+from ttt.model.loop import carry_window, hidden_nll, plain_hidden, token_nll
 
 
 @pytest.mark.parametrize("window,chunk", [(24, 16), (16, 16), (8, 16), (40, 8)])
@@ -94,8 +94,55 @@ def test_token_nll_matches_log_softmax():
     np.testing.assert_allclose(token_nll(logits, targets), expected, rtol=1e-6)
 
 
-def test_plain_nll_shapes(pico):
+def test_plain_hidden_shapes(pico):
     cfg = pico()
     model = create_model(cfg.model)
-    logits = plain_nll(model, jnp.zeros((2, 64), jnp.int32))
-    assert logits.shape == (2, 64, cfg.model.vocab_size)
+    hidden = plain_hidden(model, jnp.zeros((2, 64), jnp.int32))
+    assert hidden.shape == (2, 64, cfg.model.width)
+    assert model.logits(hidden).shape == (2, 64, cfg.model.vocab_size)
+
+
+@pytest.mark.parametrize("block", [10**9, 258 * 32, 258 * 20])
+def test_blocked_nll_equals_whole_logits_with_gradients(pico, block):
+    """Blocked, recomputed logits give the same NLL and the same gradients (1, 4 and 8
+    blocks of positions; 20 tokens' worth rounds up to a divisor of T)."""
+    model = create_model(pico().model)
+    graphdef, params = nnx.split(model)
+    x = jax.random.normal(jax.random.key(0), (2, 64, model.cfg.width))
+    targets = jax.random.randint(jax.random.key(1), (2, 64), 0, model.cfg.vocab_size)
+
+    def total(p, x, fn):
+        m = nnx.merge(graphdef, p)
+        return jnp.sum(fn(m, x) * jnp.linspace(0.5, 1.5, 64))
+
+    whole = lambda m, x: token_nll(m.logits(x), targets)  # noqa: E731
+    blocked = lambda m, x: hidden_nll(m, x, targets, block=block)  # noqa: E731
+    np.testing.assert_allclose(blocked(model, x), whole(model, x), rtol=1e-6, atol=1e-6)
+    g_whole = jax.grad(total, argnums=(0, 1))(params, x, whole)
+    g_blocked = jax.grad(total, argnums=(0, 1))(params, x, blocked)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_whole, g_blocked
+    )
+
+
+@pytest.mark.parametrize("window", [None, 1, 8, 64])
+def test_sequence_attention_kernels_agree(window):
+    """jax.nn.dot_product_attention's XLA path with our (window - 1, 0) local window gives
+    the dense masked softmax; the cuDNN kernel takes the same arguments (GPU check)."""
+    from ttt.model.layers import attend_sequence
+
+    q, k, v = jax.random.normal(jax.random.key(2), (3, 2, 48, 4, 8))
+    dense = attend_sequence(q, k, v, window, "dense")
+    xla = attend_sequence(q, k, v, window, "xla")
+    np.testing.assert_allclose(xla, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_attention_off_the_gpu_is_one_line(capsys):
+    from ttt.cli.app import main
+
+    args = ["bench", "prefill", "pico", "model.attention=cudnn", "--mixers", "full", "--steps", "1"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: model.attention='cudnn': needs a GPU")

@@ -34,6 +34,7 @@ class BenchRow:
     peak_mem_gb: float | None
     device: str
     remat: str
+    attention: str = "auto"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -45,10 +46,20 @@ def _random_batch(cfg: Config, seed: int = 0):
     return tokens[:, :-1], tokens[:, 1:], jnp.ones((b, t), bool)
 
 
-def _peak_mem_gb() -> float | None:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return None if peak is None else peak / 2**30
+def _peak_mem_gb(compiled) -> float | None:
+    """The compiled step's own peak device memory (XLA's buffer assignment: arguments,
+    outputs and temporaries). Unlike the allocator's `peak_bytes_in_use`, which only ever
+    grows within a process, it belongs to this row alone."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    peak = getattr(m, "peak_memory_in_bytes", 0) or (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
+    return peak / 2**30
 
 
 def bench_one(cfg: Config, mode: str, steps: int = 5, warmup: int = 1) -> BenchRow:
@@ -102,9 +113,10 @@ def bench_one(cfg: Config, mode: str, steps: int = 5, warmup: int = 1) -> BenchR
         tokens_per_s=tokens / med,
         compile_s=compile_s,
         mfu=None if peak is None else flops * tokens / med / (peak * n_dev),
-        peak_mem_gb=_peak_mem_gb(),
+        peak_mem_gb=_peak_mem_gb(compiled),
         device=device.device_kind,
         remat=cfg.model.remat,
+        attention=cfg.model.attention,
     )
 
 
@@ -118,6 +130,9 @@ def format_table(rows: list[BenchRow]) -> str:
     for r in rows:
         ref = base.get((r.mode, r.preset, r.seq_len))
         ratio = f"{r.step_s / ref:.2f}x full" if ref else ""
+        variant = [f"remat={r.remat}"] * (r.remat != "none")
+        variant += [f"attention={r.attention}"] * (r.attention != "auto")
+        ratio = " ".join([ratio, *variant])
         mfu = "-" if r.mfu is None else f"{100 * r.mfu:.1f}%"
         mem = "-" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.2f}"
         lines.append(

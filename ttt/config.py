@@ -19,6 +19,7 @@ from ttt.errors import UserError
 MIXERS = ("full", "swa", "ttt_e2e")
 DTYPES = ("auto", "float32", "bfloat16", "float64")
 REMAT = ("none", "block", "inner")
+ATTENTION = ("auto", "dense", "xla", "cudnn")
 
 
 class ConfigError(UserError, ValueError):
@@ -39,6 +40,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
     remat: str = "none"  # none | block (recompute each block) | inner (recompute each inner step)
+    # Kernel for whole-sequence attention (first-order paths only; the inner loop's
+    # chunks always use the dense form): auto = cudnn on GPU in bf16, else dense.
+    attention: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -336,6 +340,12 @@ def validate(cfg: Config) -> None:
         f"allowed are {', '.join(DTYPES)}",
     )
     _need(m.remat in REMAT, "model.remat", m.remat, f"allowed are {', '.join(REMAT)}")
+    _need(
+        m.attention in ATTENTION,
+        "model.attention",
+        m.attention,
+        f"allowed are {', '.join(ATTENTION)}",
+    )
 
     _need(t.chunk >= 1, "ttt.chunk", t.chunk, "must be a positive integer")
     _need(t.inner_lr >= 0, "ttt.inner_lr", t.inner_lr, "must be >= 0")

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt.config import ModelConfig
+from ttt.config import ConfigError, ModelConfig
 
 ROPE_THETA = 500_000.0
 NORM_EPS = 1e-6
@@ -77,10 +77,47 @@ def attend(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
     return jnp.einsum("...hts,...shd->...thd", probs, v)
 
 
+def attention_kernel(choice: str, q: jax.Array) -> str:
+    """The kernel for a whole-sequence attention: `dense`, `xla` or `cudnn`.
+
+    `auto` picks cuDNN's flash attention where it applies (GPU, bf16/fp16, head_dim a
+    multiple of 8 up to 128): it never builds the (T x T) score matrix. It is used on
+    first-order paths only, since its backward pass cannot itself be differentiated; the
+    inner loop's chunks always go through `attend`.
+    """
+    gpu = jax.default_backend() == "gpu"
+    if choice == "auto":
+        fits = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
+        return "cudnn" if gpu and fits and q.shape[-1] <= 128 else "dense"
+    if choice == "cudnn" and not gpu:
+        raise ConfigError("model.attention='cudnn': needs a GPU; allowed here are auto, dense, xla")
+    return choice
+
+
+def attend_sequence(q, k, v, window: int | None, kernel: str) -> jax.Array:
+    """Causal (window None) or sliding-window self-attention of a whole sequence.
+    q, k, v: (..., T, H, D), positions 0..T-1."""
+    if kernel == "dense":
+        pos = jnp.arange(q.shape[-3])
+        return attend(q, k, v, pos, pos, window)
+    flat = lambda t: t.reshape(-1, *t.shape[-3:])  # noqa: E731
+    out = jax.nn.dot_product_attention(
+        flat(q),
+        flat(k),
+        flat(v),
+        is_causal=True,
+        # (left, right): key j is seen iff i - left <= j <= i + right, so j > i - window.
+        local_window_size=None if window is None else (window - 1, 0),
+        implementation=kernel,
+    )
+    return out.reshape(q.shape)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d, h = cfg.width, cfg.heads
         self.heads, self.head_dim = h, d // h
+        self.kernel = cfg.attention
         self.wq = nnx.Param(_normal(rngs, (d, d), dtype))
         self.wk = nnx.Param(_normal(rngs, (d, d), dtype))
         self.wv = nnx.Param(_normal(rngs, (d, d), dtype))
@@ -101,14 +138,14 @@ class Attention(nnx.Module):
         v = split(x @ self.wv[...].astype(dt))
         q = rope(self.q_norm(q), positions)
         k = rope(self.k_norm(k), positions)
-        if cache is None:
-            k_all, v_all, k_pos = k, v, positions
+        if cache is None:  # the whole sequence at positions 0..T-1
+            out = attend_sequence(q, k, v, window, attention_kernel(self.kernel, q))
         else:
             ck, cv, cpos = cache
             k_all = jnp.concatenate([ck, k], axis=-3)
             v_all = jnp.concatenate([cv, v], axis=-3)
             k_pos = jnp.concatenate([cpos, positions])
-        out = attend(q, k_all, v_all, positions, k_pos, window)
+            out = attend(q, k_all, v_all, positions, k_pos, window)
         out = out.reshape(*out.shape[:-2], -1) @ self.wo[...].astype(dt)
         return out, (k, v)
 

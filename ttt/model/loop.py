@@ -14,6 +14,8 @@ Each suffix attention layer carries the normed, rotated keys and values of the l
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -28,6 +30,31 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+# Largest (tokens x vocab) logits block computed at once. With the paper's 128K
+# vocabulary the logits of 8 x 8K tokens are 32 GB in fp32; blocks of 2^27 entries are
+# 0.5 GB and still large enough to keep the unembedding matmul efficient.
+LOGITS_BLOCK = 2**27
+
+
+def hidden_nll(model: TTTModel, x: jax.Array, targets: jax.Array, block=LOGITS_BLOCK):
+    """`token_nll(model.logits(x), targets)` without keeping the logits.
+
+    x: (..., T, d). Positions are cut into as few equal blocks as keep each block's logits
+    under `block` entries; each block's logits are recomputed in the backward pass
+    (`jax.checkpoint`) rather than stored, so memory holds one block at a time.
+    """
+    nll_of = jax.checkpoint(lambda xb, tb: token_nll(model.logits(xb), tb))
+    seq_len = x.shape[-2]
+    need = -(-math.prod(x.shape[:-1]) * model.cfg.vocab_size // block)
+    n = next(n for n in range(max(need, 1), seq_len + 1) if seq_len % n == 0)
+    if n == 1:
+        return nll_of(x, targets)
+    xb = jnp.moveaxis(x.reshape(*x.shape[:-2], n, seq_len // n, x.shape[-1]), -3, 0)
+    tb = jnp.moveaxis(targets.reshape(*targets.shape[:-1], n, seq_len // n), -2, 0)
+    nll = jax.lax.map(lambda a: nll_of(*a), (xb, tb))
+    return jnp.moveaxis(nll, 0, -2).reshape(targets.shape)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -55,14 +82,14 @@ def carry_window(cache: jax.Array, new: jax.Array, axis: int) -> jax.Array:
     return jax.lax.slice_in_dim(both, both.shape[axis] - keep, both.shape[axis], axis=axis)
 
 
-def plain_nll(model: TTTModel, inputs: jax.Array, remat: bool = False) -> jax.Array:
-    """Logits of the whole network over whole sequences, no inner updates: `full`, `swa`,
-    and `ttt_e2e` trained with `meta: false` or evaluated with its initial weights."""
+def plain_hidden(model: TTTModel, inputs: jax.Array, remat: bool = False) -> jax.Array:
+    """Last hidden states (before the final norm) over whole sequences, no inner updates:
+    `full`, `swa`, and `ttt_e2e` trained with `meta: false` or evaluated with its
+    initial weights."""
     positions = jnp.arange(inputs.shape[-1])
     x = model.embed_tokens(inputs)
     x = scan_blocks(model.prefix, x, positions, model.window, remat)
-    x = scan_blocks(model.suffix, x, positions, model.window, remat)
-    return model.logits(x)
+    return scan_blocks(model.suffix, x, positions, model.window, remat)
 
 
 def inner_loop_nll(
@@ -98,7 +125,7 @@ def inner_loop_nll(
         if remat == "block":
             layer = jax.checkpoint(layer)
         x, (k_new, v_new) = jax.lax.scan(layer, h_c, (fast, slow, ck, cv))
-        nll = token_nll(model.logits(x), tgt_c)
+        nll = hidden_nll(model, x, tgt_c)
         return masked_mean(nll, mask_c), (nll, k_new, v_new)
 
     def step(carry, xs):
@@ -151,7 +178,7 @@ def sequence_nll(
             raise ValueError("the inner loop needs mixer ttt_e2e")
         nll, seq_loss = inner_loop_nll(model, inputs, targets, mask, inner_lr, ttt, remat)
         return jnp.mean(seq_loss), nll
-    nll = token_nll(plain_nll(model, inputs, remat != "none"), targets)
+    nll = hidden_nll(model, plain_hidden(model, inputs, remat != "none"), targets)
     return masked_mean(nll, mask), nll
 
 

@@ -1,0 +1,226 @@
+"""`python -m ttt.gpu_check OUT [--first N] [--budget S]`: every GPU check in one process.
+
+First correctness on the device (the equivalences the CPU tests prove, here with the GPU
+kernels: cuDNN attention, bf16, blocked logits), then the benchmark rows of BENCHMARKS.md
+in priority order. Each row is written to OUT/rows.json as soon as it is measured, so a
+run cut short keeps what it measured; a row that fails (e.g. out of memory) is recorded
+with its error. No new row starts once `--budget` seconds have passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ttt.bench import bench_one, format_table
+from ttt.config import load_config
+from ttt.model import create_model, loss_fn
+from ttt.model.layers import Attention, attend_sequence
+from ttt.model.loop import carry_window, hidden_nll, token_nll
+
+# (mode, preset, mixer, seq_len, batch, extra overrides), most wanted first.
+ROWS = [
+    ("train", "125m", "full", 8192, 8, ()),
+    ("train", "125m", "ttt_e2e", 8192, 8, ()),
+    ("train", "125m", "ttt_e2e", 8192, 8, ("model.remat=inner",)),
+    ("train", "125m", "swa", 8192, 8, ()),
+    ("prefill", "125m", "full", 131072, 1, ()),
+    ("prefill", "125m", "ttt_e2e", 131072, 1, ()),
+    ("train", "760m", "full", 8192, 4, ()),
+    ("train", "760m", "ttt_e2e", 8192, 4, ("model.remat=inner",)),
+    ("prefill", "125m", "swa", 131072, 1, ()),
+    ("prefill", "125m", "full", 32768, 1, ()),
+    ("prefill", "125m", "ttt_e2e", 32768, 1, ()),
+    ("train", "125m", "full", 32768, 2, ()),
+    ("train", "125m", "ttt_e2e", 32768, 2, ("model.remat=inner",)),
+    ("train", "125m", "ttt_e2e", 8192, 8, ("model.remat=block",)),
+    ("train", "760m", "ttt_e2e", 8192, 4, ()),
+    ("train", "125m", "full", 8192, 8, ("model.attention=dense",)),
+]
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _nll(cfg, params=None, *, inner, inner_lr=1.0, seed=0):
+    graphdef, p0 = nnx.split(create_model(cfg.model, seed=0))
+    params = p0 if params is None else params
+    tokens = jax.random.randint(jax.random.key(seed), (2, cfg.data.seq_len + 1), 0, 256)
+    batch = tokens[:, :-1], tokens[:, 1:], jnp.ones((2, cfg.data.seq_len), bool)
+    f = jax.jit(lambda p, b, lr: loss_fn(graphdef, p, b, lr, cfg.ttt, inner=inner))
+    return np.asarray(f(params, batch, jnp.float32(inner_lr))[1]), params
+
+
+def correctness() -> list[tuple[str, float, float]]:
+    """(check, relative error, tolerance) for each equivalence, run on the default device."""
+    out = []
+    nano = lambda *o, mixer="ttt_e2e", dt="float32": load_config(  # noqa: E731
+        "nano",
+        [
+            "data.seq_len=256",
+            "model.window=96",
+            f"model.mixer={mixer}",
+            f"model.compute_dtype={dt}",
+            *o,
+        ],
+    )
+    with jax.default_matmul_precision("highest"):
+        # Chunked SWA with a carried window equals whole-sequence SWA (fp32, dense).
+        cfg = nano()
+        attn = Attention(cfg.model, jnp.float32, nnx.Rngs(0))
+        x = jax.random.normal(jax.random.key(1), (256, cfg.model.width))
+        pos = jnp.arange(256)
+        whole, _ = attn(x, pos, 96)
+        ck = cv = jnp.zeros((96, attn.heads, attn.head_dim))
+        cpos, parts = jnp.arange(-96, 0), []
+        for s in range(0, 256, 32):
+            o, (k, v) = attn(x[s : s + 32], pos[s : s + 32], 96, (ck, cv, cpos))
+            parts.append(o)
+            ck, cv = carry_window(ck, k, 0), carry_window(cv, v, 0)
+            cpos = carry_window(cpos, pos[s : s + 32], 0)
+        out.append(("chunked swa == whole swa (fp32)", _rel(jnp.concatenate(parts), whole), 1e-5))
+
+        # ttt_e2e with inner LR 0 equals the same weights without inner updates (fp32).
+        plain, params = _nll(cfg, inner=False)
+        zero, _ = _nll(cfg, params, inner=True, inner_lr=0.0)
+        out.append(("ttt_e2e eta=0 == no inner updates (fp32)", _rel(zero, plain), 1e-5))
+
+        # Blocked, recomputed logits equal whole logits (fp32).
+        model = create_model(cfg.model)
+        h = jax.random.normal(jax.random.key(2), (2, 256, cfg.model.width))
+        t = jax.random.randint(jax.random.key(3), (2, 256), 0, 258)
+        blocked = hidden_nll(model, h, t, block=258 * 64)
+        out.append(
+            (
+                "blocked logits nll == whole (fp32)",
+                _rel(blocked, token_nll(model.logits(h), t)),
+                1e-6,
+            )
+        )
+
+    # cuDNN flash attention against the dense masked softmax, bf16, values and gradients
+    # (off the GPU the same comparison runs against jax's XLA path, as a smoke test).
+    fast = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    q, k, v = jax.random.normal(jax.random.key(4), (3, 2, 2048, 12, 64), jnp.bfloat16)
+    r = jax.random.normal(jax.random.key(5), q.shape, jnp.bfloat16)
+    for window in (None, 512):
+
+        def f(q, k, v, kernel, window=window):
+            o = attend_sequence(q, k, v, window, kernel)
+            return jnp.sum(o.astype(jnp.float32) * r), o
+
+        (_, od), gd = jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True), static_argnums=3)(
+            q, k, v, "dense"
+        )
+        (_, oc), gc = jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True), static_argnums=3)(
+            q, k, v, fast
+        )
+        out.append((f"{fast} == dense attention, window={window} (bf16)", _rel(oc, od), 2e-2))
+        out.append(
+            (
+                f"{fast} == dense attention grads, window={window} (bf16)",
+                max(_rel(a, b) for a, b in zip(gc, gd, strict=True)),
+                3e-2,
+            )
+        )
+
+    # In bf16 on the GPU the plain path takes cuDNN and the inner loop the dense form;
+    # with eta=0 they must still agree, and full must equal swa when the window covers T.
+    cfg = nano(dt="bfloat16")
+    plain, params = _nll(cfg, inner=False)
+    zero, _ = _nll(cfg, params, inner=True, inner_lr=0.0)
+    out.append(("ttt_e2e eta=0 (dense inner) == plain (cudnn), bf16", _rel(zero, plain), 2e-2))
+    full, p = _nll(nano("model.window=256", mixer="full", dt="bfloat16"), inner=False)
+    swa, _ = _nll(nano("model.window=256", mixer="swa", dt="bfloat16"), p, inner=False)
+    out.append(("full == swa with window >= T (cudnn, bf16)", _rel(swa, full), 1e-2))
+    return out
+
+
+def cache_check(out_dir: Path) -> str:
+    """The LR-only warm/cold compile, in a fresh process: JAX binds its cache once."""
+    cmd = [sys.executable, "-m", "ttt.cli", "bench", "cache", "125m", "--mixers", "full,ttt_e2e"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    (out_dir / "cache.txt").write_text(r.stdout + r.stderr)
+    return r.stdout.strip() or r.stderr.strip()[-2000:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--first", type=int, default=0, help="index of the first row to run")
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds; no row starts after")
+    ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--cache", action="store_true", help="also run the LR-only cache check")
+    ap.add_argument("--smoke", action="store_true", help="pico rows at T=128 (CPU smoke test)")
+    a = ap.parse_args()
+    rows_todo = [("train", "pico", m, 128, 2, ()) for m in ("full", "ttt_e2e")] if a.smoke else ROWS
+    a.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    dev = jax.devices()[0]
+    print(f"device {dev.device_kind}, jax {jax.__version__}, backend {jax.default_backend()}")
+    lines = []
+    if not a.skip_correctness:
+        for name, err, tol in correctness():
+            lines.append(
+                f"{'ok  ' if err <= tol else 'FAIL'} {name}: rel err {err:.2e} (tol {tol:g})"
+            )
+            print(lines[-1], flush=True)
+        (a.out / "correctness.txt").write_text("\n".join(lines) + "\n")
+    rows, records = [], []
+    for i, (mode, preset, mixer, t, b, extra) in enumerate(rows_todo[a.first :], start=a.first):
+        if time.perf_counter() - t0 > a.budget:
+            print(f"budget spent: rows {i}.. not run", flush=True)
+            break
+        cfg = load_config(
+            preset, [f"model.mixer={mixer}", f"data.seq_len={t}", f"data.batch_size={b}", *extra]
+        )
+        label = f"[{i}] {mode} {preset} {mixer} T={t} B={b} {' '.join(extra)}"
+        try:
+            row = bench_one(cfg, mode, steps=5, warmup=1)
+            rows.append(row)
+            records.append({"index": i, "extra": list(extra), **row.as_dict()})
+            print(
+                f"{label}: {row.step_s:.4f} s/step, compile {row.compile_s:.1f} s, "
+                f"mem {row.peak_mem_gb or 0:.1f} GB",
+                flush=True,
+            )
+        except Exception as e:  # an OOM or a kernel refusal is a result too
+            msg = "".join(traceback.format_exception_only(e)).strip().splitlines()[0][:300]
+            records.append(
+                {
+                    "index": i,
+                    "mode": mode,
+                    "preset": preset,
+                    "mixer": mixer,
+                    "seq_len": t,
+                    "batch": b,
+                    "extra": list(extra),
+                    "error": msg,
+                }
+            )
+            print(f"{label}: FAILED {msg}", flush=True)
+        (a.out / "rows.json").write_text(json.dumps(records, indent=1))
+    if rows:
+        table = format_table(rows)
+        (a.out / "table.txt").write_text(table + "\n")
+        print(table)
+    if a.cache and time.perf_counter() - t0 < a.budget:
+        print(cache_check(a.out))
+    print("\n".join(lines))
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

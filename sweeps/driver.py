@@ -115,11 +115,25 @@ def _search_alg(spec: SweepSpec):
     return OptunaSearch(metric=spec.metric, mode=spec.mode)
 
 
+def trial_resources(spec: SweepSpec):
+    """One node's share, or for `nodes: N` a placement group of N bundles on N distinct
+    nodes: the trial itself runs in the first bundle as JAX process 0 and places one
+    peer process in each other bundle (sweeps/trial.py)."""
+    from ray import tune
+
+    cpu, gpu, nodes = spec.resources["cpu"], spec.resources["gpu"], spec.resources.get("nodes", 1)
+    if nodes == 1:
+        return {"cpu": cpu, "gpu": gpu}
+    bundle = {"CPU": cpu, **({"GPU": gpu} if gpu else {})}
+    return tune.PlacementGroupFactory([bundle] * nodes, strategy="STRICT_SPREAD")
+
+
 def _tuner(spec: SweepSpec, name: str, param_space: dict, callback, storage: Path, max_steps: int):
     from ray import tune
 
-    resources = {"cpu": spec.resources.get("cpu", 1.0), "gpu": spec.resources.get("gpu", 0.0)}
-    trainable = tune.with_resources(tune.with_parameters(trial_entry, spec=spec), resources)
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_entry, spec=spec), trial_resources(spec)
+    )
     path = storage / name
     if tune.Tuner.can_restore(str(path)):
         print(f"resuming {path}", file=sys.stderr)

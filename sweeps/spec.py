@@ -38,27 +38,6 @@ TOP_KEYS = {
     "stages",
     "storage_path",
 }
-# Config keys that enter the compiled step as traced values or not at all: trials that
-# differ only in these share one compiled program.
-TRACED_KEYS = {
-    "train.lr",
-    "train.min_lr",
-    "train.warmup",
-    "train.steps",
-    "train.seed",
-    "train.log_every",
-    "train.eval_every",
-    "train.eval_batches",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.init_from",
-    "train.peak_flops",
-    "ttt.inner_lr",
-    "ttt.inner_lr_init",
-    "ttt.inner_lr_warmup",
-    "data.source",
-    "data.cache_dir",
-}
 
 
 class SpecError(UserError):
@@ -86,7 +65,10 @@ class SweepSpec:
     mode: str = "min"
     scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "fifo"})
     search_alg: str = "basic"
-    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0, "gpu": 0.0})
+    # cpu and gpu are per process; a trial runs one process on each of `nodes` nodes.
+    resources: dict[str, float] = field(
+        default_factory=lambda: {"cpu": 1.0, "gpu": 0.0, "nodes": 1}
+    )
     max_concurrent: int = 0
     stop_steps: int | None = None
     stop_time_s: float | None = None
@@ -311,16 +293,16 @@ def load_spec(path: str | Path) -> SweepSpec:
             )
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
             raise _err(path, f"resources.{k}", f"expected a number >= 0, got {v!r}")
-    if resources.get("nodes", 1) != 1:
-        raise _err(
-            path,
-            "resources.nodes",
-            f"{resources['nodes']}: trials spanning several "
-            "nodes are not supported yet; use nodes: 1 (a trial uses one node's GPUs)",
-        )
+    nodes = resources.get("nodes", 1)
+    if nodes != int(nodes) or nodes < 1:
+        raise _err(path, "resources.nodes", f"{nodes}: expected a whole number of nodes >= 1")
+    if "gpu" in resources and "gpus_per_node" in resources:
+        raise _err(path, "resources.gpus_per_node", "give gpu or gpus_per_node, not both")
     gpu = float(resources.get("gpu", resources.get("gpus_per_node", 0)))
     if gpu > 1 and gpu != int(gpu):
         raise _err(path, "resources.gpu", f"{gpu}: fractions are for sharing one GPU (< 1)")
+    if nodes > 1 and 0 < gpu < 1:
+        raise _err(path, "resources.gpus_per_node", f"{gpu}: a multi-node trial takes whole GPUs")
 
     stop = raw.get("stop", {}) or {}
     if not isinstance(stop, dict) or set(stop) - {"steps", "time_s"}:
@@ -357,11 +339,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         mode=mode,
         scheduler=sched,
         search_alg=search_alg,
-        resources={
-            "cpu": float(resources.get("cpu", 1)),
-            "gpu": gpu,
-            **{k: float(resources[k]) for k in ("nodes", "gpus_per_node") if k in resources},
-        },
+        resources={"cpu": float(resources.get("cpu", 1)), "gpu": gpu, "nodes": int(nodes)},
         max_concurrent=_int(path, "max_concurrent", raw.get("max_concurrent", 0)),
         stop_steps=_int(path, "stop.steps", stop["steps"], 1) if "steps" in stop else None,
         stop_time_s=float(stop["time_s"]) if "time_s" in stop else None,
@@ -389,17 +367,25 @@ def _validate_points(spec: SweepSpec) -> None:
     for i, point in enumerate(spec.points):
         for sample in corners:
             for stage in [None, *spec.stages]:
+                where = f"stages.{stage.name}" if stage else f"trial {i} {_short(point)}"
                 try:
-                    spec.config(point, sample, stage)
+                    cfg = spec.config(point, sample, stage)
                 except ConfigError as e:
-                    where = f"stages.{stage.name}" if stage else f"trial {i} {_short(point)}"
                     raise SpecError(f"{spec.path}: {where}: {e}") from None
+                _check_split(spec, cfg, where)
+
+
+def _check_split(spec: SweepSpec, cfg: Config, where: str) -> None:
+    """A multi-node trial splits each global batch over every process's devices (one per
+    GPU, or one per CPU process)."""
+    devices = spec.resources.get("nodes", 1) * max(int(spec.resources["gpu"]), 1)
+    if devices > 1 and cfg.data.batch_size % (devices * cfg.train.grad_accum):
+        raise SpecError(
+            f"{spec.path}: {where}: data.batch_size={cfg.data.batch_size}: must be a multiple "
+            f"of resources.nodes x GPUs per node x train.grad_accum = "
+            f"{devices * cfg.train.grad_accum}"
+        )
 
 
 def _short(point: dict) -> str:
     return "{" + ", ".join(f"{k}={v}" for k, v in point.items()) + "}"
-
-
-def shape_key(cfg: Config) -> tuple:
-    """What decides the compiled program: everything but traced values and bookkeeping."""
-    return tuple(sorted((k, v) for k, v in cfg.flat().items() if k not in TRACED_KEYS))

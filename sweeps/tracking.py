@@ -85,10 +85,11 @@ class MlflowSweepCallback(Callback):
         self._runs: dict[str, str] = {}  # trial_id -> run_id
         self._last_step: dict[str, int] = {}
         self._done: set[str] = set()
+        self._nodes: dict[str, list[str]] = {}  # run_id -> node ids, in order
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for key in ("_client", "_runs", "_last_step", "_done"):
+        for key in ("_client", "_runs", "_last_step", "_done", "_nodes"):
             state.pop(key, None)
         return state
 
@@ -116,6 +117,9 @@ class MlflowSweepCallback(Callback):
             run_id = found.info.run_id
             history = c.get_metric_history(run_id, "loss")
             self._last_step[run_id] = max((m.step for m in history), default=0)
+            self._nodes[run_id] = [
+                n for n in found.data.tags.get("ttt.node_ids", "").split(",") if n
+            ]
             if found.data.tags.get("ttt.outcome") == "finished":
                 self._done.add(run_id)  # Tune may restart it; MLflow already has it all
             elif found.info.status != "RUNNING":
@@ -164,6 +168,14 @@ class MlflowSweepCallback(Callback):
             self.client.log_batch(run_id, metrics=metrics)
         if result.get("node_id"):
             self.client.set_tag(run_id, "ttt.node_id", result["node_id"])
+            seen = self._nodes.setdefault(run_id, [])
+            if result["node_id"] not in seen:  # every node the trial ran on, in order
+                seen.append(result["node_id"])
+                self.client.set_tag(run_id, "ttt.node_ids", ",".join(seen))
+                # JAX processes of this attempt (> 1 for a multi-node trial)
+                self.client.set_tag(run_id, "ttt.processes", str(result.get("processes", 1)))
+        if result.get("start_step"):  # this attempt continued from a checkpoint
+            self.client.set_tag(run_id, "ttt.resumed_from", str(result["start_step"]))
 
     def _log_eval(self, trial, run_id: str) -> None:
         """The final checkpoint carries the eval outputs (per-token NLL Parquet)."""

@@ -44,18 +44,68 @@ def _stage_checkpoint(run_dir: Path, step: int, final: dict | None) -> Path:
     return stage
 
 
+def _trial_config(config: dict, spec: SweepSpec):
+    stage = next((s for s in spec.stages if s.name == config.get("stage")), None)
+    overrides = dict(config.get("sample") or {})
+    if config.get("init_from"):
+        overrides["train.init_from"] = config["init_from"]
+    return spec.config(config["point"], overrides, stage)
+
+
+class Peer:
+    """JAX process `rank` (> 0) of a multi-node trial, in its own placement-group bundle.
+
+    It trains in lockstep with process 0 (the trial itself) and keeps no files: process 0
+    holds the checkpoints and reports, and hands the start state to the others.
+    """
+
+    def run(self, config: dict, spec: SweepSpec, coordinator: str, rank: int) -> str:
+        _jax_env(spec.resources["gpu"])
+        from ttt.train import run
+        from ttt.train.distributed import initialize
+
+        initialize(coordinator, int(spec.resources["nodes"]), rank)
+        with tempfile.TemporaryDirectory(prefix=f"ttt-peer{rank}-") as d:
+            return run(_trial_config(config, spec), Path(d) / "run", progress=False).status
+
+
+def _start_peers(config: dict, spec: SweepSpec) -> tuple[str, list]:
+    """Start processes 1..N-1 in the trial's other bundles; returns (coordinator, refs).
+    Process 0's node hosts the jax.distributed coordinator."""
+    import socket
+
+    import ray
+    from ray.util.placement_group import get_current_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    host = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind((host, 0))
+        coordinator = f"{host}:{s.getsockname()[1]}"
+    pg = get_current_placement_group()
+    peer = ray.remote(Peer)
+    refs = []
+    for rank in range(1, int(spec.resources["nodes"])):
+        actor = peer.options(
+            num_cpus=spec.resources["cpu"],
+            num_gpus=spec.resources["gpu"],
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=rank
+            ),
+        ).remote()
+        refs.append(actor.run.remote(config, spec, coordinator, rank))
+    return coordinator, refs
+
+
 def trial_main(config: dict, spec: SweepSpec) -> None:
     _jax_env(spec.resources.get("gpu", 0.0))
+    import jax
     import ray
     from ray import tune
 
     from ttt.train import Reporter, run
 
-    stage = next((s for s in spec.stages if s.name == config.get("stage")), None)
-    overrides = dict(config.get("sample") or {})
-    if config.get("init_from"):
-        overrides["train.init_from"] = config["init_from"]
-    cfg = spec.config(config["point"], overrides, stage)
+    cfg = _trial_config(config, spec)
     node_id = ray.get_runtime_context().get_node_id()
     # Node-local scratch, outside Tune's trial folder (which Tune syncs to storage as
     # driver artifacts): Tune's checkpoints are what persists.
@@ -74,13 +124,16 @@ def trial_main(config: dict, spec: SweepSpec) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             shutil.copytree(d, run_dir)
+    saved = run_dir / "checkpoints"
+    start_step = max((int(p.name) for p in saved.iterdir()), default=0) if saved.is_dir() else 0
+    tags = {"node_id": node_id, "start_step": start_step}
 
     class TuneReporter(Reporter):
         def metrics(self, step, values):
-            tune.report({**values, "step": step, "node_id": node_id})
+            tune.report({**values, "step": step, **tags, "processes": jax.process_count()})
 
         def checkpoint(self, step, directory, values, final=False):
-            result = {**values, "step": step, "node_id": node_id}
+            result = {**values, "step": step, **tags, "processes": jax.process_count()}
             if final:
                 result["outcome"] = "finished"
             stage_dir = _stage_checkpoint(run_dir, step, result if final else None)
@@ -93,7 +146,14 @@ def trial_main(config: dict, spec: SweepSpec) -> None:
         if (run_dir / FINAL).exists():
             tune.report(json.loads((run_dir / FINAL).read_text()))
             return
+        peers = []
+        if spec.resources.get("nodes", 1) > 1:
+            from ttt.train.distributed import initialize
+
+            coordinator, peers = _start_peers(config, spec)
+            initialize(coordinator, int(spec.resources["nodes"]), 0)
         result = run(cfg, run_dir, reporter=TuneReporter(), progress=False)
+        ray.get(peers)  # a peer's error fails the trial too
         if result.status == "diverged":
             tune.report(
                 {

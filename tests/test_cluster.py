@@ -70,55 +70,75 @@ def test_tracking_serve_binds_loopback_and_warns_otherwise(monkeypatch, capsys):
         assert ("no authentication" in capsys.readouterr().err) == warned
 
 
-@pytest.fixture
-def two_nodes(tmp_path):
-    """Two Ray nodes with their own short temp dir, so teardown stops exactly them (a
-    `ray stop` would also stop any other Ray cluster on the machine)."""
-    import shutil
-    import tempfile
+class TwoNodes:
+    """A Ray head and a second node on this machine, each with one CPU and a custom
+    resource of its own. The second node runs under `ray start --block` in a session of
+    its own, so that `kill_worker` takes down exactly its processes (raylet, agents and
+    every worker process it started) as a lost machine would."""
 
-    temp = tempfile.mkdtemp(prefix="ttt-ray-", dir="/tmp")  # unix socket paths are short
-    port = free_port()
-    env = LOOPBACK_ENV
-    common = ["--num-cpus", "1", "--disable-usage-stats", "--temp-dir", temp]
-    subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--port",
-            str(port),
-            "--include-dashboard",
-            "false",
-            "--resources",
-            '{"node_a": 1}',
-            *common,
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
-    try:
+    def __init__(self, temp: str):
+        self.temp, self.address, self.worker = temp, "", None
+
+    def start(self) -> None:
+        port = free_port()
+        common = ["--num-cpus", "1", "--disable-usage-stats", "--temp-dir", self.temp]
         subprocess.run(
-            [
-                RAY,
-                "start",
-                "--address",
-                f"127.0.0.1:{port}",
-                "--resources",
-                '{"node_b": 1}',
-                *common,
-            ],
+            [RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false"]
+            + ["--resources", '{"node_a": 1}', *common],
             check=True,
-            env=env,
+            env=LOOPBACK_ENV,
             capture_output=True,
             timeout=120,
         )
-        yield f"127.0.0.1:{port}"
+        self.address = f"127.0.0.1:{port}"
+        self.worker = subprocess.Popen(
+            [RAY, "start", "--block", "--address", self.address]
+            + ["--resources", '{"node_b": 1}', *common],
+            env=LOOPBACK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.time() + 120
+        while not self._joined():
+            assert time.time() < deadline, "the second Ray node did not join"
+            time.sleep(2)
+
+    def _joined(self) -> bool:
+        status = subprocess.run(
+            [RAY, "status", "--address", self.address],
+            env=LOOPBACK_ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return "node_b" in status.stdout
+
+    def kill_worker(self) -> None:
+        subprocess.run(["pkill", "-9", "-s", str(self.worker.pid)], timeout=60)
+        self.worker.wait(timeout=60)
+
+    def stop(self) -> None:
+        import shutil
+
+        if self.worker is not None:
+            subprocess.run(["pkill", "-9", "-s", str(self.worker.pid)], timeout=60)
+        subprocess.run(["pkill", "-9", "-f", self.temp], capture_output=True, timeout=60)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@pytest.fixture
+def two_nodes():
+    """Teardown stops exactly this cluster (by its own short temp dir): a `ray stop` would
+    also stop any other Ray cluster on the machine."""
+    import tempfile
+
+    nodes = TwoNodes(tempfile.mkdtemp(prefix="ttt-ray-", dir="/tmp"))  # short socket paths
+    try:
+        nodes.start()
+        yield nodes
     finally:
-        subprocess.run(["pkill", "-9", "-f", temp], capture_output=True, timeout=60)
-        shutil.rmtree(temp, ignore_errors=True)
+        nodes.stop()
 
 
 @pytest.fixture
@@ -158,65 +178,74 @@ def tracking_server(tmp_path):
     proc.wait()
 
 
+PICO = [
+    "data.seq_len=64",
+    "ttt.chunk=16",
+    "model.window=24",
+    "data.batch_size=4",
+    "train.eval_batches=1",
+    "model.mixer=swa",
+]
+
+
+def write_spec(path: Path, corpus, **fields) -> Path:
+    spec = {
+        "base": {"config": "pico", "overrides": [*PICO, f"data.source={corpus}"]},
+        "report_every": 1,
+        **fields,
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def start_sweep(spec: Path, nodes: TwoNodes, tracking_uri: str, cwd: Path) -> subprocess.Popen:
+    env = {**LOOPBACK_ENV, "TTT_TUNE_VERBOSE": "0"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "ttt.cli", "sweep", "run", str(spec), "--address", nodes.address]
+        + ["--tracking-uri", tracking_uri, "--storage-path", str(cwd / "ray")],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> None:
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, "\n".join(
+        ln for ln in err.splitlines() if "Error" in ln or "error" in ln
+    )[-3000:]
+
+
+def trial_runs(tracking_uri: str, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = c.search_runs([exp.experiment_id])
+    return [r for r in runs if r.data.tags.get("ttt.role") == "trial"]
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sweep_on_two_nodes_with_one_tracking_server(tmp_path, corpus, two_nodes, tracking_server):
     from mlflow.tracking import MlflowClient
 
-    spec = tmp_path / "two.yaml"
-    spec.write_text(
-        yaml.safe_dump(
-            {
-                "name": "two-nodes",
-                "base": {
-                    "config": "pico",
-                    "overrides": [
-                        "data.seq_len=64",
-                        "ttt.chunk=16",
-                        "model.window=24",
-                        "data.batch_size=4",
-                        "train.eval_batches=1",
-                        f"data.source={corpus}",
-                        "model.mixer=swa",
-                    ],
-                },
-                "search": {"train.lr": {"grid": [3e-3, 2e-3, 1e-3, 5e-4]}},
-                "stop": {"steps": 3},
-                "report_every": 1,
-                "max_concurrent": 2,
-                "resources": {"cpu": 1},
-            }
-        )
+    spec = write_spec(
+        tmp_path / "two.yaml",
+        corpus,
+        name="two-nodes",
+        search={"train.lr": {"grid": [3e-3, 2e-3, 1e-3, 5e-4]}},
+        stop={"steps": 3},
+        max_concurrent=2,
+        resources={"cpu": 1},
     )
-    env = {**LOOPBACK_ENV, "TTT_TUNE_VERBOSE": "0"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ttt.cli",
-            "sweep",
-            "run",
-            str(spec),
-            "--address",
-            two_nodes,
-            "--tracking-uri",
-            tracking_server,
-            "--storage-path",
-            str(tmp_path / "ray"),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, "\n".join(
-        ln for ln in proc.stderr.splitlines() if "Error" in ln or "error" in ln
-    )[-3000:]
+    finish(start_sweep(spec, two_nodes, tracking_server, tmp_path))
     c = MlflowClient(tracking_server)
-    exp = c.get_experiment_by_name("two-nodes")
-    runs = c.search_runs([exp.experiment_id])
-    children = [r for r in runs if r.data.tags.get("ttt.role") == "trial"]
+    children = trial_runs(tracking_server, "two-nodes")
     assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
     assert len({r.data.tags["ttt.node_id"] for r in children}) == 2  # both nodes ran trials
     for r in children:  # artifacts went through the server too
@@ -224,3 +253,83 @@ def test_sweep_on_two_nodes_with_one_tracking_server(tmp_path, corpus, two_nodes
             "eval/nll_by_position.parquet"
         ]
     assert not (tmp_path / "mlflow.db").exists()  # nothing fell back to a local store
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_one_trial_on_two_nodes_matches_one_process(tmp_path, corpus, two_nodes, tracking_server):
+    """`resources: {nodes: 2}`: Ray places the trial's two JAX processes on the two nodes
+    (placement group, one bundle per node); they train as one data-parallel run and follow
+    the loss trajectory of a single process with the same global batch."""
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.spec import load_spec
+    from ttt.train import run
+
+    spec = write_spec(
+        tmp_path / "multi.yaml",
+        corpus,
+        name="multi-node",
+        stop={"steps": 5},
+        resources={"nodes": 2, "cpu": 1},
+    )
+    finish(start_sweep(spec, two_nodes, tracking_server, tmp_path))
+    (child,) = trial_runs(tracking_server, "multi-node")
+    assert child.info.status == "FINISHED" and child.data.tags["ttt.processes"] == "2"
+    history = MlflowClient(tracking_server).get_metric_history(child.info.run_id, "loss")
+    multi = {m.step: m.value for m in history}
+
+    loaded = load_spec(str(spec))
+    single = run(loaded.config(loaded.points[0], {}), tmp_path / "single", progress=False)
+    assert single.status == "finished"
+    lines = (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()
+    want = {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+    assert sorted(multi) == sorted(want) == [1, 2, 3, 4, 5]
+    assert max(abs(multi[s] - want[s]) for s in want) < 1e-5
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_losing_a_node_fails_its_trial_over(tmp_path, corpus, two_nodes, tracking_server):
+    """Killing every Ray process of the second node mid-sweep: its trial fails, Tune
+    retries it on the head from its last checkpoint, and MLflow ends with one finished
+    child run per trial."""
+    spec = write_spec(
+        tmp_path / "loss.yaml",
+        corpus,
+        name="node-loss",
+        search={"train.lr": {"grid": [3e-3, 1e-3]}},
+        stop={"steps": 400},
+        checkpoint_every=20,
+        max_failures=2,
+        resources={"cpu": 1},
+    )
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_server)
+
+    def last_step(run) -> int:
+        return max((m.step for m in c.get_metric_history(run.info.run_id, "loss")), default=0)
+
+    proc = start_sweep(spec, two_nodes, tracking_server, tmp_path)
+    deadline = time.time() + 400
+    while True:  # both trials running, each on its own node, past a checkpoint
+        assert proc.poll() is None and time.time() < deadline, "sweep ended before the kill"
+        runs = trial_runs(tracking_server, "node-loss")
+        steps = [last_step(r) for r in runs]
+        nodes = {r.data.tags.get("ttt.node_id") for r in runs}
+        if len(runs) == 2 and len(nodes) == 2 and min(steps) >= 40:
+            break
+        time.sleep(1)
+    two_nodes.kill_worker()
+    finish(proc)
+
+    runs = trial_runs(tracking_server, "node-loss")
+    assert len(runs) == 2 and len({r.data.tags["ttt.trial_id"] for r in runs}) == 2
+    assert all(r.info.status == "FINISHED" for r in runs)
+    moved = [r for r in runs if r.data.tags.get("ttt.retries")]
+    assert len(moved) == 1, [r.data.tags for r in runs]
+    tags = moved[0].data.tags
+    assert len(tags["ttt.node_ids"].split(",")) == 2  # the lost node, then the head
+    assert int(tags["ttt.resumed_from"]) >= 40  # from its checkpoint, not from scratch
+    assert all(last_step(r) == 400 for r in runs)

@@ -291,7 +291,9 @@ BAD_SPECS = [
     ({"name": "x", "scheduler": "hyperband"}, "scheduler"),
     ({"name": "x", "resources": {"tpu": 1}}, "resources.tpu"),
     ({"search": {}}, "name"),
-    ({"name": "x", "resources": {"nodes": 2, "gpus_per_node": 8}}, "resources.nodes"),
+    ({"name": "x", "resources": {"nodes": 1.5}}, "resources.nodes"),
+    ({"name": "x", "resources": {"nodes": 2, "gpus_per_node": 0.5}}, "resources.gpus_per_node"),
+    ({"name": "x", "resources": {"nodes": 3}}, "data.batch_size=4: must be a multiple"),
 ]
 
 

@@ -239,7 +239,11 @@ def test_grad_accum_and_remat_leave_the_step_unchanged(train_cfg, variant):
 
 def test_two_processes_match_one(train_cfg, tmp_path):
     """One run made of 2 JAX processes (joined with jax.distributed, CPU collectives)
-    follows the same loss trajectory as one process with the same global batch."""
+    follows the same loss trajectory as one process with the same global batch. Each
+    process has its own run dir, as on nodes without a shared filesystem: process 0 alone
+    keeps checkpoints, and on resume the other process gets the state from it."""
+    import shutil
+
     cfg = train_cfg()
     args = [
         "pico",
@@ -251,34 +255,41 @@ def test_two_processes_match_one(train_cfg, tmp_path):
         "train.steps=5",
         "train.log_every=1",
         "train.eval_batches=1",
+        "train.checkpoint_every=3",
         "-q",
     ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "ttt.cli", "train", *args]
-    procs = [
-        subprocess.Popen(
-            [
-                *cmd,
-                "--out",
-                str(tmp_path / "multi"),
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+
+    def two_processes():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [
+            subprocess.Popen(
+                [
+                    *cmd,
+                    "--out",
+                    str(tmp_path / f"multi{i}"),
+                    "--coordinator",
+                    f"127.0.0.1:{port}",
+                    "--num-processes",
+                    "2",
+                    "--process-id",
+                    str(i),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        outs = [p.communicate(timeout=600) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+
+    two_processes()
     single = subprocess.run(
         [*cmd, "--out", str(tmp_path / "single")],
         env=env,
@@ -286,11 +297,18 @@ def test_two_processes_match_one(train_cfg, tmp_path):
         text=True,
         timeout=600,
     )
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert single.returncode == 0, single.stderr[-2000:]
-    a, b = losses(tmp_path / "single"), losses(tmp_path / "multi")
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "multi0")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=0, atol=1e-5)
-    info = json.loads((tmp_path / "multi" / "run.json").read_text())
+    info = json.loads((tmp_path / "multi0" / "run.json").read_text())
     assert info["devices"] == 2 and info["status"] == "finished"
+    assert not (tmp_path / "multi1" / "checkpoints").exists()  # only process 0 saved
+
+    # Resume from step 3 as if killed after it: process 0 restores, process 1 receives.
+    shutil.rmtree(tmp_path / "multi0" / "checkpoints" / "5")
+    shutil.rmtree(tmp_path / "multi1")
+    two_processes()
+    b = losses(tmp_path / "multi0")
+    assert sorted(b) == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=0, atol=1e-5)

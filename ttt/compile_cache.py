@@ -6,12 +6,17 @@ traced inputs), so the second trial loads the compiled executable instead of com
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import pickle
 from pathlib import Path
 
 import jax
 
 from ttt.data.prepare import cache_root
+
+_active: Path | None = None  # the folder `enable` chose, once called
 
 
 def cache_dir() -> Path:
@@ -22,10 +27,98 @@ def enable(path: str | Path | None = None) -> Path:
     """Point JAX at the cache (idempotent); `TTT_COMPILE_CACHE=off` disables it."""
     if os.environ.get("TTT_COMPILE_CACHE") == "off":
         return Path()
+    global _active
     directory = Path(path) if path is not None else cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
+    _active = directory
     jax.config.update("jax_compilation_cache_dir", str(directory))
     # Cache every program: on CPU even a pico step compiles for seconds.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
+
+
+# --- Compiled executables ------------------------------------------------------------
+# The XLA cache above still pays for tracing and lowering on every start: seconds for
+# the second-order ttt_e2e step. Trials that differ only in traced values (learning
+# rates) run the very same executable, so it is stored whole and loaded back, skipping
+# tracing too. The files are pickles: load them only from this machine's own cache.
+
+
+@functools.cache
+def _source_digest() -> str:
+    """Any edit of the package's code gives new keys: a stale executable is never loaded."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _signature(args) -> str:
+    leaves, tree = jax.tree.flatten(args)
+    shapes = [(x.shape, str(x.dtype), str(getattr(x, "sharding", None))) for x in leaves]
+    return f"{tree}|{shapes}"
+
+
+def executable_key(name: str, cfg, args) -> str:
+    from ttt.config import shape_key
+
+    backend = jax.devices()[0].client
+    parts = (
+        name,
+        shape_key(cfg),
+        _signature(args),
+        _source_digest(),
+        jax.__version__,
+        backend.platform,
+        backend.platform_version,
+        tuple(d.device_kind for d in jax.devices()),
+        os.environ.get("XLA_FLAGS", ""),
+        str(jax.config.jax_default_matmul_precision),
+    )
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
+def compiled(name: str, cfg, jitted, args):
+    """`jitted` compiled for `args`: loaded from the executable cache when this exact
+    program was compiled before, else compiled (through the XLA cache) and stored."""
+    off = os.environ.get("TTT_COMPILE_CACHE") == "off"
+    leaves = [x for x in jax.tree.leaves(args) if hasattr(x, "sharding")]
+    used = {d for x in leaves for d in x.sharding.device_set}
+    # A program for a subset of the devices, or of several processes, is not stored whole:
+    # loading binds an executable to all local devices.
+    if off or jax.process_count() > 1 or (len(used) > 1 and used != set(jax.devices())):
+        return jitted.lower(*args).compile()
+    from jax.experimental import serialize_executable
+
+    path = (
+        (_active or cache_dir()) / "executables" / f"{name}-{executable_key(name, cfg, args)}.bin"
+    )
+    if path.exists():
+        try:
+            blob, in_tree, out_tree = pickle.loads(path.read_bytes())
+            return serialize_executable.deserialize_and_load(blob, in_tree, out_tree)
+        except Exception:  # unreadable or from another runtime: compile afresh below
+            pass
+    program = jitted.lower(*args).compile()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(pickle.dumps(serialize_executable.serialize(program)))
+        tmp.replace(path)  # atomic: concurrent trials never read half a file
+    except Exception:  # a backend that cannot serialize still runs, just uncached
+        pass
+    return program
+
+
+class CachedStep:
+    """Calls like the jitted step; compiles (or loads) at the first call, for its args."""
+
+    def __init__(self, name: str, cfg, jitted):
+        self.name, self.cfg, self.jitted = name, cfg, jitted
+        self.program = None
+
+    def __call__(self, *args):
+        if self.program is None:
+            self.program = compiled(self.name, self.cfg, self.jitted, args)
+        return self.program(*args)

@@ -151,6 +151,34 @@ for _name, (_l, _d, _h, _m, _mt, _tl, _lr) in _PAPER.items():
     )
 
 
+# Config keys that enter the compiled step as traced values or not at all: trials that
+# differ only in these share one compiled program.
+TRACED_KEYS = {
+    "train.lr",
+    "train.min_lr",
+    "train.warmup",
+    "train.steps",
+    "train.seed",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.init_from",
+    "train.peak_flops",
+    "ttt.inner_lr",
+    "ttt.inner_lr_init",
+    "ttt.inner_lr_warmup",
+    "data.source",
+    "data.cache_dir",
+}
+
+
+def shape_key(cfg: Config) -> tuple:
+    """What decides the compiled program: everything but traced values and bookkeeping."""
+    return tuple(sorted((k, v) for k, v in cfg.flat().items() if k not in TRACED_KEYS))
+
+
 def _fmt(v: Any) -> str:
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 

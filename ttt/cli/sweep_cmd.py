@@ -15,7 +15,7 @@ _STORAGE = typer.Option(None, "--storage-path", help="Ray results folder (defaul
 
 
 def dry_run_table(spec) -> str:
-    from sweeps.spec import TRACED_KEYS, shape_key
+    from ttt.config import TRACED_KEYS, shape_key
 
     varying = sorted({k for p in spec.points for k in p})
     lines = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ttt.errors import UserError
@@ -14,19 +15,32 @@ def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _host_copy(tree):
+    """NumPy copies of replicated arrays, from this process's own devices. In a
+    multi-process run Orbax takes these from process 0 alone (it refuses process-local
+    jax.Arrays there), so no other process needs to reach the checkpoint's filesystem."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
 class Checkpoints:
     """`<run>/checkpoints/<step>/{params,opt_state,meta}`, keeping the last `keep`."""
 
     def __init__(self, run_dir: Path, keep: int = 2):
         self.directory = Path(run_dir).absolute() / "checkpoints"
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False)
+        if jax.process_count() > 1:  # only process 0 saves; no barrier with the others
+            options.multiprocessing_options = ocp.options.MultiprocessingOptions(
+                primary_host=0, active_processes={0}
+            )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, params, opt_state, meta: dict) -> Path:
+        if jax.process_count() > 1:
+            params, opt_state = _host_copy((params, opt_state))
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -42,11 +56,15 @@ class Checkpoints:
 
     def restore(self, step: int, params, opt_state):
         """(params, opt_state, meta) with the structure and shapes of the given trees."""
+        if jax.process_count() > 1:  # numpy here; the caller hands the values to the others
+            target = _host_copy((params, opt_state))
+        else:
+            target = _abstract((params, opt_state))
         r = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(params)),
-                opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
+                params=ocp.args.StandardRestore(target[0]),
+                opt_state=ocp.args.StandardRestore(target[1]),
                 meta=ocp.args.JsonRestore(),
             ),
         )

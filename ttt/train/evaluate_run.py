@@ -41,7 +41,7 @@ def evaluate_run(
     )
     put = batch_putter(mesh)
     result = evaluate(
-        make_eval_step(cfg, graphdef),
+        compile_cache.CachedStep("eval", cfg, make_eval_step(cfg, graphdef)),
         params,
         val,
         max_batches or cfg.train.eval_batches,

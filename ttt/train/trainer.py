@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
+import numpy as np
 import yaml
 from flax import nnx
 
@@ -104,6 +105,26 @@ class _Log:
             self.file.close()
 
 
+def _initial_state(cfg: Config, ckpt: Checkpoints | None, params, opt_state):
+    """(params, opt_state, step, data position) to start from: the run's latest checkpoint,
+    else the weights of `train.init_from`, else the fresh init. In a multi-process run
+    process 0 reads the files and every other process receives the values from it."""
+    start, position = 0, 0
+    if ckpt is not None:
+        start = ckpt.latest_step() or 0
+        if start:
+            params, opt_state, meta = ckpt.restore(start, params, opt_state)
+            position = int(meta["position"])
+        elif cfg.train.init_from:
+            params, _ = load_params(cfg.train.init_from, params)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        state = (params, opt_state, np.int64(start), np.int64(position))
+        params, opt_state, start, position = multihost_utils.broadcast_one_to_all(state)
+    return params, opt_state, int(start), int(position)
+
+
 def run(
     cfg: Config,
     out_dir: str | Path,
@@ -148,13 +169,10 @@ def run(
 
     graphdef, params = nnx.split(create_model(cfg.model, seed=tr.seed))
     opt_state = init_opt_state(cfg, params)
-    ckpt = Checkpoints(out, keep=tr.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        params, opt_state, meta = ckpt.restore(start, params, opt_state)
-        loader.position = int(meta["position"])
-    elif tr.init_from:
-        params, _ = load_params(tr.init_from, params)
+    # Process 0 alone keeps checkpoints: its run dir is the one the sweep persists, and
+    # the other processes' nodes need no shared filesystem.
+    ckpt = Checkpoints(out, keep=tr.keep_checkpoints) if lead else None
+    params, opt_state, start, loader.position = _initial_state(cfg, ckpt, params, opt_state)
     params = jax.device_put(params, replicated(mesh))
     opt_state = jax.device_put(opt_state, replicated(mesh))
     put = batch_putter(mesh)
@@ -171,8 +189,8 @@ def run(
     if lead:
         (out / "run.json").write_text(json.dumps(run_info, indent=2))
     log = _Log(out / "metrics.jsonl", start, enabled=lead)
-    train_step = make_train_step(cfg, graphdef)
-    eval_step = make_eval_step(cfg, graphdef)
+    train_step = compile_cache.CachedStep("train", cfg, make_train_step(cfg, graphdef))
+    eval_step = compile_cache.CachedStep("eval", cfg, make_eval_step(cfg, graphdef))
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops = flops_per_token(cfg, training=True, inner=uses_inner_loop(cfg, True))
     peak = peak_flops(run_info["device_kind"], tr.peak_flops)
@@ -188,6 +206,8 @@ def run(
         return result
 
     def save(step: int, values: dict, final: bool = False) -> None:
+        if ckpt is None:
+            return
         directory = ckpt.save(step, params, opt_state, {"step": step, "position": loader.position})
         reporter.checkpoint(step, directory, values, final)
 
@@ -263,7 +283,8 @@ def run(
         run_info.update(
             status=result.status, step=step, loss=result.loss, eval_loss=result.eval_loss
         )
-    ckpt.close()
+    if ckpt is not None:
+        ckpt.close()
     log.close()
     if lead:
         (out / "run.json").write_text(json.dumps(run_info, indent=2))

@@ -1,0 +1,59 @@
+"""The executable cache: a trial that differs only in learning rates skips tracing and
+compiling, and runs exactly what a fresh compile would."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_batch
+from flax import nnx
+
+from ttt import compile_cache
+from ttt.model import create_model
+from ttt.train.optim import hyper
+from ttt.train.step import init_opt_state, make_train_step
+
+
+class NoTracing:
+    def lower(self, *args):
+        raise AssertionError("traced although the executable was stored")
+
+
+def _args(cfg):
+    graphdef, params = nnx.split(create_model(cfg.model, seed=0))
+    batch = random_batch(jax.random.key(0), 4, cfg.data.seq_len)
+    return graphdef, (params, init_opt_state(cfg, params), batch, hyper(cfg, 3))
+
+
+def test_lr_only_change_loads_the_stored_executable(pico, tmp_path, monkeypatch):
+    monkeypatch.setattr(compile_cache, "_active", tmp_path)
+    cfg = pico()
+    graphdef, args = _args(cfg)
+    compile_cache.compiled("train", cfg, make_train_step(cfg, graphdef), args)
+    assert len(list((tmp_path / "executables").glob("train-*.bin"))) == 1
+
+    lr_only = cfg.replace(**{"train.lr": 1e-2, "ttt.inner_lr": 0.3, "ttt.inner_lr_init": 0.3})
+    _, args = _args(lr_only)
+    loaded = compile_cache.compiled("train", lr_only, NoTracing(), args)
+    _, fresh_args = _args(lr_only)
+    fresh = make_train_step(lr_only, graphdef).lower(*fresh_args).compile()
+    got, want = loaded(*args), fresh(*fresh_args)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, want)
+    assert float(got[2]["lr"]) != float(hyper(cfg, 3).lr)  # the new rates were used
+
+    # A shape change is another program: it is traced and compiled, not loaded.
+    other = cfg.replace(**{"model.window": 32})
+    _, args = _args(other)
+    with pytest.raises(AssertionError, match="traced although"):
+        compile_cache.compiled("train", other, NoTracing(), args)
+
+
+def test_unreadable_entry_is_recompiled(pico, tmp_path, monkeypatch):
+    monkeypatch.setattr(compile_cache, "_active", tmp_path)
+    cfg = pico(mixer="full")
+    graphdef, args = _args(cfg)
+    key = compile_cache.executable_key("train", cfg, args)
+    (tmp_path / "executables").mkdir()
+    (tmp_path / "executables" / f"train-{key}.bin").write_bytes(b"not a pickle")
+    program = compile_cache.compiled("train", cfg, make_train_step(cfg, graphdef), args)
+    assert jnp.isfinite(program(*args)[2]["loss"])

@@ -47,19 +47,15 @@ def _random_batch(cfg: Config, seed: int = 0):
 
 
 def _peak_mem_gb(compiled) -> float | None:
-    """The compiled step's own peak device memory (XLA's buffer assignment: arguments,
-    outputs and temporaries). Unlike the allocator's `peak_bytes_in_use`, which only ever
-    grows within a process, it belongs to this row alone."""
+    """The compiled step's own device memory from XLA's buffer assignment: arguments and
+    outputs (less what is donated and aliased) plus temporaries. Unlike the allocator's
+    `peak_bytes_in_use`, which only ever grows within a process, it belongs to this row
+    alone. (`peak_memory_in_bytes` is not used: on CPU it reports the arguments only.)"""
     m = compiled.memory_analysis()
     if m is None:
         return None
-    peak = getattr(m, "peak_memory_in_bytes", 0) or (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-        + m.temp_size_in_bytes
-    )
-    return peak / 2**30
+    used = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    return (used + m.temp_size_in_bytes) / 2**30
 
 
 def bench_one(cfg: Config, mode: str, steps: int = 5, warmup: int = 1) -> BenchRow:
@@ -134,7 +130,7 @@ def format_table(rows: list[BenchRow]) -> str:
         variant += [f"attention={r.attention}"] * (r.attention != "auto")
         ratio = " ".join([ratio, *variant])
         mfu = "-" if r.mfu is None else f"{100 * r.mfu:.1f}%"
-        mem = "-" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.2f}"
+        mem = "-" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.3f}"
         lines.append(
             f"{r.mode:7} {r.preset:6} {r.mixer:8} {r.seq_len:7d} {r.batch:3d} {r.step_s:9.4f} "
             f"{r.step_s_min:8.4f}..{r.step_s_max:<8.4f} {r.tokens_per_s:10.0f} {r.compile_s:9.2f} "

@@ -18,10 +18,14 @@ CLUSTER = ROOT / "cluster"
 
 
 RAY = str(Path(sys.executable).parent / "ray")  # the venv's own CLI, PATH or not
+
+
 # Ray >= 2.59 turns token auth on for a local head; joining nodes and drivers use it too
 # (the token is in ~/.ray/auth_token). Both nodes run on this machine; Ray itself maps the
 # driver's 127.0.0.1 address to the machine's own node IP, which never leaves the host.
-LOOPBACK_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+# Read when a cluster starts, after conftest points the caches at this session's folder.
+def loopback_env() -> dict:
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
 
 
 def free_port() -> int:
@@ -86,7 +90,7 @@ class TwoNodes:
             [RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false"]
             + ["--resources", '{"node_a": 1}', *common],
             check=True,
-            env=LOOPBACK_ENV,
+            env=loopback_env(),
             capture_output=True,
             timeout=120,
         )
@@ -94,7 +98,7 @@ class TwoNodes:
         self.worker = subprocess.Popen(
             [RAY, "start", "--block", "--address", self.address]
             + ["--resources", '{"node_b": 1}', *common],
-            env=LOOPBACK_ENV,
+            env=loopback_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -107,7 +111,7 @@ class TwoNodes:
     def _joined(self) -> bool:
         status = subprocess.run(
             [RAY, "status", "--address", self.address],
-            env=LOOPBACK_ENV,
+            env=loopback_env(),
             capture_output=True,
             text=True,
             timeout=60,
@@ -127,10 +131,11 @@ class TwoNodes:
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def two_nodes():
-    """Teardown stops exactly this cluster (by its own short temp dir): a `ray stop` would
-    also stop any other Ray cluster on the machine."""
+    """One cluster for this module's tests; the node-loss test, which kills the second
+    node, comes last. Teardown stops exactly this cluster (by its own short temp dir): a
+    `ray stop` would also stop any other Ray cluster on the machine."""
     import tempfile
 
     nodes = TwoNodes(tempfile.mkdtemp(prefix="ttt-ray-", dir="/tmp"))  # short socket paths
@@ -199,7 +204,7 @@ def write_spec(path: Path, corpus, **fields) -> Path:
 
 
 def start_sweep(spec: Path, nodes: TwoNodes, tracking_uri: str, cwd: Path) -> subprocess.Popen:
-    env = {**LOOPBACK_ENV, "TTT_TUNE_VERBOSE": "0"}
+    env = {**loopback_env(), "TTT_TUNE_VERBOSE": "0"}
     return subprocess.Popen(
         [sys.executable, "-m", "ttt.cli", "sweep", "run", str(spec), "--address", nodes.address]
         + ["--tracking-uri", tracking_uri, "--storage-path", str(cwd / "ray")],
@@ -246,7 +251,11 @@ def test_sweep_on_two_nodes_with_one_tracking_server(tmp_path, corpus, two_nodes
     finish(start_sweep(spec, two_nodes, tracking_server, tmp_path))
     c = MlflowClient(tracking_server)
     children = trial_runs(tracking_server, "two-nodes")
-    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    assert len(children) == 4, children
+    assert all(r.info.status == "FINISHED" for r in children), [
+        (r.info.status, r.data.tags.get("ttt.outcome"), r.data.tags.get("ttt.message"))
+        for r in children
+    ]
     assert len({r.data.tags["ttt.node_id"] for r in children}) == 2  # both nodes ran trials
     for r in children:  # artifacts went through the server too
         assert [a.path for a in c.list_artifacts(r.info.run_id, "eval")] == [

@@ -1,6 +1,10 @@
 """The executable cache: a trial that differs only in learning rates skips tracing and
 compiling, and runs exactly what a fresh compile would."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,3 +61,38 @@ def test_unreadable_entry_is_recompiled(pico, tmp_path, monkeypatch):
     (tmp_path / "executables" / f"train-{key}.bin").write_bytes(b"not a pickle")
     program = compile_cache.compiled("train", cfg, make_train_step(cfg, graphdef), args)
     assert jnp.isfinite(program(*args)[2]["loss"])
+
+
+def test_a_new_process_loads_and_runs_the_stored_step(tmp_path):
+    """What a second trial does: a fresh process loads the step a first one stored, and
+    runs it to the same loss (the first process compiled it from scratch)."""
+    script = """
+import json, sys
+import jax, jax.numpy as jnp
+from flax import nnx
+from ttt import compile_cache
+from ttt.config import load_config
+from ttt.model import create_model
+from ttt.train.optim import hyper
+from ttt.train.step import init_opt_state, make_train_step
+compile_cache.enable(sys.argv[1])
+cfg = load_config("pico", ["model.mixer=swa", "data.seq_len=64", "model.window=24"])
+graphdef, params = nnx.split(create_model(cfg.model))
+tokens = jax.random.randint(jax.random.key(0), (4, 65), 0, 256)
+batch = tokens[:, :-1], tokens[:, 1:], jnp.ones((4, 64), bool)
+step = compile_cache.CachedStep("train", cfg, make_train_step(cfg, graphdef))
+print(json.dumps(float(step(params, init_opt_state(cfg, params), batch, hyper(cfg, 0))[2]["loss"])))
+"""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("TTT_COMPILE_CACHE", None)
+
+    def once():
+        r = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        return float(r.stdout.strip().splitlines()[-1])
+
+    first = once()
+    assert len(list((tmp_path / "executables").glob("train-*.bin"))) == 1
+    assert once() == first

@@ -1,7 +1,12 @@
-"""JAX's persistent compilation cache, shared by every run on a machine.
+"""Compiled steps cached on disk, shared by every run on a machine.
 
 Trials that differ only in learning rates trace to the same XLA program (the rates are
-traced inputs), so the second trial loads the compiled executable instead of compiling.
+traced inputs). A single-process run stores each step's executable whole and loads it
+back on the next start, skipping tracing, lowering and compiling. A multi-process run
+(whose executables cannot be stored whole) uses XLA's persistent cache instead, which
+still traces and lowers. The two are never mixed in one process: an executable that XLA
+loaded from its own cache serializes without its kernels on CPU and fails with
+`NOT_FOUND: Function ... not found` when run again.
 """
 
 from __future__ import annotations
@@ -23,26 +28,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TTT_COMPILE_CACHE") or cache_root() / "xla")
 
 
+def disabled() -> bool:
+    return os.environ.get("TTT_COMPILE_CACHE") == "off"
+
+
 def enable(path: str | Path | None = None) -> Path:
-    """Point JAX at the cache (idempotent); `TTT_COMPILE_CACHE=off` disables it."""
-    if os.environ.get("TTT_COMPILE_CACHE") == "off":
+    """Use the cache folder (idempotent); `TTT_COMPILE_CACHE=off` disables caching.
+    Call it after `jax.distributed.initialize`, if the run has several processes."""
+    if disabled():
         return Path()
     global _active
     directory = Path(path) if path is not None else cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     _active = directory
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    # Cache every program: on CPU even a pico step compiles for seconds.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if jax.process_count() > 1:
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+        # Cache every program: on CPU even a pico step compiles for seconds.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
 
 
 # --- Compiled executables ------------------------------------------------------------
-# The XLA cache above still pays for tracing and lowering on every start: seconds for
-# the second-order ttt_e2e step. Trials that differ only in traced values (learning
-# rates) run the very same executable, so it is stored whole and loaded back, skipping
-# tracing too. The files are pickles: load them only from this machine's own cache.
+# Tracing alone takes seconds for the second-order ttt_e2e step, so the executable is
+# stored whole. The files are pickles: load them only from this machine's own cache.
 
 
 @functools.cache
@@ -81,8 +90,8 @@ def executable_key(name: str, cfg, args) -> str:
 
 def compiled(name: str, cfg, jitted, args):
     """`jitted` compiled for `args`: loaded from the executable cache when this exact
-    program was compiled before, else compiled (through the XLA cache) and stored."""
-    off = os.environ.get("TTT_COMPILE_CACHE") == "off"
+    program was compiled before, else compiled afresh and stored."""
+    off = disabled() or _active is None
     leaves = [x for x in jax.tree.leaves(args) if hasattr(x, "sharding")]
     used = {d for x in leaves for d in x.sharding.device_set}
     # A program for a subset of the devices, or of several processes, is not stored whole:
@@ -91,9 +100,7 @@ def compiled(name: str, cfg, jitted, args):
         return jitted.lower(*args).compile()
     from jax.experimental import serialize_executable
 
-    path = (
-        (_active or cache_dir()) / "executables" / f"{name}-{executable_key(name, cfg, args)}.bin"
-    )
+    path = _active / "executables" / f"{name}-{executable_key(name, cfg, args)}.bin"
     if path.exists():
         try:
             blob, in_tree, out_tree = pickle.loads(path.read_bytes())

@@ -308,7 +308,7 @@ def test_losing_a_node_fails_its_trial_over(tmp_path, corpus, two_nodes, trackin
         corpus,
         name="node-loss",
         search={"train.lr": {"grid": [3e-3, 1e-3]}},
-        stop={"steps": 400},
+        stop={"steps": 200},
         checkpoint_every=20,
         max_failures=2,
         resources={"cpu": 1},
@@ -341,4 +341,4 @@ def test_losing_a_node_fails_its_trial_over(tmp_path, corpus, two_nodes, trackin
     tags = moved[0].data.tags
     assert len(tags["ttt.node_ids"].split(",")) == 2  # the lost node, then the head
     assert int(tags["ttt.resumed_from"]) >= 40  # from its checkpoint, not from scratch
-    assert all(last_step(r) == 400 for r in runs)
+    assert all(last_step(r) == 200 for r in runs)

@@ -96,3 +96,5 @@ print(json.dumps(float(step(params, init_opt_state(cfg, params), batch, hyper(cf
     first = once()
     assert len(list((tmp_path / "executables").glob("train-*.bin"))) == 1
     assert once() == first
+    # Same key in the new process: it loaded that file rather than storing another.
+    assert len(list((tmp_path / "executables").glob("train-*.bin"))) == 1

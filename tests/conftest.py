@@ -51,6 +51,10 @@ def corpus(tmp_path_factory):
     return out
 
 
+# The pico training shapes the training tests share (also passed on command lines).
+PICO_TRAIN = ["data.seq_len=64", "ttt.chunk=16", "model.window=24", "data.batch_size=4"]
+
+
 @pytest.fixture
 def train_cfg(corpus):
     """A pico training config on the small corpus; extra overrides win."""
@@ -58,10 +62,7 @@ def train_cfg(corpus):
     def make(*overrides):
         base = [
             f"data.source={corpus}",
-            "data.seq_len=64",
-            "ttt.chunk=16",
-            "model.window=24",
-            "data.batch_size=4",
+            *PICO_TRAIN,
             "train.log_every=1",
             "train.eval_batches=2",
         ]

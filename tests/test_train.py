@@ -10,7 +10,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import random_batch
+from conftest import PICO_TRAIN, random_batch
 from flax import nnx
 
 from ttt.cli import main
@@ -170,10 +170,7 @@ def test_two_devices_match_one(train_cfg, tmp_path):
     }
     args = [
         f"data.source={cfg.data.source}",
-        "data.seq_len=64",
-        "ttt.chunk=16",
-        "model.window=24",
-        "data.batch_size=4",
+        *PICO_TRAIN,
         "train.steps=5",
         "train.log_every=1",
     ]
@@ -248,10 +245,7 @@ def test_two_processes_match_one(train_cfg, tmp_path):
     args = [
         "pico",
         f"data.source={cfg.data.source}",
-        "data.seq_len=64",
-        "ttt.chunk=16",
-        "model.window=24",
-        "data.batch_size=4",
+        *PICO_TRAIN,
         "train.steps=5",
         "train.log_every=1",
         "train.eval_batches=1",

@@ -62,6 +62,7 @@ BAD = [
     (["pico", "model.window=abc"], "model.window='abc'"),
     (["pico", "data.seq_len"], "data.seq_len"),
     (["pico", "model.attention=flash"], "model.attention='flash'"),
+    (["pico", "ttt.cache_phases=0"], "ttt.cache_phases=0"),
 ]
 
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 from ttt.model import create_model, loss_fn
 from ttt.model.layers import Attention
-from ttt.model.loop import carry_window, hidden_nll, plain_hidden, token_nll
+from ttt.model.loop import cache_plan, carry_window, hidden_nll, plain_hidden, token_nll
 
 
 @pytest.mark.parametrize("window,chunk", [(24, 16), (16, 16), (8, 16), (40, 8)])
@@ -72,6 +72,32 @@ def test_inner_lr_zero_equals_no_inner_updates(pico):
     chunk = cfg.ttt.chunk
     np.testing.assert_allclose(learned[:, :chunk], plain[:, :chunk], atol=1e-5)
     assert np.abs(learned[:, chunk:] - plain[:, chunk:]).max() > 1e-3
+
+
+@pytest.mark.parametrize("n_chunks,chunk,cache_len", [(8, 16, 64), (8, 1024, 7168), (32, 4, 16)])
+def test_cache_plan_covers_every_chunk(n_chunks, chunk, cache_len):
+    scored = []
+    for phases in (1, 2, 3, 8):
+        plan = cache_plan(n_chunks, chunk, cache_len, phases)
+        assert len(plan) <= phases and sum(n for n, _ in plan) == n_chunks
+        end = 0
+        for n, size in plan:  # enough for its own chunks and for the next run's first
+            end += n
+            assert size == min(end * chunk, cache_len)
+        scored.append(sum(n * (size + chunk) for n, size in plan))
+    assert cache_plan(n_chunks, chunk, cache_len, 1) == [(n_chunks, cache_len)]
+    assert scored == sorted(scored, reverse=True) and scored[-1] < scored[0]
+
+
+def test_cache_phases_give_the_same_function(pico):
+    """Running the chunk loop as several scans with growing caches is the same function
+    as one scan with a window-sized cache (so its outer gradient is the same too)."""
+    batch = random_batch(jax.random.key(0), 2, 64)
+    nll = {}
+    for phases in (1, 3):  # 3: [(1, 16), (1, 32), (2, 48)], a cache that grows twice
+        cfg = pico("model.window=48", f"ttt.cache_phases={phases}")
+        _, nll[phases], _ = _nll(cfg, inner=True, batch=batch)
+    np.testing.assert_allclose(nll[3], nll[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("mixer", ["full", "swa", "ttt_e2e"])

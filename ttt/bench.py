@@ -35,6 +35,7 @@ class BenchRow:
     device: str
     remat: str
     attention: str = "auto"
+    cache_phases: int = 1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -113,6 +114,7 @@ def bench_one(cfg: Config, mode: str, steps: int = 5, warmup: int = 1) -> BenchR
         device=device.device_kind,
         remat=cfg.model.remat,
         attention=cfg.model.attention,
+        cache_phases=cfg.ttt.cache_phases,
     )
 
 
@@ -128,6 +130,7 @@ def format_table(rows: list[BenchRow]) -> str:
         ratio = f"{r.step_s / ref:.2f}x full" if ref else ""
         variant = [f"remat={r.remat}"] * (r.remat != "none")
         variant += [f"attention={r.attention}"] * (r.attention != "auto")
+        variant += [f"cache_phases={r.cache_phases}"] * (r.cache_phases != 1)
         ratio = " ".join([ratio, *variant])
         mfu = "-" if r.mfu is None else f"{100 * r.mfu:.1f}%"
         mem = "-" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.3f}"

@@ -53,6 +53,9 @@ class TTTConfig:
     inner_lr_warmup: float = 0.1  # fraction of outer steps
     inner_clip: float = 1.0
     meta: bool = True
+    # The chunk loop runs as up to this many scans, each with the KV cache its chunks
+    # need (early chunks have fewer earlier tokens); 1 = one scan, one window-sized cache.
+    cache_phases: int = 1
 
 
 @dataclass(frozen=True)
@@ -385,6 +388,7 @@ def validate(cfg: Config) -> None:
         "must be a fraction of steps in [0, 1]",
     )
     _need(t.inner_clip > 0, "ttt.inner_clip", t.inner_clip, "must be > 0")
+    _need(t.cache_phases >= 1, "ttt.cache_phases", t.cache_phases, "must be a positive integer")
 
     _need(d.seq_len >= 1, "data.seq_len", d.seq_len, "must be a positive integer")
     _need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be a positive integer")

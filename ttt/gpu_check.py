@@ -33,6 +33,7 @@ ROWS = [
     ("train", "125m", "full", 8192, 8, ()),
     ("train", "125m", "ttt_e2e", 8192, 8, ()),
     ("train", "125m", "ttt_e2e", 8192, 8, ("model.remat=inner",)),
+    ("train", "125m", "ttt_e2e", 8192, 8, ("ttt.cache_phases=2",)),
     ("train", "125m", "swa", 8192, 8, ()),
     ("prefill", "125m", "full", 131072, 1, ()),
     ("prefill", "125m", "ttt_e2e", 131072, 1, ()),
@@ -46,6 +47,8 @@ ROWS = [
     ("train", "125m", "ttt_e2e", 8192, 8, ("model.remat=block",)),
     ("train", "760m", "ttt_e2e", 8192, 4, ()),
     ("train", "125m", "full", 8192, 8, ("model.attention=dense",)),
+    ("train", "125m", "ttt_e2e", 8192, 8, ("ttt.cache_phases=3",)),
+    ("prefill", "125m", "ttt_e2e", 32768, 1, ("ttt.cache_phases=2",)),
 ]
 
 
@@ -96,6 +99,11 @@ def correctness() -> list[tuple[str, float, float]]:
         plain, params = _nll(cfg, inner=False)
         zero, _ = _nll(cfg, params, inner=True, inner_lr=0.0)
         out.append(("ttt_e2e eta=0 == no inner updates (fp32)", _rel(zero, plain), 1e-5))
+
+        # The chunk loop as 3 scans with growing caches equals one scan (fp32).
+        one, _ = _nll(cfg, params, inner=True)
+        three, _ = _nll(nano("ttt.cache_phases=3"), params, inner=True)
+        out.append(("ttt_e2e cache_phases=3 == 1 (fp32)", _rel(three, one), 1e-5))
 
         # Blocked, recomputed logits equal whole logits (fp32).
         model = create_model(cfg.model)

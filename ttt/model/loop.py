@@ -92,6 +92,37 @@ def plain_hidden(model: TTTModel, inputs: jax.Array, remat: bool = False) -> jax
     return scan_blocks(model.suffix, x, positions, model.window, remat)
 
 
+def cache_plan(n_chunks: int, chunk: int, cache_len: int, phases: int) -> list[tuple[int, int]]:
+    """Cut the chunk loop into at most `phases` runs of consecutive chunks, each as
+    `(chunks, cache size)`: the run's chunks attend over a KV cache of that static size.
+
+    Before chunk i there are only i * chunk tokens, so one cache sized for the last chunk
+    makes the early chunks score (chunk x cache) blocks that are all masked. A run of
+    chunks a..b-1 instead gets min(b * chunk, cache_len) slots: enough for its own
+    chunks and for what it hands to the next run. The cut minimises the total
+    (queries x keys) scored. Every run is one `lax.scan`, compiled on its own, which is
+    the price of more phases.
+    """
+
+    def cost(a, b):
+        return (b - a) * (min(b * chunk, cache_len) + chunk)
+
+    inf = float("inf")
+    # best[p][j]: the least cost of chunks 0..j-1 in p runs, and where the last run starts
+    best = [[(inf, 0)] * (n_chunks + 1) for _ in range(phases + 1)]
+    best[0][0] = (0, 0)
+    for p in range(1, phases + 1):
+        for j in range(1, n_chunks + 1):
+            best[p][j] = min((best[p - 1][i][0] + cost(i, j), i) for i in range(j))
+    p = min(range(1, phases + 1), key=lambda q: (best[q][n_chunks][0], q))
+    runs, j = [], n_chunks
+    while j:
+        i = best[p][j][1]
+        runs.append((j - i, min(j * chunk, cache_len)))
+        j, p = i, p - 1
+    return runs[::-1]
+
+
 def inner_loop_nll(
     model: TTTModel,
     inputs: jax.Array,
@@ -142,6 +173,14 @@ def inner_loop_nll(
     if remat == "inner":
         step = jax.checkpoint(step)
 
+    def grow(ck, cv, cpos, size):
+        """Front-pad the cache to `size` slots. Empty slots sit at negative positions,
+        which the attention mask drops."""
+        pad = size - cpos.shape[0]
+        zeros = jnp.zeros((n_layers, pad, heads, head_dim), ck.dtype)
+        cpos = jnp.concatenate([jnp.full((pad,), -1, cpos.dtype), cpos])
+        return jnp.concatenate([zeros, ck], 1), jnp.concatenate([zeros, cv], 1), cpos
+
     def one_sequence(h_s, tgt_s, mask_s):
         xs = (
             h_s.reshape(n_chunks, chunk, -1),
@@ -149,11 +188,17 @@ def inner_loop_nll(
             tgt_s.reshape(n_chunks, chunk),
             mask_s.reshape(n_chunks, chunk),
         )
-        # Empty cache slots sit at negative positions, which the attention mask drops.
-        ck = jnp.zeros((n_layers, cache_len, heads, head_dim), h_s.dtype)
-        cpos = jnp.arange(-cache_len, 0)
-        _, (losses, nll) = jax.lax.scan(step, (fast0, ck, ck, cpos), xs)
-        return nll.reshape(seq_len), jnp.mean(losses)
+        ck = jnp.zeros((n_layers, 0, heads, head_dim), h_s.dtype)
+        carry, start, losses, nll = (fast0, ck, ck, jnp.arange(0)), 0, [], []
+        for count, size in cache_plan(n_chunks, chunk, cache_len, ttt.cache_phases):
+            fast, ck, cv, cpos = carry
+            carry = (fast, *grow(ck, cv, cpos, size))
+            part = jax.tree.map(lambda x: x[start : start + count], xs)  # noqa: B023
+            carry, (l_run, nll_run) = jax.lax.scan(step, carry, part)
+            losses.append(l_run)
+            nll.append(nll_run)
+            start += count
+        return jnp.concatenate(nll).reshape(seq_len), jnp.mean(jnp.concatenate(losses))
 
     return jax.vmap(one_sequence)(h, targets, mask)
 

@@ -53,6 +53,18 @@ def corpus(tmp_path_factory):
 
 # The pico training shapes the training tests share (also passed on command lines).
 PICO_TRAIN = ["data.seq_len=64", "ttt.chunk=16", "model.window=24", "data.batch_size=4"]
+# The base of the sweep tests' trials: those shapes, with one eval batch.
+PICO_SWEEP = [*PICO_TRAIN, "train.eval_batches=1"]
+
+
+def write_sweep_spec(path, corpus, *overrides, **fields):
+    """A sweep spec of PICO_SWEEP trials (plus `overrides`) on the small corpus, reporting
+    every step; `fields` are the spec's other top-level keys."""
+    import yaml
+
+    base = {"config": "pico", "overrides": [*PICO_SWEEP, *overrides, f"data.source={corpus}"]}
+    path.write_text(yaml.safe_dump({"base": base, "report_every": 1, **fields}))
+    return path
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_sweep_spec
 
 ROOT = Path(__file__).parent.parent
 CLUSTER = ROOT / "cluster"
@@ -182,24 +183,8 @@ def tracking_server(tmp_path):
     proc.wait()
 
 
-PICO = [
-    "data.seq_len=64",
-    "ttt.chunk=16",
-    "model.window=24",
-    "data.batch_size=4",
-    "train.eval_batches=1",
-    "model.mixer=swa",
-]
-
-
 def write_spec(path: Path, corpus, **fields) -> Path:
-    spec = {
-        "base": {"config": "pico", "overrides": [*PICO, f"data.source={corpus}"]},
-        "report_every": 1,
-        **fields,
-    }
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_sweep_spec(path, corpus, "model.mixer=swa", **fields)
 
 
 def start_sweep(spec: Path, nodes: TwoNodes, tracking_uri: str, cwd: Path) -> subprocess.Popen:

@@ -13,29 +13,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import PICO_SWEEP, write_sweep_spec
 
 from sweeps.spec import load_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-BASE = [
-    "data.seq_len=64",
-    "ttt.chunk=16",
-    "model.window=24",
-    "data.batch_size=4",
-    "train.eval_batches=1",
-]
-
 
 def write_spec(path: Path, corpus, **fields) -> Path:
-    spec = {
-        "base": {"config": "pico", "overrides": [*BASE, f"data.source={corpus}"]},
-        "report_every": 1,
-        "max_failures": 0,
-        **fields,
-    }
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_sweep_spec(path, corpus, **{"max_failures": 0, **fields})
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +288,7 @@ def test_bad_specs_give_one_line_and_exit_2(tmp_path, corpus, fields, needle, ca
     from ttt.cli import main
 
     path = tmp_path / "bad.yaml"
-    spec = {"base": {"config": "pico", "overrides": BASE}, **fields}
+    spec = {"base": {"config": "pico", "overrides": PICO_SWEEP}, **fields}
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(SystemExit) as exc:
         main(["sweep", "run", str(path), "--dry-run"])

@@ -121,7 +121,7 @@ def trial_resources(spec: SweepSpec):
     peer process in each other bundle (sweeps/trial.py)."""
     from ray import tune
 
-    cpu, gpu, nodes = spec.resources["cpu"], spec.resources["gpu"], spec.resources.get("nodes", 1)
+    cpu, gpu, nodes = spec.resources["cpu"], spec.resources["gpu"], spec.resources["nodes"]
     if nodes == 1:
         return {"cpu": cpu, "gpu": gpu}
     bundle = {"CPU": cpu, **({"GPU": gpu} if gpu else {})}

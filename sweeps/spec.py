@@ -378,7 +378,7 @@ def _validate_points(spec: SweepSpec) -> None:
 def _check_split(spec: SweepSpec, cfg: Config, where: str) -> None:
     """A multi-node trial splits each global batch over every process's devices (one per
     GPU, or one per CPU process)."""
-    devices = spec.resources.get("nodes", 1) * max(int(spec.resources["gpu"]), 1)
+    devices = spec.resources["nodes"] * max(int(spec.resources["gpu"]), 1)
     if devices > 1 and cfg.data.batch_size % (devices * cfg.train.grad_accum):
         raise SpecError(
             f"{spec.path}: {where}: data.batch_size={cfg.data.batch_size}: must be a multiple "

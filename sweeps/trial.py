@@ -98,7 +98,7 @@ def _start_peers(config: dict, spec: SweepSpec) -> tuple[str, list]:
 
 
 def trial_main(config: dict, spec: SweepSpec) -> None:
-    _jax_env(spec.resources.get("gpu", 0.0))
+    _jax_env(spec.resources["gpu"])
     import jax
     import ray
     from ray import tune
@@ -147,7 +147,7 @@ def trial_main(config: dict, spec: SweepSpec) -> None:
             tune.report(json.loads((run_dir / FINAL).read_text()))
             return
         peers = []
-        if spec.resources.get("nodes", 1) > 1:
+        if spec.resources["nodes"] > 1:
             from ttt.train.distributed import initialize
 
             coordinator, peers = _start_peers(config, spec)

@@ -300,9 +300,14 @@ def test_two_processes_match_one(train_cfg, tmp_path):
     assert not (tmp_path / "multi1" / "checkpoints").exists()  # only process 0 saved
 
     # Resume from step 3 as if killed after it: process 0 restores, process 1 receives.
+    log = tmp_path / "multi0" / "metrics.jsonl"
+    first = [ln for ln in log.read_text().splitlines() if json.loads(ln).get("step", 0) <= 3]
     shutil.rmtree(tmp_path / "multi0" / "checkpoints" / "5")
     shutil.rmtree(tmp_path / "multi1")
     two_processes()
+    # Steps 1-3 were not run again: their lines, measured tokens/s included, are the
+    # first run's own.
+    assert log.read_text().splitlines()[: len(first)] == first
     b = losses(tmp_path / "multi0")
     assert sorted(b) == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=0, atol=1e-5)

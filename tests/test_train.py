@@ -45,8 +45,11 @@ def test_resume_continues_exactly(train_cfg, tmp_path):
     whole = run(cfg, tmp_path / "whole", progress=False)
     part = run(cfg, tmp_path / "part", stop_at=5, progress=False)
     assert part.status == "stopped" and part.step == 5
+    first = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     resumed = run(cfg, tmp_path / "part", progress=False)
     assert resumed.status == "finished" and resumed.step == 8
+    # Steps 1-5 were not run again: their lines, measured tokens/s included, are kept.
+    assert (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()[: len(first)] == first
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "part")
     assert sorted(a) == sorted(b) == list(range(1, 9))  # each step logged once
     np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=0, atol=1e-6)

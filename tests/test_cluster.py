@@ -120,6 +120,22 @@ class TwoNodes:
         )
         return "node_b" in status.stdout
 
+    def worker_open_files(self, containing: str) -> list[Path]:
+        """Files that the second node's processes hold open, whose path contains `containing`."""
+        pids = subprocess.run(
+            ["pgrep", "-s", str(self.worker.pid)], capture_output=True, text=True, timeout=60
+        ).stdout.split()
+        found = set()
+        for pid in pids:
+            for fd in Path(f"/proc/{pid}/fd").glob("*"):
+                try:
+                    target = os.readlink(fd)
+                except OSError:  # the process or the descriptor is gone
+                    continue
+                if containing in target:
+                    found.add(Path(target))
+        return sorted(found)
+
     def kill_worker(self) -> None:
         subprocess.run(["pkill", "-9", "-s", str(self.worker.pid)], timeout=60)
         self.worker.wait(timeout=60)
@@ -304,34 +320,34 @@ def test_losing_a_node_fails_its_trial_over(tmp_path, corpus, two_nodes, trackin
     def last_step(run) -> int:
         return max((m.step for m in c.get_metric_history(run.info.run_id, "loss")), default=0)
 
-    # Each trial's own metrics file, in its node-local scratch folder (sweeps/trial.py).
-    # MLflow lags behind the trials by the driver's queue of results, so the moment of
-    # the kill is read from these files, which the trainer flushes every step.
-    scratch = Path(tempfile.gettempdir()) / "ttt-trials" / "node-loss"
+    def last_local_step(f: Path) -> int:
+        try:
+            lines = f.read_text().splitlines()[-3:]
+        except FileNotFoundError:  # the trial ended between the listing and the read
+            return 0
+        return max((json.loads(ln).get("step", 0) for ln in lines if ln), default=0)
 
-    def local_steps() -> list[int]:
-        steps = []
-        for f in scratch.glob("*/run/metrics.jsonl"):
-            lines = f.read_text().splitlines()
-            steps.append(max((json.loads(ln).get("step", 0) for ln in lines[-3:] if ln), default=0))
-        return steps
-
+    # The moment of the kill comes from the second node's own trial: the metrics file its
+    # trainer holds open (and flushes every step) in the node-local scratch folder
+    # (sweeps/trial.py). MLflow lags behind the trials by the driver's queue of results,
+    # and the two trials start and end at different times on a loaded machine.
     proc = start_sweep(spec, two_nodes, tracking_server, tmp_path)
     deadline = time.time() + 400
-    while True:  # both trials started, each on its own node
+    while True:  # the second node's trial well past its first checkpoint
         assert proc.poll() is None and time.time() < deadline, "sweep ended before the kill"
-        runs = trial_runs(tracking_server, "node-loss")
-        if len(runs) == 2 and len({r.data.tags.get("ttt.node_id") for r in runs}) == 2:
+        held = two_nodes.worker_open_files("/ttt-trials/node-loss/")
+        steps = [
+            max(
+                (json.loads(ln).get("step", 0) for ln in f.read_text().splitlines()[-3:]), default=0
+            )
+            for f in held
+            if f.name == "metrics.jsonl"
+        ]
+        if steps and steps[0] >= 50:
             break
-        time.sleep(1)
-    while True:  # both well past their first checkpoint, far from their last step
-        assert proc.poll() is None and time.time() < deadline, "sweep ended before the kill"
-        steps = local_steps()
-        if len(steps) == 2 and min(steps) >= 50:
-            break
-        time.sleep(0.1)
+        time.sleep(0.2)
     two_nodes.kill_worker()
-    assert max(steps) < 200, f"a trial finished before the kill: {steps}"
+    assert steps[0] < 200, f"the second node's trial finished before the kill: {steps}"
     finish(proc)
 
     runs = trial_runs(tracking_server, "node-loss")

@@ -162,8 +162,11 @@ def two_nodes():
         nodes.stop()
 
 
-@pytest.fixture
-def tracking_server(tmp_path):
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """One `ttt tracking serve` for this module's tests (each test has an experiment of
+    its own): the server takes tens of seconds to start on two cores."""
+    tmp_path = tmp_path_factory.mktemp("tracking")
     port = free_port()
     proc = subprocess.Popen(
         [

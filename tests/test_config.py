@@ -63,6 +63,7 @@ BAD = [
     (["pico", "data.seq_len"], "data.seq_len"),
     (["pico", "model.attention=flash"], "model.attention='flash'"),
     (["pico", "ttt.cache_phases=0"], "ttt.cache_phases=0"),
+    (["pico", "ttt.chunk_attention=flash"], "ttt.chunk_attention='flash'"),
 ]
 
 

@@ -41,7 +41,7 @@ class ModelConfig:
     compute_dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
     remat: str = "none"  # none | block (recompute each block) | inner (recompute each inner step)
     # Kernel for whole-sequence attention (first-order paths only; the inner loop's
-    # chunks always use the dense form): auto = cudnn on GPU in bf16, else dense.
+    # chunks have ttt.chunk_attention): auto = cudnn on GPU in bf16, else dense.
     attention: str = "auto"
 
 
@@ -56,6 +56,11 @@ class TTTConfig:
     # The chunk loop runs as up to this many scans, each with the KV cache its chunks
     # need (early chunks have fewer earlier tokens); 1 = one scan, one window-sized cache.
     cache_phases: int = 1
+    # Kernel for the chunks' attention over their KV cache where nothing differentiates
+    # through the inner updates (evaluation, prefill). Training with meta-learning takes
+    # grad of grad through it, which cuDNN's backward cannot give, so it stays dense there.
+    # dense until cudnn is measured on a GPU; values as for model.attention.
+    chunk_attention: str = "dense"
 
 
 @dataclass(frozen=True)
@@ -389,6 +394,12 @@ def validate(cfg: Config) -> None:
     )
     _need(t.inner_clip > 0, "ttt.inner_clip", t.inner_clip, "must be > 0")
     _need(t.cache_phases >= 1, "ttt.cache_phases", t.cache_phases, "must be a positive integer")
+    _need(
+        t.chunk_attention in ATTENTION,
+        "ttt.chunk_attention",
+        t.chunk_attention,
+        f"allowed are {', '.join(ATTENTION)}",
+    )
 
     _need(d.seq_len >= 1, "data.seq_len", d.seq_len, "must be a positive integer")
     _need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be a positive integer")

@@ -77,21 +77,29 @@ def attend(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
     return jnp.einsum("...hts,...shd->...thd", probs, v)
 
 
-def attention_kernel(choice: str, q: jax.Array) -> str:
-    """The kernel for a whole-sequence attention: `dense`, `xla` or `cudnn`.
+def attention_kernel(choice: str, q: jax.Array, field: str = "model.attention") -> str:
+    """The kernel for an attention that is differentiated at most once: `dense`, `xla`
+    or `cudnn`.
 
     `auto` picks cuDNN's flash attention where it applies (GPU, bf16/fp16, head_dim a
-    multiple of 8 up to 128): it never builds the (T x T) score matrix. It is used on
-    first-order paths only, since its backward pass cannot itself be differentiated; the
-    inner loop's chunks always go through `attend`.
+    multiple of 8 up to 128): it never builds the (T x S) score matrix in memory. Its
+    backward pass cannot itself be differentiated, so callers ask only on first-order
+    paths. `field` names the config knob in the error.
     """
     gpu = jax.default_backend() == "gpu"
     if choice == "auto":
         fits = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
         return "cudnn" if gpu and fits and q.shape[-1] <= 128 else "dense"
     if choice == "cudnn" and not gpu:
-        raise ConfigError("model.attention='cudnn': needs a GPU; allowed here are auto, dense, xla")
+        raise ConfigError(f"{field}='cudnn': needs a GPU; allowed here are auto, dense, xla")
     return choice
+
+
+def _fused(q, k, v, kernel: str, **how) -> jax.Array:
+    """jax's fused attention on (..., T, H, D) inputs of any number of leading dims."""
+    flat = lambda t: t.reshape(-1, *t.shape[-3:])  # noqa: E731
+    out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), implementation=kernel, **how)
+    return out.reshape(q.shape)
 
 
 def attend_sequence(q, k, v, window: int | None, kernel: str) -> jax.Array:
@@ -100,17 +108,23 @@ def attend_sequence(q, k, v, window: int | None, kernel: str) -> jax.Array:
     if kernel == "dense":
         pos = jnp.arange(q.shape[-3])
         return attend(q, k, v, pos, pos, window)
-    flat = lambda t: t.reshape(-1, *t.shape[-3:])  # noqa: E731
-    out = jax.nn.dot_product_attention(
-        flat(q),
-        flat(k),
-        flat(v),
-        is_causal=True,
-        # (left, right): key j is seen iff i - left <= j <= i + right, so j > i - window.
-        local_window_size=None if window is None else (window - 1, 0),
-        implementation=kernel,
-    )
-    return out.reshape(q.shape)
+    # (left, right): key j is seen iff i - left <= j <= i + right, so j > i - window.
+    local = None if window is None else (window - 1, 0)
+    return _fused(q, k, v, kernel, is_causal=True, local_window_size=local)
+
+
+def attend_cached(q, k, v, q_pos, k_pos, window: int | None, kernel: str) -> jax.Array:
+    """A chunk's queries over its KV cache followed by its own keys, at any positions
+    (empty cache slots sit at negative ones). The fused kernels get the explicit mask:
+    their built-in causal mask aligns the first query with the first key, whereas here
+    the queries line up with the last keys."""
+    if kernel == "dense":
+        return attend(q, k, v, q_pos, k_pos, window)
+    # One mask per head: under vmap, jax 0.11's batching rule for the cuDNN call reshapes
+    # the mask to (batch, heads, T, S) and cannot take a mask shared across heads.
+    mask = window_mask(q_pos, k_pos, window)
+    mask = jnp.broadcast_to(mask, (1, q.shape[-2], *mask.shape))
+    return _fused(q, k, v, kernel, mask=mask)
 
 
 class Attention(nnx.Module):
@@ -125,8 +139,9 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(self.head_dim, dtype)
         self.k_norm = RMSNorm(self.head_dim, dtype)
 
-    def __call__(self, x, positions, window: int | None, cache=None):
-        """x: (..., T, d). cache: (k, v, k_pos) of earlier tokens, or None.
+    def __call__(self, x, positions, window: int | None, cache=None, cache_kernel="dense"):
+        """x: (..., T, d). cache: (k, v, k_pos) of earlier tokens, or None; `cache_kernel`
+        (a `ttt.chunk_attention` value) attends over it.
 
         Returns the output and this call's own (k, v), already normed and rotated, so a
         caller can carry them into the next chunk's cache.
@@ -145,7 +160,8 @@ class Attention(nnx.Module):
             k_all = jnp.concatenate([ck, k], axis=-3)
             v_all = jnp.concatenate([cv, v], axis=-3)
             k_pos = jnp.concatenate([cpos, positions])
-            out = attend(q, k_all, v_all, positions, k_pos, window)
+            kernel = attention_kernel(cache_kernel, q, "ttt.chunk_attention")
+            out = attend_cached(q, k_all, v_all, positions, k_pos, window, kernel)
         out = out.reshape(*out.shape[:-2], -1) @ self.wo[...].astype(dt)
         return out, (k, v)
 
@@ -178,8 +194,8 @@ class Block(nnx.Module):
         self.mlp_pre, self.mlp_post = RMSNorm(d, dtype), RMSNorm(d, dtype)
         self.mlp = MLP(d, cfg.mlp, dtype, rngs)
 
-    def __call__(self, x, positions, window: int | None, cache=None):
-        a, kv = self.attn(self.attn_pre(x), positions, window, cache)
+    def __call__(self, x, positions, window: int | None, cache=None, cache_kernel="dense"):
+        a, kv = self.attn(self.attn_pre(x), positions, window, cache, cache_kernel)
         x = x + self.attn_post(a)
         if self.has_prime:
             x = x + self.prime_post(self.prime_mlp(self.prime_pre(x)))

@@ -131,9 +131,11 @@ def inner_loop_nll(
     inner_lr: jax.Array,
     ttt: TTTConfig,
     remat: str = "none",
+    first_order: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token NLL (B, T) under test-time training, and each sequence's loss (B,):
-    the mean of its chunk losses."""
+    the mean of its chunk losses. `first_order`: nothing will differentiate through the
+    inner updates, so the chunks' attention may use `ttt.chunk_attention`."""
     batch, seq_len = inputs.shape
     chunk, window = ttt.chunk, model.cfg.window
     n_chunks = seq_len // chunk
@@ -144,13 +146,15 @@ def inner_loop_nll(
     graphdef, fast0, slow = nnx.split(model.suffix, FastParam, ...)
     n_layers = model.cfg.ttt_layers
     heads, head_dim = model.cfg.heads, model.cfg.width // model.cfg.heads
+    cache_kernel = ttt.chunk_attention if first_order else "dense"
 
     def chunk_loss(fast, cache, h_c, pos_c, tgt_c, mask_c):
         ck, cv, cpos = cache
 
         def layer(x, xs):
             lf, ls, k_l, v_l = xs
-            x, kv = nnx.merge(graphdef, lf, ls)(x, pos_c, window, (k_l, v_l, cpos))
+            block = nnx.merge(graphdef, lf, ls)
+            x, kv = block(x, pos_c, window, (k_l, v_l, cpos), cache_kernel)
             return x, kv
 
         if remat == "block":
@@ -211,23 +215,39 @@ def sequence_nll(
     *,
     inner: bool,
     remat: str = "none",
+    first_order: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """(loss, per-token NLL of shape (B, T)) for a batch `(inputs, targets, loss_mask)`.
 
     `inner=True` runs test-time training (ttt_e2e only); the loss is then the mean over
     sequences of the mean chunk loss. Otherwise it is the masked mean token NLL.
+    `first_order=True` promises that the result is differentiated at most once.
     """
     inputs, targets, mask = batch
     if inner:
         if model.suffix is None:
             raise ValueError("the inner loop needs mixer ttt_e2e")
-        nll, seq_loss = inner_loop_nll(model, inputs, targets, mask, inner_lr, ttt, remat)
+        nll, seq_loss = inner_loop_nll(
+            model, inputs, targets, mask, inner_lr, ttt, remat, first_order
+        )
         return jnp.mean(seq_loss), nll
     nll = hidden_nll(model, plain_hidden(model, inputs, remat != "none"), targets)
     return masked_mean(nll, mask), nll
 
 
-def loss_fn(graphdef, params, batch, inner_lr, ttt: TTTConfig, *, inner: bool, remat="none"):
+def loss_fn(
+    graphdef,
+    params,
+    batch,
+    inner_lr,
+    ttt: TTTConfig,
+    *,
+    inner: bool,
+    remat="none",
+    first_order=False,
+):
     """The functional form used under `jax.jit`/`jax.grad`: merge happens at trace time only."""
     model = nnx.merge(graphdef, params)
-    return sequence_nll(model, batch, inner_lr, ttt, inner=inner, remat=remat)
+    return sequence_nll(
+        model, batch, inner_lr, ttt, inner=inner, remat=remat, first_order=first_order
+    )

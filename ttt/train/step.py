@@ -107,7 +107,8 @@ def make_eval_step(cfg: Config, graphdef):
 
     @jax.jit
     def evaluate(params, batch, eta):
-        _, nll = loss_fn(graphdef, params, batch, eta, cfg.ttt, inner=inner, remat="none")
+        # Nothing differentiates evaluation, so the chunks may use ttt.chunk_attention.
+        _, nll = loss_fn(graphdef, params, batch, eta, cfg.ttt, inner=inner, first_order=True)
         return nll, masked_mean(nll, batch[2])
 
     return evaluate

@@ -36,6 +36,7 @@ class BenchRow:
     remat: str
     attention: str = "auto"
     cache_phases: int = 1
+    chunk_attention: str = "dense"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +116,7 @@ def bench_one(cfg: Config, mode: str, steps: int = 5, warmup: int = 1) -> BenchR
         remat=cfg.model.remat,
         attention=cfg.model.attention,
         cache_phases=cfg.ttt.cache_phases,
+        chunk_attention=cfg.ttt.chunk_attention,
     )
 
 
@@ -131,6 +133,7 @@ def format_table(rows: list[BenchRow]) -> str:
         variant = [f"remat={r.remat}"] * (r.remat != "none")
         variant += [f"attention={r.attention}"] * (r.attention != "auto")
         variant += [f"cache_phases={r.cache_phases}"] * (r.cache_phases != 1)
+        variant += [f"chunk_attention={r.chunk_attention}"] * (r.chunk_attention != "dense")
         ratio = " ".join([ratio, *variant])
         mfu = "-" if r.mfu is None else f"{100 * r.mfu:.1f}%"
         mem = "-" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.3f}"

@@ -37,11 +37,13 @@ ROWS = [
     ("train", "125m", "swa", 8192, 8, ()),
     ("prefill", "125m", "full", 131072, 1, ()),
     ("prefill", "125m", "ttt_e2e", 131072, 1, ()),
+    ("prefill", "125m", "ttt_e2e", 131072, 1, ("ttt.chunk_attention=cudnn",)),
     ("train", "760m", "full", 8192, 4, ()),
     ("train", "760m", "ttt_e2e", 8192, 4, ("model.remat=inner",)),
     ("prefill", "125m", "swa", 131072, 1, ()),
     ("prefill", "125m", "full", 32768, 1, ()),
     ("prefill", "125m", "ttt_e2e", 32768, 1, ()),
+    ("prefill", "125m", "ttt_e2e", 32768, 1, ("ttt.chunk_attention=cudnn",)),
     ("train", "125m", "full", 32768, 2, ()),
     ("train", "125m", "ttt_e2e", 32768, 2, ("model.remat=inner",)),
     ("train", "125m", "ttt_e2e", 8192, 8, ("model.remat=block",)),
@@ -57,12 +59,14 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def _nll(cfg, params=None, *, inner, inner_lr=1.0, seed=0):
+def _nll(cfg, params=None, *, inner, inner_lr=1.0, seed=0, first_order=False):
     graphdef, p0 = nnx.split(create_model(cfg.model, seed=0))
     params = p0 if params is None else params
     tokens = jax.random.randint(jax.random.key(seed), (2, cfg.data.seq_len + 1), 0, 256)
     batch = tokens[:, :-1], tokens[:, 1:], jnp.ones((2, cfg.data.seq_len), bool)
-    f = jax.jit(lambda p, b, lr: loss_fn(graphdef, p, b, lr, cfg.ttt, inner=inner))
+    f = jax.jit(
+        lambda p, b, lr: loss_fn(graphdef, p, b, lr, cfg.ttt, inner=inner, first_order=first_order)
+    )
     return np.asarray(f(params, batch, jnp.float32(inner_lr))[1]), params
 
 
@@ -153,6 +157,16 @@ def correctness() -> list[tuple[str, float, float]]:
     full, p = _nll(nano("model.window=256", mixer="full", dt="bfloat16"), inner=False)
     swa, _ = _nll(nano("model.window=256", mixer="swa", dt="bfloat16"), p, inner=False)
     out.append(("full == swa with window >= T (cudnn, bf16)", _rel(swa, full), 1e-2))
+
+    # Evaluation/prefill: the chunks attend through the fused kernel with an explicit
+    # mask (ttt.chunk_attention), inner updates on, caches that grow (empty slots).
+    nll = {}
+    for kernel in ("dense", fast):
+        c = nano("ttt.cache_phases=2", f"ttt.chunk_attention={kernel}", dt="bfloat16")
+        nll[kernel], _ = _nll(c, params, inner=True, first_order=True)
+    out.append(
+        (f"ttt_e2e chunk attention {fast} == dense, bf16", _rel(nll[fast], nll["dense"]), 3e-2)
+    )
     return out
 
 
@@ -173,7 +187,9 @@ def main() -> None:
     ap.add_argument("--cache", action="store_true", help="also run the LR-only cache check")
     ap.add_argument("--smoke", action="store_true", help="pico rows at T=128 (CPU smoke test)")
     a = ap.parse_args()
-    rows_todo = [("train", "pico", m, 128, 2, ()) for m in ("full", "ttt_e2e")] if a.smoke else ROWS
+    smoke = [("train", "pico", m, 128, 2, ()) for m in ("full", "ttt_e2e")]
+    smoke.append(("prefill", "pico", "ttt_e2e", 128, 2, ("ttt.chunk_attention=xla",)))
+    rows_todo = smoke if a.smoke else ROWS
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     dev = jax.devices()[0]

@@ -221,7 +221,8 @@ def sequence_nll(
 
     `inner=True` runs test-time training (ttt_e2e only); the loss is then the mean over
     sequences of the mean chunk loss. Otherwise it is the masked mean token NLL.
-    `first_order=True` promises that the result is differentiated at most once.
+    `first_order=True` promises that nothing differentiates the result, so that the inner
+    gradient is the only one taken through the chunks' attention.
     """
     inputs, targets, mask = batch
     if inner:

@@ -177,12 +177,15 @@ def test_sequence_attention_kernels_agree(window):
     np.testing.assert_allclose(xla, dense, rtol=1e-5, atol=1e-5)
 
 
-def test_cudnn_attention_off_the_gpu_is_one_line(capsys):
+@pytest.mark.parametrize(
+    "field,mixer", [("model.attention", "full"), ("ttt.chunk_attention", "ttt_e2e")]
+)
+def test_cudnn_attention_off_the_gpu_is_one_line(capsys, field, mixer):
     from ttt.cli.app import main
 
-    args = ["bench", "prefill", "pico", "model.attention=cudnn", "--mixers", "full", "--steps", "1"]
+    args = ["bench", "prefill", "pico", f"{field}=cudnn", "--mixers", mixer, "--steps", "1"]
     with pytest.raises(SystemExit) as exc:
         main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1, err
-    assert err[0].startswith("error: model.attention='cudnn': needs a GPU")
+    assert err[0].startswith(f"error: {field}='cudnn': needs a GPU")

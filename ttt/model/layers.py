@@ -90,9 +90,14 @@ def attention_kernel(choice: str, q: jax.Array, field: str = "model.attention") 
     if choice == "auto":
         fits = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
         return "cudnn" if gpu and fits and q.shape[-1] <= 128 else "dense"
-    if choice == "cudnn" and not gpu:
-        raise ConfigError(f"{field}='cudnn': needs a GPU; allowed here are auto, dense, xla")
+    require_kernel(choice, field)
     return choice
+
+
+def require_kernel(choice: str, field: str) -> None:
+    """A `cudnn` choice off a GPU is a config error, raised before anything is traced."""
+    if choice == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"{field}='cudnn': needs a GPU; allowed here are auto, dense, xla")
 
 
 def _fused(q, k, v, kernel: str, **how) -> jax.Array:

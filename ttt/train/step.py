@@ -13,6 +13,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ttt.config import Config
+from ttt.model.layers import require_kernel
 from ttt.model.loop import loss_fn, masked_mean
 from ttt.train.optim import Hyper, inner_lr, optimizer, outer_lr
 
@@ -104,6 +105,8 @@ def make_eval_step(cfg: Config, graphdef):
     """`eval(params, batch, eta) -> (per-token NLL (B, T), masked mean loss)`; runs the
     inner loop for ttt_e2e whatever `meta` says (test-time training)."""
     inner = uses_inner_loop(cfg, training=False)
+    if inner:  # at start-up, not when the first evaluation is traced after training
+        require_kernel(cfg.ttt.chunk_attention, "ttt.chunk_attention")
 
     @jax.jit
     def evaluate(params, batch, eta):

@@ -339,13 +339,7 @@ def test_losing_a_node_fails_its_trial_over(tmp_path, corpus, two_nodes, trackin
     while True:  # the second node's trial well past its first checkpoint
         assert proc.poll() is None and time.time() < deadline, "sweep ended before the kill"
         held = two_nodes.worker_open_files("/ttt-trials/node-loss/")
-        steps = [
-            max(
-                (json.loads(ln).get("step", 0) for ln in f.read_text().splitlines()[-3:]), default=0
-            )
-            for f in held
-            if f.name == "metrics.jsonl"
-        ]
+        steps = [last_local_step(f) for f in held if f.name == "metrics.jsonl"]
         if steps and steps[0] >= 50:
             break
         time.sleep(0.2)

@@ -336,9 +336,13 @@ def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r}: {allowed}")
 
 
+def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    _need(value in choices, key, value, f"allowed are {', '.join(choices)}")
+
+
 def validate(cfg: Config) -> None:
     m, t, d, tr = cfg.model, cfg.ttt, cfg.data, cfg.train
-    _need(m.mixer in MIXERS, "model.mixer", m.mixer, f"allowed are {', '.join(MIXERS)}")
+    _one_of("model.mixer", m.mixer, MIXERS)
     for name in ("layers", "width", "heads", "mlp", "vocab_size", "window"):
         v = getattr(m, name)
         _need(v >= 1, f"model.{name}", v, "must be a positive integer")
@@ -363,25 +367,10 @@ def validate(cfg: Config) -> None:
             m.ttt_layers,
             f"must be between 0 and model.layers={m.layers}",
         )
-    _need(
-        m.param_dtype in ("float32", "float64"),
-        "model.param_dtype",
-        m.param_dtype,
-        "allowed are float32, float64",
-    )
-    _need(
-        m.compute_dtype in DTYPES,
-        "model.compute_dtype",
-        m.compute_dtype,
-        f"allowed are {', '.join(DTYPES)}",
-    )
-    _need(m.remat in REMAT, "model.remat", m.remat, f"allowed are {', '.join(REMAT)}")
-    _need(
-        m.attention in ATTENTION,
-        "model.attention",
-        m.attention,
-        f"allowed are {', '.join(ATTENTION)}",
-    )
+    _one_of("model.param_dtype", m.param_dtype, ("float32", "float64"))
+    _one_of("model.compute_dtype", m.compute_dtype, DTYPES)
+    _one_of("model.remat", m.remat, REMAT)
+    _one_of("model.attention", m.attention, ATTENTION)
 
     _need(t.chunk >= 1, "ttt.chunk", t.chunk, "must be a positive integer")
     _need(t.inner_lr >= 0, "ttt.inner_lr", t.inner_lr, "must be >= 0")
@@ -394,12 +383,7 @@ def validate(cfg: Config) -> None:
     )
     _need(t.inner_clip > 0, "ttt.inner_clip", t.inner_clip, "must be > 0")
     _need(t.cache_phases >= 1, "ttt.cache_phases", t.cache_phases, "must be a positive integer")
-    _need(
-        t.chunk_attention in ATTENTION,
-        "ttt.chunk_attention",
-        t.chunk_attention,
-        f"allowed are {', '.join(ATTENTION)}",
-    )
+    _one_of("ttt.chunk_attention", t.chunk_attention, ATTENTION)
 
     _need(d.seq_len >= 1, "data.seq_len", d.seq_len, "must be a positive integer")
     _need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be a positive integer")

@@ -104,8 +104,11 @@ def cache_plan(n_chunks: int, chunk: int, cache_len: int, phases: int) -> list[t
     the price of more phases.
     """
 
+    def size(b):  # the cache of a run that ends before chunk b
+        return min(b * chunk, cache_len)
+
     def cost(a, b):
-        return (b - a) * (min(b * chunk, cache_len) + chunk)
+        return (b - a) * (size(b) + chunk)
 
     inf = float("inf")
     # best[p][j]: the least cost of chunks 0..j-1 in p runs, and where the last run starts
@@ -118,7 +121,7 @@ def cache_plan(n_chunks: int, chunk: int, cache_len: int, phases: int) -> list[t
     runs, j = [], n_chunks
     while j:
         i = best[p][j][1]
-        runs.append((j - i, min(j * chunk, cache_len)))
+        runs.append((j - i, size(j)))
         j, p = i, p - 1
     return runs[::-1]
 

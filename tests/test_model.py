@@ -177,6 +177,30 @@ def test_sequence_attention_kernels_agree(window):
     np.testing.assert_allclose(xla, dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("seq_len,window", [(48, 8), (50, 8), (33, 1), (100, 30)])
+def test_banded_swa_equals_the_whole_score_matrix(seq_len, window):
+    """Sliding-window attention in window-sized blocks (each over its own and the previous
+    block's keys) is the (T x T) masked softmax, in values and gradients, also when T is
+    not a multiple of the window; `dense` switches to it for windows under about T/2."""
+    from ttt.model.layers import attend, attend_banded, attend_sequence, banded_pays
+
+    q, k, v = jax.random.normal(jax.random.key(2), (3, 2, seq_len, 4, 8))
+    pos = jnp.arange(seq_len)
+    whole = lambda q, k, v: attend(q, k, v, pos, pos, window)  # noqa: E731
+    banded = lambda q, k, v: attend_banded(q, k, v, window)  # noqa: E731
+    np.testing.assert_allclose(banded(q, k, v), whole(q, k, v), atol=1e-6)
+    assert banded_pays(seq_len, window)
+    np.testing.assert_array_equal(attend_sequence(q, k, v, window, "dense"), banded(q, k, v))
+
+    def grads(fn):
+        return jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2))(q, k, v)
+
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads(banded), grads(whole)
+    )
+    assert not banded_pays(64, 32) and not banded_pays(64, None)
+
+
 @pytest.mark.parametrize(
     "field,mixer", [("model.attention", "full"), ("ttt.chunk_attention", "ttt_e2e")]
 )

@@ -59,8 +59,9 @@ def rope(x: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 def window_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
-    """Query i sees key j iff j <= i, j > i - window, and j is a real token (j >= 0)."""
-    q, k = q_pos[:, None], k_pos[None, :]
+    """Query i sees key j iff j <= i, j > i - window, and j is a real token (j >= 0).
+    q_pos: (..., T), k_pos: (..., S) -> (..., T, S)."""
+    q, k = q_pos[..., :, None], k_pos[..., None, :]
     mask = (k <= q) & (k >= 0)
     if window is not None:
         mask &= k > q - window
@@ -68,13 +69,47 @@ def window_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.A
 
 
 def attend(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
-    """Masked softmax attention. q: (..., T, H, D); k, v: (..., S, H, D)."""
+    """Masked softmax attention. q: (..., T, H, D); k, v: (..., S, H, D); positions (T,)
+    and (S,), or with leading dims that broadcast against q's."""
     scale, ft = q.shape[-1] ** -0.5, _at_least_f32(q.dtype)
     scores = jnp.einsum("...thd,...shd->...hts", q, k, preferred_element_type=ft)
-    mask = window_mask(q_pos, k_pos, window)
+    mask = window_mask(q_pos, k_pos, window)[..., None, :, :]  # one mask for every head
     scores = jnp.where(mask, scores * scale, jnp.finfo(ft).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("...hts,...shd->...thd", probs, v)
+
+
+def banded_pays(seq_len: int, window: int | None) -> bool:
+    """Whether window-sized blocks (`attend_banded`) score fewer (query, key) pairs than
+    the whole (T x T) matrix: a window under about half the sequence."""
+    if window is None:
+        return False
+    return 2 * window * window * -(-seq_len // window) < seq_len * seq_len
+
+
+def attend_banded(q, k, v, window: int) -> jax.Array:
+    """Sliding-window self-attention of a whole sequence (positions 0..T-1) in blocks of
+    `window` queries, each over its own block's keys and the previous block's: T x 2k
+    scores instead of T x T, and the same function (query i sees i - k < j <= i, which
+    lies within those two blocks). Pure jnp, so it can be differentiated twice.
+    q, k, v: (..., T, H, D); T is padded up to a multiple of the window."""
+    seq_len = q.shape[-3]
+    n = -(-seq_len // window)
+
+    def blocks(x):  # (..., T, H, D) -> (..., n, window, H, D)
+        pad = [(0, 0)] * (x.ndim - 3) + [(0, n * window - seq_len), (0, 0), (0, 0)]
+        x = jnp.pad(x, pad)
+        return x.reshape(*x.shape[:-3], n, window, *x.shape[-2:])
+
+    def with_previous(x):  # block j's keys: block j-1 (zeros before block 0), then j
+        prev = jnp.concatenate([jnp.zeros_like(x[..., :1, :, :, :]), x[..., :-1, :, :, :]], -4)
+        return jnp.concatenate([prev, x], axis=-3)
+
+    pos = jnp.arange(n * window).reshape(n, window)
+    k_pos = jnp.concatenate([pos - window, pos], axis=-1)  # block 0's "previous" is < 0
+    kb, vb = with_previous(blocks(k)), with_previous(blocks(v))
+    out = attend(blocks(q), kb, vb, pos, k_pos, window)
+    return out.reshape(*q.shape[:-3], n * window, *q.shape[-2:])[..., :seq_len, :, :]
 
 
 def attention_kernel(choice: str, q: jax.Array, field: str = "model.attention") -> str:
@@ -109,8 +144,11 @@ def _fused(q, k, v, kernel: str, **how) -> jax.Array:
 
 def attend_sequence(q, k, v, window: int | None, kernel: str) -> jax.Array:
     """Causal (window None) or sliding-window self-attention of a whole sequence.
-    q, k, v: (..., T, H, D), positions 0..T-1."""
+    q, k, v: (..., T, H, D), positions 0..T-1. `dense` scores a window well under the
+    sequence in window-sized blocks; the fused kernels get the whole mask."""
     if kernel == "dense":
+        if banded_pays(q.shape[-3], window):
+            return attend_banded(q, k, v, window)
         pos = jnp.arange(q.shape[-3])
         return attend(q, k, v, pos, pos, window)
     # (left, right): key j is seen iff i - left <= j <= i + right, so j > i - window.

@@ -248,9 +248,9 @@ def test_two_processes_match_one(train_cfg, tmp_path):
     process has its own run dir, as on nodes without a shared filesystem: process 0 alone
     keeps checkpoints, and on resume the other process gets the state from it.
 
-    The mixer is `full`: what is under test is the processes' plumbing, and the five processes
-    would each build the second-order ttt_e2e step, tripling the test's time. The sharded inner loop
-    is checked by `test_two_devices_match_one`."""
+    The mixer is `full`: what is under test is the processes' plumbing, and the five
+    processes would each build the second-order ttt_e2e step, tripling the test's time.
+    The sharded inner loop is checked by `test_two_devices_match_one`."""
     import shutil
 
     cfg = train_cfg()

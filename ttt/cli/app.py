@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
+# typer >= 0.26 bundles its own click: usage errors are `typer._click` exceptions, which
+# the standalone `click` package's classes do not catch. Both derive from these public
+# typer classes (pyproject pins the typer range this is tested with).
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
 from ttt.errors import UserError
 
@@ -14,6 +18,8 @@ app = typer.Typer(
     help="Run, track and plot End-to-End Test-Time Training (TTT-E2E) experiments.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain help text: rich markup would swallow "[dotted.key=value ...]".
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -35,21 +41,34 @@ def _register() -> None:
 _register()
 
 
+def usage_line(e: UsageError) -> str:
+    """One line: what was wrong, and where the command's help is."""
+    message = " ".join(e.format_message().split())
+    where = e.ctx.command_path if e.ctx is not None else "ttt"
+    return f"error: {message} (see '{where} --help')"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: usage and user errors become one line on stderr and exit code 2."""
     try:
         app(args=argv, prog_name="ttt", standalone_mode=False)
+    except NoArgsIsHelpError as e:  # a bare group: its help, then the usage exit code
+        typer.echo(e.format_message(), err=True)
+        sys.exit(2)
+    except UsageError as e:
+        print(usage_line(e), file=sys.stderr)
+        sys.exit(2)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    except typer.TyperException as e:  # other click errors (a file that cannot be opened)
+        print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 1) or 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -49,7 +49,9 @@ def _run(
     return rows
 
 
-_ARGS = typer.Argument(None, help="[PRESET|FILE] [dotted.key=value ...]")
+_ARGS = typer.Argument(
+    None, metavar="[PRESET|FILE] [dotted.key=value ...]", help="Default preset pico."
+)
 _MIXERS = typer.Option("full,swa,ttt_e2e", help="Comma-separated mixers to compare.")
 _STEPS = typer.Option(5, help="Timed steps (median reported).")
 _WARMUP = typer.Option(1, help="Untimed steps after compile.")

@@ -16,7 +16,9 @@ def split_source(args: list[str]) -> tuple[str | None, list[str]]:
 
 @app.command("show")
 def show(
-    args: list[str] = typer.Argument(None, help="[PRESET|FILE] [dotted.key=value ...]"),
+    args: list[str] = typer.Argument(
+        None, metavar="[PRESET|FILE] [dotted.key=value ...]", help="Default preset pico."
+    ),
 ) -> None:
     """Print the resolved config (YAML) and its parameter counts."""
     from ttt.config import load_config

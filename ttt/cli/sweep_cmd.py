@@ -88,7 +88,8 @@ def _storage(storage_path: str | None) -> Path:
 
 @app.command("status")
 def status(
-    name: str = typer.Argument(..., help="Sweep name."), storage_path: str = _STORAGE
+    name: str = typer.Argument(..., metavar="NAME", help="Sweep name."),
+    storage_path: str = _STORAGE,
 ) -> None:
     """Each trial's state and best metric."""
     from sweeps.status import sweep_status

@@ -35,7 +35,11 @@ def default_out(cfg) -> Path:
 
 
 def train(
-    args: list[str] = typer.Argument(..., help="CONFIG|PRESET [dotted.key=value ...]"),
+    args: list[str] = typer.Argument(
+        ...,
+        metavar="CONFIG|PRESET [dotted.key=value ...]",
+        help="A preset or a YAML config, then overrides.",
+    ),
     out: Path = typer.Option(
         None, "--out", help="Run directory (default runs/<preset>-<mixer>-<time>)."
     ),
@@ -68,7 +72,9 @@ def train(
 
 
 def evaluate(
-    run_dir: Path = typer.Argument(..., help="A run directory written by `ttt train`."),
+    run_dir: Path = typer.Argument(
+        ..., metavar="RUN", help="A run directory written by `ttt train`."
+    ),
     seq_len: int = typer.Option(None, "--seq-len", help="Evaluate at this context length."),
     max_batches: int = typer.Option(None, "--max-batches", help="Cap on validation batches."),
 ) -> None:

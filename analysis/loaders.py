@@ -47,6 +47,20 @@ def _experiment_ids(c, experiments: Sequence[str] | None) -> dict[str, str]:
     return {e.experiment_id: e.name for e in c.search_experiments()}
 
 
+def require_experiments(tracking_uri: str, experiments: Sequence[str]) -> None:
+    """A name that is not an experiment in the store is a user error listing those that are."""
+    from ttt.errors import UserError
+
+    c = _client(tracking_uri)
+    missing = [n for n in experiments if c.get_experiment_by_name(n) is None]
+    if missing:
+        known = sorted(e.name for e in c.search_experiments())
+        raise UserError(
+            f"--experiment={missing[0]!r}: no such experiment in {tracking_uri} "
+            f"(there: {', '.join(known) or 'none'})"
+        )
+
+
 def _parse(value: str):
     for cast in (int, float):
         try:

@@ -14,13 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sweeps.spec import Stage, SweepSpec
-from sweeps.tracking import (
-    MlflowSweepCallback,
-    client,
-    default_tracking_uri,
-    ensure_experiment,
-    find_run,
-)
+from sweeps.tracking import MlflowSweepCallback, client, ensure_experiment, find_run
+from ttt.errors import UserError
+from ttt.tracking import check_uri, resolve_uri
 
 DEFAULT_STORAGE = "ray_results"
 
@@ -128,21 +124,44 @@ def trial_resources(spec: SweepSpec):
     return tune.PlacementGroupFactory([bundle] * nodes, strategy="STRICT_SPREAD")
 
 
-def _tuner(spec: SweepSpec, name: str, param_space: dict, callback, storage: Path, max_steps: int):
+def storage_root(storage_path: str | None, spec: SweepSpec | None = None) -> str:
+    """Where Tune keeps results: a URI (s3://, gs://, file://) goes to Tune unchanged; a
+    plain path is made absolute."""
+    root = storage_path or (spec.storage_path if spec else "") or DEFAULT_STORAGE
+    return root if "://" in root else str(Path(root).absolute())
+
+
+@dataclass(frozen=True)
+class Rerun:
+    """What a resumed sweep does with trials that ended in an error (Tune's restore)."""
+
+    resume_errored: bool = False  # continue them from their last checkpoint
+    restart_errored: bool = False  # start them again from scratch
+
+
+def _tuner(
+    spec: SweepSpec,
+    name: str,
+    param_space: dict,
+    callback,
+    storage: str,
+    max_steps: int,
+    rerun: Rerun = Rerun(),
+):
     from ray import tune
 
     trainable = tune.with_resources(
         tune.with_parameters(trial_entry, spec=spec), trial_resources(spec)
     )
-    path = storage / name
-    if tune.Tuner.can_restore(str(path)):
+    path = f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
         print(f"resuming {path}", file=sys.stderr)
         return tune.Tuner.restore(
-            str(path),
+            path,
             trainable=trainable,
             resume_unfinished=True,
-            resume_errored=False,
-            restart_errored=False,
+            resume_errored=rerun.resume_errored,
+            restart_errored=rerun.restart_errored,
         )
     return tune.Tuner(
         trainable,
@@ -158,7 +177,7 @@ def _tuner(spec: SweepSpec, name: str, param_space: dict, callback, storage: Pat
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=storage,
             callbacks=[callback],
             stop={"time_total_s": spec.stop_time_s} if spec.stop_time_s else None,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
@@ -231,15 +250,21 @@ def run_sweep(
     address: str | None = None,
     tracking_uri: str | None = None,
     storage_path: str | None = None,
+    rerun: Rerun = Rerun(),
 ) -> SweepResult:
     import ray
     from ray import tune
 
-    tracking_uri = tracking_uri or default_tracking_uri()
-    storage = Path(storage_path or spec.storage_path or DEFAULT_STORAGE).absolute()
+    tracking_uri = resolve_uri(tracking_uri)
+    check_uri(tracking_uri)
+    if address is not None:
+        connect_env(address)
+    storage = storage_root(storage_path, spec)
     c = client(tracking_uri)
     exp_id = ensure_experiment(c, spec.name, tracking_uri)
     parent = find_run(c, exp_id, {"ttt.role": "sweep", "ttt.sweep": spec.name})
+    if parent is not None:
+        _same_sweep(spec, parent)
     if parent is None:
         parent = c.create_run(
             exp_id,
@@ -248,7 +273,9 @@ def run_sweep(
                 "ttt.role": "sweep",
                 "ttt.sweep": spec.name,
                 "ttt.spec": str(Path(spec.path).absolute()),
-                "ttt.storage_path": str(storage),
+                "ttt.spec_digest": spec.digest(),
+                "ttt.overrides": " ".join(spec.cli_overrides),
+                "ttt.storage_path": storage,
             },
         )
         c.log_artifact(parent.info.run_id, spec.path, artifact_path="spec")
@@ -261,7 +288,12 @@ def run_sweep(
         kwargs = (
             {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if address is None else {}
         )
-        context = ray.init(address=address, log_to_driver=True, **kwargs)
+        try:
+            context = ray.init(address=address, log_to_driver=True, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            if address is None:
+                raise
+            raise _init_error(address, e) from None
     else:
         context = ray.get_runtime_context()
     print_monitoring(context, tracking_uri)
@@ -271,12 +303,16 @@ def run_sweep(
     try:
         max_steps = spec.config(spec.points[0], {}).train.steps
         space = {
-            "point": tune.grid_search(spec.points),
+            # Optuna samples every trial itself and refuses grid_search; its spec has one
+            # point (load_spec), which is then a constant.
+            "point": spec.points[0]
+            if spec.search_alg == "optuna"
+            else tune.grid_search(spec.points),
             "sample": {k: _domain(kind, args) for k, (kind, args) in spec.random.items()},
         }
         params_of = functools.partial(flat_params, spec)
         cb = MlflowSweepCallback(tracking_uri, spec.name, parent_id, "main", params_of)
-        grid = _tuner(spec, spec.name, space, cb, storage, max_steps).fit()
+        grid = _tuner(spec, spec.name, space, cb, storage, max_steps, rerun).fit()
         result.stages.append(StageResult("main", _rows(grid, spec)))
         for stage in spec.stages:
             starts = _starts(spec, stage, result.stages[0].rows)  # every stage extends the first
@@ -286,7 +322,8 @@ def run_sweep(
             space = {"start": tune.grid_search(starts), "stage": stage.name}
             cb = MlflowSweepCallback(tracking_uri, spec.name, parent_id, stage.name, params_of)
             steps = stage.steps or max_steps
-            grid = _tuner(spec, f"{spec.name}-{stage.name}", space, cb, storage, steps).fit()
+            stage_name = f"{spec.name}-{stage.name}"
+            grid = _tuner(spec, stage_name, space, cb, storage, steps, rerun).fit()
             result.stages.append(StageResult(stage.name, _rows(grid, spec)))
         done = [r for r in result.stages[-1].rows if r.get(spec.metric) is not None]
         if done:
@@ -303,6 +340,59 @@ def run_sweep(
         if started_here:
             ray.shutdown()
     return result
+
+
+def _same_sweep(spec: SweepSpec, parent) -> None:
+    """A re-run resumes only the sweep it started: an edited spec (or other overrides)
+    under the same name would silently keep the old trials."""
+    stored = parent.data.tags.get("ttt.spec_digest")
+    if stored is not None and stored != spec.digest():
+        was = parent.data.tags.get("ttt.overrides", "")
+        raise UserError(
+            f"sweep {spec.name!r}: {spec.path} or its overrides changed since it started "
+            f"(overrides then: {was or 'none'}); give --name NEW for a new sweep, or restore "
+            "the spec to resume this one (--resume-errored / --restart-errored rerun its "
+            "failed trials)"
+        )
+
+
+def connect_env(address: str, timeout: float = 5.0) -> None:
+    """Before `ray.init(address=...)`: fail in seconds when nothing listens there, and use
+    the cluster's token when one is at hand (Ray >= 2.59 turns token auth on for
+    `ray start --head`; a driver with auth off is refused after ~20 s of retries)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if address != "auto" and not address.startswith("ray://"):
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+                pass
+        except (OSError, ValueError):
+            raise UserError(
+                f"--address={address}: no Ray cluster listens there (start one with "
+                "`ray start --head`, and pass its GCS address HOST:PORT, default port 6379)"
+            ) from None
+    if os.environ.get("RAY_AUTH_MODE"):
+        return  # the user said how this cluster authenticates
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if not (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+        raise UserError(
+            f"--address={address}: no Ray auth token here; set RAY_AUTH_TOKEN (on the head "
+            "node `ray get-auth-token` prints it) or copy its ~/.ray/auth_token, or set "
+            "RAY_AUTH_MODE=disabled for a cluster started with auth off"
+        )
+    os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _init_error(address: str, e: Exception) -> UserError:
+    text = str(e)
+    if "uthentication" in text or "auth" in text.lower():
+        return UserError(
+            f"--address={address}: the cluster wants a token: set RAY_AUTH_TOKEN (on the head "
+            "node, `ray get-auth-token` prints it) or copy the head's ~/.ray/auth_token here"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return UserError(f"--address={address}: could not join the Ray cluster: {first}")
 
 
 def _close_runs(c, exp_id: str, parent_id: str, status: str) -> None:

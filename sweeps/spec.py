@@ -37,6 +37,7 @@ TOP_KEYS = {
     "max_failures",
     "stages",
     "storage_path",
+    "system_metrics",
 }
 
 
@@ -77,7 +78,19 @@ class SweepSpec:
     max_failures: int = 1
     stages: list[Stage] = field(default_factory=list)
     storage_path: str = ""
+    system_metrics: bool = True  # MLflow's CPU/memory/GPU metrics, sampled in each trial
     raw: dict = field(default_factory=dict)
+    cli_overrides: tuple[str, ...] = ()
+
+    def digest(self) -> str:
+        """What identifies the sweep on resume: the spec's content and the command line's
+        overrides (not its description, not where it is stored)."""
+        import hashlib
+        import json
+
+        ident = {k: v for k, v in self.raw.items() if k not in ("description", "storage_path")}
+        blob = json.dumps([ident, self.name, list(self.cli_overrides)], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def trial_overrides(self, point: dict, sample: dict, stage: Stage | None = None) -> list[str]:
         """`dotted.key=value` overrides for one trial, in precedence order."""
@@ -138,6 +151,29 @@ def _overrides(path: str, where: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def _cli_overrides(path: str, items, raw: dict) -> dict[str | None, dict[str, Any]]:
+    """Command-line overrides: {None: base keys, stage name: that stage's keys}."""
+    stages = {
+        str(st.get("name", f"stage{i + 2}"))
+        for i, st in enumerate(raw.get("stages") or [])
+        if isinstance(st, dict)
+    }
+    out: dict[str | None, dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item:
+            raise SpecError(f"{item!r}: command-line overrides look like dotted.key=value")
+        key, value = (x.strip() for x in item.split("=", 1))
+        head, _, rest = key.partition(".")
+        stage = head if head in stages and rest else None
+        key = rest if stage else key
+        _check_key(path, "command line" if stage is None else f"command line {stage}", key)
+        try:
+            out.setdefault(stage, {})[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SpecError(f"{item!r}: the value is not valid YAML") from None
+    return out
+
+
 def _distribution(path: str, where: str, spec: Any) -> tuple[str, list]:
     if not isinstance(spec, dict) or len(spec) != 1:
         raise _err(
@@ -188,6 +224,10 @@ def _search_block(path: str, where: str, block: Any):
     return grids, fixed, random
 
 
+def _in_variants(raw: dict, key: str) -> bool:
+    return any(isinstance(v, dict) and key in v for v in raw.get("variants") or [])
+
+
 def _expand(grids, fixed) -> list[dict]:
     keys = [k for k, _ in grids]
     return [
@@ -202,7 +242,57 @@ def _int(path, key, value, low=0) -> int:
     return value
 
 
-def load_spec(path: str | Path) -> SweepSpec:
+# What a trial reports (the final report carries eval_loss), so what `metric` can be.
+REPORTED = ("eval_loss", "loss", "grad_norm", "tokens_per_s", "mfu")
+SCHEDULER_KEYS = ("type", "metric", "mode", "grace_period", "reduction_factor", "max_t", "brackets")
+
+
+def _scheduler(path: str, sched: dict) -> dict:
+    """Every ASHA field checked here, not when Ray builds the scheduler."""
+    for k in sched:
+        if k not in SCHEDULER_KEYS:
+            raise _err(
+                path,
+                f"scheduler.{k}",
+                f"unknown key; allowed are {', '.join(sorted(SCHEDULER_KEYS))}",
+            )
+    for k in ("grace_period", "max_t", "brackets"):
+        if k in sched:
+            _int(path, f"scheduler.{k}", sched[k], 1)
+    if "reduction_factor" in sched:
+        rf = sched["reduction_factor"]
+        if not isinstance(rf, (int, float)) or isinstance(rf, bool) or rf <= 1:
+            raise _err(path, "scheduler.reduction_factor", f"expected a number > 1, got {rf!r}")
+    if sched.get("metric", "loss") not in REPORTED:
+        raise _err(
+            path,
+            "scheduler.metric",
+            f"{sched['metric']!r}; allowed are "
+            f"{', '.join(REPORTED)} (ASHA compares trials on each report)",
+        )
+    if sched.get("mode", "min") not in ("min", "max"):
+        raise _err(path, "scheduler.mode", f"{sched['mode']!r}; allowed are min, max")
+    if "max_t" in sched and sched.get("grace_period", 1) > sched["max_t"]:
+        raise _err(
+            path,
+            "scheduler.grace_period",
+            f"{sched['grace_period']} must not exceed max_t={sched['max_t']}",
+        )
+    return sched
+
+
+def _bool(path, key, value) -> bool:
+    if not isinstance(value, bool):
+        raise _err(path, key, f"expected true or false, got {value!r}")
+    return value
+
+
+def load_spec(
+    path: str | Path, overrides: list[str] | tuple = (), name: str | None = None
+) -> SweepSpec:
+    """Parse and check a spec. `overrides` (`dotted.key=value`, or `STAGE.dotted.key=value`
+    for one stage) change the base config (or that stage) from the command line; `name`
+    renames the sweep. Both are part of what identifies the sweep on resume."""
     path = str(path)
     p = Path(path)
     if not p.is_file():
@@ -216,9 +306,10 @@ def load_spec(path: str | Path) -> SweepSpec:
     for key in raw:
         if key not in TOP_KEYS:
             raise _err(path, str(key), f"unknown key; allowed are {', '.join(sorted(TOP_KEYS))}")
-    name = raw.get("name")
+    name = name or raw.get("name")
     if not isinstance(name, str) or not name or "/" in name:
         raise _err(path, "name", f"expected a non-empty name without '/', got {name!r}")
+    cli = _cli_overrides(path, overrides, raw)
 
     base = raw.get("base", "pico")
     if isinstance(base, str):
@@ -233,10 +324,17 @@ def load_spec(path: str | Path) -> SweepSpec:
         base_over = _overrides(path, "base.overrides", base.get("overrides"))
     else:
         raise _err(path, "base", f"expected a preset, a config file or a mapping, got {base!r}")
+    base_over.update(cli.get(None, {}))
     if base_source and not Path(base_source).is_absolute() and (p.parent / base_source).is_file():
         base_source = str(p.parent / base_source)  # config files are relative to the spec
 
     grids, fixed, random = _search_block(path, "search", raw.get("search"))
+    for key in cli.get(None, {}):
+        if key in random or key in dict(grids) or _in_variants(raw, key):
+            raise SpecError(
+                f"{key}: swept by {path}; a command-line override sets a key the spec does "
+                "not sweep (edit the spec, or copy it, to change the axis)"
+            )
     points = _expand(grids, fixed)
     variants = raw.get("variants")
     if variants is not None:
@@ -260,27 +358,23 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise _err(
             path, "scheduler", f"expected fifo or {{type: asha, ...}}, got {raw.get('scheduler')!r}"
         )
-    allowed_sched = {
-        "type",
-        "metric",
-        "mode",
-        "grace_period",
-        "reduction_factor",
-        "max_t",
-        "brackets",
-    }
-    for k in sched:
-        if k not in allowed_sched:
-            raise _err(
-                path,
-                f"scheduler.{k}",
-                f"unknown key; allowed are {', '.join(sorted(allowed_sched))}",
-            )
+    sched = _scheduler(path, sched)
     search_alg = raw.get("search_alg", "basic")
     if search_alg not in ("basic", "optuna"):
         raise _err(path, "search_alg", f"{search_alg!r}; allowed are basic, optuna")
-    if search_alg == "optuna" and grids:
-        raise _err(path, "search_alg", "optuna does not take grid: axes; use choice:")
+    if search_alg == "optuna" and (grids or raw.get("variants")):
+        raise _err(
+            path,
+            "search_alg",
+            "optuna samples every trial itself: use choice: instead of grid: and variants:",
+        )
+    metric = raw.get("metric", "eval_loss")
+    if metric not in REPORTED:
+        raise _err(
+            path,
+            "metric",
+            f"{metric!r} is not reported by trials; allowed are {', '.join(REPORTED)}",
+        )
 
     resources = raw.get("resources", {}) or {}
     allowed_res = {"cpu", "gpu", "nodes", "gpus_per_node"}
@@ -322,7 +416,10 @@ def load_spec(path: str | Path) -> SweepSpec:
             Stage(
                 name=str(st.get("name", f"stage{i + 2}")),
                 start_from=start_from,
-                overrides=_overrides(path, f"stages[{i}].overrides", st.get("overrides")),
+                overrides={
+                    **_overrides(path, f"stages[{i}].overrides", st.get("overrides")),
+                    **cli.get(str(st.get("name", f"stage{i + 2}")), {}),
+                },
                 steps=_int(path, f"stages[{i}].steps", st["steps"], 1) if "steps" in st else None,
             )
         )
@@ -335,7 +432,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         points=points,
         random=random,
         num_samples=_int(path, "num_samples", raw.get("num_samples", 1), 1),
-        metric=str(raw.get("metric", "eval_loss")),
+        metric=metric,
         mode=mode,
         scheduler=sched,
         search_alg=search_alg,
@@ -348,7 +445,9 @@ def load_spec(path: str | Path) -> SweepSpec:
         max_failures=_int(path, "max_failures", raw.get("max_failures", 1)),
         stages=stages,
         storage_path=str(raw.get("storage_path", "") or ""),
+        system_metrics=_bool(path, "system_metrics", raw.get("system_metrics", True)),
         raw=raw,
+        cli_overrides=tuple(overrides),
     )
     _validate_points(spec)
     return spec
@@ -373,6 +472,7 @@ def _validate_points(spec: SweepSpec) -> None:
                 except ConfigError as e:
                     raise SpecError(f"{spec.path}: {where}: {e}") from None
                 _check_split(spec, cfg, where)
+                _check_source(spec, cfg, where)
 
 
 def _check_split(spec: SweepSpec, cfg: Config, where: str) -> None:
@@ -384,6 +484,19 @@ def _check_split(spec: SweepSpec, cfg: Config, where: str) -> None:
             f"{spec.path}: {where}: data.batch_size={cfg.data.batch_size}: must be a multiple "
             f"of resources.nodes x GPUs per node x train.grad_accum = "
             f"{devices * cfg.train.grad_accum}"
+        )
+
+
+def _check_source(spec: SweepSpec, cfg: Config, where: str) -> None:
+    """A local dataset must exist before Ray starts; a URI is left to the trial."""
+    src = cfg.data.source
+    if src == "stdlib" or "://" in src:
+        return
+    if not Path(src).expanduser().is_dir():
+        raise SpecError(
+            f"{spec.path}: {where}: data.source={src!r}: no such dataset directory (override "
+            f"it: ttt sweep run {spec.path} data.source=DIR, or STAGE.data.source=DIR for a "
+            "stage; `ttt data prepare --out DIR` makes one)"
         )
 
 

@@ -9,65 +9,27 @@ resumed trial never gets a second run.
 
 from __future__ import annotations
 
-import math
+import json
 import os
 import time
 from pathlib import Path
 
 from ray.tune import Callback
 
-DEFAULT_DB = "mlflow.db"
-DEFAULT_ARTIFACTS = "mlruns"
-# What a trial reports that is worth a metric history in MLflow.
-METRIC_KEYS = (
-    "loss",
-    "grad_norm",
-    "lr",
-    "inner_lr",
-    "tokens_per_s",
-    "mfu",
-    "eval_loss",
-    "flops_per_token",
+from ttt.tracking import (  # noqa: F401  (re-exported: the sweep's view of the conventions)
+    DEFAULT_ARTIFACTS,
+    DEFAULT_DB,
+    METRIC_KEYS,
+    OUTCOME_STATUS,
+    client,
+    default_tracking_uri,
+    ensure_experiment,
+    find_run,
+    finish,
+    log_eval_artifacts,
+    log_metrics,
+    log_params,
 )
-OUTCOME_STATUS = {
-    "finished": "FINISHED",
-    "diverged": "FAILED",
-    "early_stopped": "KILLED",
-    "error": "FAILED",
-    "interrupted": "KILLED",
-}
-
-
-def default_tracking_uri(cwd: str | Path | None = None) -> str:
-    """SQLite in the working directory: no server needed."""
-    return f"sqlite:///{Path(cwd or os.getcwd()).absolute() / DEFAULT_DB}"
-
-
-def client(tracking_uri: str):
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    mlflow.set_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-def ensure_experiment(c, name: str, tracking_uri: str) -> str:
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            c.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:"):  # artifacts beside the database
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
-        location = (db.parent / DEFAULT_ARTIFACTS).absolute().as_uri()
-    return c.create_experiment(name, artifact_location=location)
-
-
-def find_run(c, experiment_id: str, tags: dict[str, str]):
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = c.search_runs([experiment_id], filter_string=query, max_results=1)
-    return runs[0] if runs else None
 
 
 class MlflowSweepCallback(Callback):
@@ -135,37 +97,26 @@ class MlflowSweepCallback(Callback):
                 },
             )
             run_id = run.info.run_id
-            self._log_params(run_id, self.params_of(trial.config))
+            log_params(c, run_id, self.params_of(trial.config))
+            c.set_tag(run_id, "ttt.run_dir", str(trial.path))
             self._last_step[run_id] = 0
         self._runs[trial.trial_id] = run_id
         return run_id
-
-    def _log_params(self, run_id: str, params: dict) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i : i + 100])
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.client.set_tag(self.run_id(trial), "ttt.trial_name", str(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from mlflow.entities import Metric
-
         run_id = self.run_id(trial)
+        if result.get("provenance") and run_id not in self._done:
+            # the trial's code, JAX and devices, in its first report of each attempt
+            for k, v in json.loads(result["provenance"]).items():
+                self.client.set_tag(run_id, k, v)
         step = int(result.get("step", result.get("training_iteration", 0)))
         if run_id in self._done or step <= self._last_step.get(run_id, 0):
             return  # already logged before the driver restarted
         self._last_step[run_id] = max(step, self._last_step.get(run_id, 0))
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(k, float(result[k]), now, step)
-            for k in METRIC_KEYS
-            if isinstance(result.get(k), (int, float)) and math.isfinite(result[k])
-        ]
-        if metrics:
-            self.client.log_batch(run_id, metrics=metrics)
+        log_metrics(self.client, run_id, result, step)
         if result.get("node_id"):
             self.client.set_tag(run_id, "ttt.node_id", result["node_id"])
             seen = self._nodes.setdefault(run_id, [])
@@ -183,18 +134,17 @@ class MlflowSweepCallback(Callback):
         if ckpt is None:
             return
         with ckpt.as_directory() as d:
-            for f in sorted((Path(d) / "eval").glob("*.parquet")):
-                self.client.log_artifact(run_id, str(f), artifact_path="eval")
+            log_eval_artifacts(self.client, run_id, Path(d))
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        self.client.set_tag(self.run_id(trial), "ttt.checkpoint", checkpoint.path)
 
     def _finish(self, trial, outcome: str, message: str = "") -> None:
         run_id = self.run_id(trial)
         if run_id in self._done:
             return
         self._done.add(run_id)
-        self.client.set_tag(run_id, "ttt.outcome", outcome)
-        if message:
-            self.client.set_tag(run_id, "ttt.message", message[:5000])
-        self.client.set_terminated(run_id, status=OUTCOME_STATUS[outcome])
+        finish(self.client, run_id, outcome, message)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}

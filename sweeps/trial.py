@@ -103,6 +103,7 @@ def trial_main(config: dict, spec: SweepSpec) -> None:
     import ray
     from ray import tune
 
+    from ttt.tracking import SystemSampler, provenance
     from ttt.train import Reporter, run
 
     cfg = _trial_config(config, spec)
@@ -126,14 +127,20 @@ def trial_main(config: dict, spec: SweepSpec) -> None:
             shutil.copytree(d, run_dir)
     saved = run_dir / "checkpoints"
     start_step = max((int(p.name) for p in saved.iterdir()), default=0) if saved.is_dir() else 0
-    tags = {"node_id": node_id, "start_step": start_step}
+    tags = {"node_id": node_id, "start_step": start_step, "provenance": json.dumps(provenance())}
+    sampler = SystemSampler() if spec.system_metrics else None
+
+    def extras() -> dict:
+        out = {**tags, "processes": jax.process_count()}
+        tags.pop("provenance", None)  # once per attempt
+        return {**out, **(sampler.read() if sampler else {})}
 
     class TuneReporter(Reporter):
         def metrics(self, step, values):
-            tune.report({**values, "step": step, **tags, "processes": jax.process_count()})
+            tune.report({**values, "step": step, **extras()})
 
         def checkpoint(self, step, directory, values, final=False):
-            result = {**values, "step": step, **tags, "processes": jax.process_count()}
+            result = {**values, "step": step, **extras()}
             if final:
                 result["outcome"] = "finished"
             stage_dir = _stage_checkpoint(run_dir, step, result if final else None)

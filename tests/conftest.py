@@ -15,6 +15,12 @@ def _isolated_caches(tmp_path_factory):
     yield root
 
 
+@pytest.fixture(autouse=True)
+def _no_ambient_tracking(monkeypatch):
+    """A developer's own MLFLOW_TRACKING_URI must not steer the tests' runs."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 

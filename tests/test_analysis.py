@@ -143,14 +143,20 @@ def test_plots_without_data_explains_and_writes_nothing(tmp_path, capsys):
         [FakeRun("bad", trial_params("swa"), final={"final_eval_loss": 3}, outcome="error")],
     )
     out = tmp_path / "figs"
-    for args in (["--experiment", "bad"], ["--experiment", "nothing-here"]):
-        with pytest.raises(SystemExit) as exc:
-            main(["plots", "--tracking-uri", uri(tmp_path), "--out", str(out), *args])
-        assert exc.value.code == 0
-        text = capsys.readouterr().out
-        assert "fig4_window: no data yet; run sweeps/window_ablation.yaml" in text
-        assert "no figure had data" in text
-        assert not out.exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["plots", "--tracking-uri", uri(tmp_path), "--out", str(out), "--experiment", "bad"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "fig4_window: no data yet; run sweeps/window_ablation.yaml" in text
+    assert "no figure had data" in text
+    assert not out.exists()
+    # A misspelt experiment is an error that lists the ones there are.
+    with pytest.raises(SystemExit) as exc:
+        main(["plots", "--tracking-uri", uri(tmp_path), "-e", "nothing-here"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "'nothing-here': no such experiment" in err[-1] and "bad" in err[-1]
+    assert not out.exists()
     with pytest.raises(SystemExit) as exc:
         main(["plots", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"])
     assert exc.value.code == 2

@@ -100,11 +100,50 @@ def test_extension_with_init_from(train_cfg, tmp_path):
     assert abs(first - base.loss) < 0.5
 
 
-def test_init_from_needs_a_run(train_cfg, tmp_path):
+def test_init_from_needs_a_run(train_cfg, tmp_path, capsys):
     from ttt.errors import UserError
 
     with pytest.raises(UserError, match="train.init_from"):
         run(train_cfg(f"train.init_from={tmp_path}"), tmp_path / "x", progress=False)
+    # A failed start leaves nothing behind: the corrected command then just runs.
+    assert not (tmp_path / "x").exists()
+    args = ["train", "pico", *PICO_TRAIN, f"data.source={train_cfg().data.source}", "-q"]
+    args += ["train.steps=1", "train.eval_batches=1", "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, f"train.init_from={tmp_path / 'nothing'}"])
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0 and "finished at step 1" in capsys.readouterr().out
+
+
+def test_raising_steps_extends_a_finished_run(train_cfg, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run(train_cfg("train.steps=3"), out, progress=False).status == "finished"
+    first = (out / "metrics.jsonl").read_text().splitlines()
+    longer = run(train_cfg("train.steps=5"), out, progress=False)
+    assert longer.status == "finished" and longer.step == 5
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5]
+    assert (out / "metrics.jsonl").read_text().splitlines()[:3] == first[:3]  # not re-run
+    # fewer steps than were run is still another config
+    args = ["train", "pico", *PICO_TRAIN, f"data.source={train_cfg().data.source}"]
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [*args, "train.steps=2", "train.log_every=1", "train.eval_batches=2", "--out", str(out)]
+        )
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "train.steps may only grow" in err, err
+
+
+def test_a_loss_past_max_loss_ends_the_run_as_diverged(train_cfg, tmp_path, capsys):
+    from ttt.train.trainer import max_loss
+
+    assert max_loss(train_cfg()) == pytest.approx(3 * np.log(train_cfg().model.vocab_size))
+    result = run(train_cfg("train.steps=4", "train.max_loss=1.0"), tmp_path / "m", progress=False)
+    assert result.status == "diverged" and result.step == 1
+    assert "train.max_loss=1" in result.message
+    info = json.loads((tmp_path / "m" / "run.json").read_text())
+    assert info["status"] == "diverged" and info["message"].startswith("diverged at step 1 (loss")
 
 
 def test_huge_inner_lr_diverges_cleanly(train_cfg, tmp_path, capsys):

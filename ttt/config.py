@@ -90,6 +90,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     init_from: str = ""
     peak_flops: float = 0.0  # 0: from the device kind
+    # A loss above this ends the run as diverged, like a NaN would; 0: 3 x ln(vocab_size),
+    # three times the loss of a uniform guess.
+    max_loss: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,7 @@ TRACED_KEYS = {
     "train.keep_checkpoints",
     "train.init_from",
     "train.peak_flops",
+    "train.max_loss",
     "ttt.inner_lr",
     "ttt.inner_lr_init",
     "ttt.inner_lr_warmup",
@@ -422,6 +426,7 @@ def validate(cfg: Config) -> None:
         "must be a positive integer",
     )
     _need(tr.peak_flops >= 0, "train.peak_flops", tr.peak_flops, "must be >= 0")
+    _need(tr.max_loss >= 0, "train.max_loss", tr.max_loss, "must be >= 0 (0: 3 x ln(vocab))")
 
 
 __all__ = [

@@ -11,22 +11,29 @@ def plots(
     experiment: list[str] = typer.Option(
         None, "--experiment", "-e", help="Sweep name(s); default all."
     ),
-    tracking_uri: str = typer.Option(None, "--tracking-uri", help="Default sqlite:///./mlflow.db."),
+    tracking_uri: str = typer.Option(
+        None, "--tracking-uri", help="Default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db."
+    ),
     out: Path = typer.Option(Path("figures"), "--out", help="Folder for the figures."),
     fmt: str = typer.Option("png,pdf", "--format", help="Comma-separated image formats."),
 ) -> None:
     """Build every figure that has data; name the sweep that would produce each missing one."""
     from analysis.figures import build_all
-    from sweeps.tracking import default_tracking_uri
+    from analysis.loaders import require_experiments
     from ttt.errors import UserError
+    from ttt.tracking import announce, check_uri, resolve_uri
 
     formats = [f.strip() for f in fmt.split(",") if f.strip()]
     bad = [f for f in formats if f not in ("png", "pdf", "svg")]
     if bad or not formats:
         raise UserError(f"--format={fmt!r}: allowed are png, pdf, svg (comma-separated)")
-    uri = tracking_uri or default_tracking_uri()
+    uri = resolve_uri(tracking_uri)
     if uri.startswith("sqlite:") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise UserError(f"--tracking-uri={uri!r}: no such database (run a sweep first)")
+    check_uri(uri)
+    announce(uri)
+    if experiment:
+        require_experiments(uri, experiment)
     written, missing = build_all(uri, out, experiment or None, formats)
     for name, paths in written.items():
         typer.echo(f"{name}: " + ", ".join(str(p) for p in paths))

@@ -47,27 +47,52 @@ def dry_run_table(spec) -> str:
 @app.command("run")
 def run(
     spec_path: Path = typer.Argument(..., metavar="SPEC", help="A sweep spec (YAML)."),
+    overrides: list[str] = typer.Argument(
+        None,
+        metavar="[dotted.key=value ...]",
+        help="Override the spec's base config (STAGE.dotted.key=value: one stage's).",
+    ),
+    name: str = typer.Option(None, "--name", help="Run the spec under another sweep name."),
     address: str = typer.Option(
-        None, "--address", help="An existing Ray cluster (default: start one)."
+        None, "--address", help="An existing Ray cluster HOST:PORT (default: start one)."
     ),
     tracking_uri: str = typer.Option(
-        None, "--tracking-uri", help="MLflow URI (default sqlite:///./mlflow.db)."
+        None, "--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)."
     ),
     storage_path: str = _STORAGE,
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the trials and shapes; run nothing."
     ),
+    resume_errored: bool = typer.Option(
+        False, "--resume-errored", help="On resume, continue errored trials from a checkpoint."
+    ),
+    restart_errored: bool = typer.Option(
+        False, "--restart-errored", help="On resume, start errored trials again from scratch."
+    ),
 ) -> None:
     """Run (or resume) a sweep. Re-running the same command resumes it."""
     from sweeps.spec import load_spec
+    from ttt.errors import UserError
 
-    spec = load_spec(spec_path)
+    if resume_errored and restart_errored:
+        raise UserError("--resume-errored and --restart-errored: give one of them")
+    spec = load_spec(spec_path, overrides or [], name)
     typer.echo(dry_run_table(spec))
     if dry_run:
         return
-    from sweeps.driver import run_sweep
+    from sweeps.driver import Rerun, run_sweep
+    from ttt.tracking import announce, check_uri, resolve_uri
 
-    result = run_sweep(spec, address=address, tracking_uri=tracking_uri, storage_path=storage_path)
+    uri = resolve_uri(tracking_uri)
+    check_uri(uri)
+    announce(uri)
+    result = run_sweep(
+        spec,
+        address=address,
+        tracking_uri=uri,
+        storage_path=storage_path,
+        rerun=Rerun(resume_errored, restart_errored),
+    )
     for stage in result.stages:
         counts = Counter(r["outcome"] for r in stage.rows)
         typer.echo(
@@ -81,20 +106,30 @@ def run(
 
 
 def _storage(storage_path: str | None) -> Path:
-    from sweeps.driver import DEFAULT_STORAGE
+    from sweeps.driver import storage_root
+    from ttt.errors import UserError
 
-    return Path(storage_path or DEFAULT_STORAGE).absolute()
+    root = storage_root(storage_path)
+    if root.startswith("file://"):
+        return Path(root.removeprefix("file://"))
+    if "://" in root:
+        raise UserError(f"--storage-path={root}: status reads local folders or file:// only")
+    return Path(root)
 
 
 @app.command("status")
 def status(
     name: str = typer.Argument(..., metavar="NAME", help="Sweep name."),
     storage_path: str = _STORAGE,
+    tracking_uri: str = typer.Option(
+        None, "--tracking-uri", help="Where to find each trial's MLflow run id."
+    ),
 ) -> None:
-    """Each trial's state and best metric."""
+    """Each trial's point, state, step, last loss, eval loss and MLflow run."""
     from sweeps.status import sweep_status
+    from ttt.tracking import resolve_uri
 
-    typer.echo(sweep_status(name, _storage(storage_path)))
+    typer.echo(sweep_status(name, _storage(storage_path), resolve_uri(tracking_uri)))
 
 
 @app.command("ls")
@@ -106,13 +141,15 @@ def ls(storage_path: str = _STORAGE) -> None:
 
 
 def ui(
-    tracking_uri: str = typer.Option(None, "--tracking-uri", help="Default sqlite:///./mlflow.db."),
+    tracking_uri: str = typer.Option(
+        None, "--tracking-uri", help="Default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db."
+    ),
     port: int = typer.Option(5000, "--port"),
 ) -> None:
     """Start the MLflow UI on 127.0.0.1."""
-    from sweeps.tracking import default_tracking_uri
+    from ttt.tracking import resolve_uri
 
-    uri = tracking_uri or default_tracking_uri()
+    uri = resolve_uri(tracking_uri)
     args = [
         sys.executable,
         "-m",

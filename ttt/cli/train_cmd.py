@@ -49,19 +49,53 @@ def train(
     ),
     num_processes: int = typer.Option(1, "--num-processes"),
     process_id: int = typer.Option(0, "--process-id"),
+    tracking_uri: str = typer.Option(
+        None,
+        "--tracking-uri",
+        help="Track the run in MLflow here (or set MLFLOW_TRACKING_URI); untracked otherwise.",
+    ),
+    experiment: str = typer.Option("runs", "--experiment", "-e", help="MLflow experiment."),
+    system_metrics: bool = typer.Option(
+        True, "--system-metrics/--no-system-metrics", help="Log CPU/memory/GPU use to MLflow."
+    ),
 ) -> None:
     """Train a model; running again with the same --out resumes from its last checkpoint."""
+    import os
+
     from ttt.config import load_config
     from ttt.train import run
 
     source, overrides = split_source(args)
     cfg = load_config(source, overrides)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        from ttt.tracking import announce, check_uri
+
+        check_uri(uri)
+        announce(uri)
     if coordinator:
         from ttt.train.distributed import initialize
 
         initialize(coordinator, num_processes, process_id)
     out = out or default_out(cfg)
-    result = run(cfg, out, progress=not quiet)
+    reporter = None
+    if uri and process_id == 0:
+        from ttt.tracking import MlflowReporter
+
+        reporter = MlflowReporter(uri, experiment, cfg, out, system_metrics=system_metrics)
+    try:
+        result = run(cfg, out, reporter=reporter, progress=not quiet)
+    except BaseException as e:
+        if reporter is not None:  # nothing stays RUNNING: a re-run continues this MLflow run
+            interrupted = isinstance(e, KeyboardInterrupt)
+            reporter.close("interrupted" if interrupted else "error", str(e).split("\n")[0])
+        raise
+    if reporter is not None:
+        reporter.close(
+            result.status if result.status != "stopped" else "interrupted",
+            result.message,
+            result.eval_loss,
+        )
     if result.status == "diverged":
         typer.echo(f"{out}: {result.message}")
         return

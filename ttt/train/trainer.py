@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,17 +71,26 @@ def _check_vocab(cfg: Config, bos_id: int, path: Path) -> None:
         )
 
 
+def max_loss(cfg: Config) -> float:
+    return cfg.train.max_loss or 3 * math.log(cfg.model.vocab_size)
+
+
 def _check_run_dir(out: Path, cfg: Config) -> None:
+    """The same config resumes; a larger train.steps extends a run (Levanter's way);
+    anything else needs a new --out."""
     saved = out / "config.yaml"
     if not saved.exists():
         return
     old = load_config(yaml.safe_load(saved.read_text())).flat()
-    diff = [k for k, v in cfg.flat().items() if old.get(k) != v]
+    diff = [k for k, v in cfg.flat().items() if old.get(k) != v and k != "train.steps"]
+    if cfg.train.steps < old["train.steps"]:
+        diff.insert(0, "train.steps")
     if diff:
         k = diff[0]
         raise UserError(
             f"--out={str(out)!r} holds a run with another config ({k}: {old.get(k)!r} there, "
             f"{cfg.flat()[k]!r} here); choose a new --out to start a new run"
+            + (" (train.steps may only grow)" if k == "train.steps" else "")
         )
 
 
@@ -163,16 +173,25 @@ def run(
     lead = jax.process_index() == 0
     if not lead:
         reporter = Reporter()
+    fresh = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if lead:
-        (out / "config.yaml").write_text(cfg.to_yaml())
 
     graphdef, params = nnx.split(create_model(cfg.model, seed=tr.seed))
     opt_state = init_opt_state(cfg, params)
     # Process 0 alone keeps checkpoints: its run dir is the one the sweep persists, and
     # the other processes' nodes need no shared filesystem.
     ckpt = Checkpoints(out, keep=tr.keep_checkpoints) if lead else None
-    params, opt_state, start, loader.position = _initial_state(cfg, ckpt, params, opt_state)
+    try:
+        params, opt_state, start, loader.position = _initial_state(cfg, ckpt, params, opt_state)
+    except BaseException:
+        # A start that fails (a bad train.init_from) leaves nothing that blocks a re-run.
+        if ckpt is not None:
+            ckpt.close()
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if lead:  # written once the start state is known good: it pins the run's config
+        (out / "config.yaml").write_text(cfg.to_yaml())
     params = jax.device_put(params, replicated(mesh))
     opt_state = jax.device_put(opt_state, replicated(mesh))
     put = batch_putter(mesh)
@@ -196,6 +215,7 @@ def run(
     peak = peak_flops(run_info["device_kind"], tr.peak_flops)
     last = stop_at if stop_at is not None else tr.steps
     last = min(last, tr.steps)
+    limit = max_loss(cfg)
 
     def do_eval(step: int) -> EvalResult:
         result = evaluate(eval_step, params, val, tr.eval_batches, cfg.ttt.inner_lr, put)
@@ -226,9 +246,14 @@ def run(
         """Log step s; False when its loss is not finite."""
         nonlocal t_last
         values = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not math.isfinite(values["loss"]):
+        if not math.isfinite(values["loss"]) or values["loss"] > limit:
             result.status, result.step = "diverged", s
-            result.message = f"diverged at step {s}"
+            why = (
+                ""
+                if not math.isfinite(values["loss"])
+                else (f" (loss {values['loss']:.4g} > train.max_loss={limit:.4g})")
+            )
+            result.message = f"diverged at step {s}{why}"
             return False
         now = time.perf_counter()
         values["tokens_per_s"] = tokens_per_step / max(now - t_last, 1e-9)

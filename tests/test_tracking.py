@@ -1,0 +1,115 @@
+"""Tracking conventions as a user meets them: which store, a server that is not there, a
+single `ttt train` run tracked like a sweep trial, and a cluster address to join."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+from conftest import PICO_TRAIN, write_sweep_spec
+
+from ttt.cli import main
+from ttt.tracking import default_tracking_uri, resolve_uri
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _error(argv, capsys) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    took = time.perf_counter() - t0
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("error")]
+    assert e.value.code == 2 and len(err) == 1, err
+    return err[0], took
+
+
+def test_the_store_comes_from_the_flag_then_the_environment(monkeypatch, tmp_path, capsys):
+    assert resolve_uri(None) == default_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///from-env.db")
+    assert resolve_uri(None) == "sqlite:///from-env.db"
+    assert resolve_uri("http://127.0.0.1:1") == "http://127.0.0.1:1"
+    # through the command: `ttt plots` reads the store the variable names
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
+    err, _ = _error(["plots"], capsys)
+    assert str(tmp_path / "env.db") in err
+
+
+def test_an_unreachable_server_fails_fast_in_one_line(tmp_path, corpus, capsys):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    spec = write_sweep_spec(tmp_path / "s.yaml", corpus, name="unreachable")
+    for argv in (
+        ["plots", "--tracking-uri", uri],
+        ["sweep", "run", str(spec), "--tracking-uri", uri],
+        ["train", "pico", *PICO_TRAIN, f"data.source={corpus}", "--tracking-uri", uri],
+    ):
+        err, took = _error(argv, capsys)
+        assert uri in err and "ttt tracking serve" in err, err
+        assert took < 10, (argv, took)
+    assert not (tmp_path / "ray_results").exists()
+
+
+def test_joining_a_cluster_checks_the_address_and_the_token(tmp_path, corpus, monkeypatch, capsys):
+    spec = write_sweep_spec(tmp_path / "s.yaml", corpus, name="join")
+    db = ["--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    err, took = _error(
+        ["sweep", "run", str(spec), "--address", f"127.0.0.1:{closed_port()}", *db], capsys
+    )
+    assert "no Ray cluster listens there" in err and took < 10
+    # Something listens, but this machine has no token for it: say what to set, at once.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        err, took = _error(["sweep", "run", str(spec), "--address", address, *db], capsys)
+    assert "RAY_AUTH_TOKEN" in err and "RAY_AUTH_MODE=disabled" in err and took < 10
+
+
+@pytest.mark.slow
+def test_a_single_run_is_tracked_like_a_trial(tmp_path, corpus, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    out = tmp_path / "run"
+    base = ["train", "pico", *PICO_TRAIN, f"data.source={corpus}", "train.eval_batches=1"]
+    opts = ["train.log_every=1", "train.eval_every=2", "-q", "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        main([*base, "train.steps=3", *opts, "--tracking-uri", uri])
+    assert e.value.code == 0
+    assert f"tracking: {uri}" in capsys.readouterr().err
+    # Extend it through the environment variable: the same MLflow run goes on.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(SystemExit) as e:
+        main([*base, "train.steps=5", *opts])
+    assert e.value.code == 0
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("runs")
+    (r,) = c.search_runs([exp.experiment_id])
+    assert r.info.status == "FINISHED" and r.data.tags["ttt.outcome"] == "finished"
+    assert r.data.params["train.steps"] == "3" and r.data.params["model.mixer"] == "ttt_e2e"
+    assert r.data.tags["ttt.extended_to_steps"] == "5"  # MLflow params cannot change
+    loss = c.get_metric_history(r.info.run_id, "loss")
+    assert sorted(m.step for m in loss) == [1, 2, 3, 4, 5]  # each step once, across the resume
+    evals = sorted(m.step for m in c.get_metric_history(r.info.run_id, "eval_loss"))
+    assert evals == [2, 3, 4, 5]  # an eval curve: every eval_every, and at each end
+    assert "final_eval_loss" in r.data.metrics
+    assert "system/cpu_utilization_percentage" in r.data.metrics
+    tags = r.data.tags
+    for key in ("ttt.version", "jax.version", "jax.backend", "device.kind", "device.count"):
+        assert tags[key], key
+    assert tags["ttt.run_dir"] == str(out) and tags["ttt.checkpoint"].endswith("checkpoints/5")
+    assert tags["ttt.git_dirty"] in ("true", "false") and len(tags["ttt.git_commit"]) == 40
+    arts = [a.path for a in c.list_artifacts(r.info.run_id, "eval")]
+    assert arts == ["eval/nll_by_position.parquet"]
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["step"] == 5

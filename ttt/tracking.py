@@ -1,0 +1,275 @@
+"""MLflow conventions shared by single runs (`ttt train`) and sweep trials.
+
+Where runs go: `--tracking-uri`, else `$MLFLOW_TRACKING_URI`, else `./mlflow.db`. A server
+URI is checked before anything else talks to it, so a wrong one costs seconds, not
+MLflow's minutes of retries. One run's MLflow record (params, metrics, provenance tags,
+eval artifacts, outcome) is written by the functions here, whoever drives the run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ttt.errors import UserError
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlruns"
+# What a run reports that is worth a metric history in MLflow (plus `system/...`).
+METRIC_KEYS = (
+    "loss",
+    "grad_norm",
+    "lr",
+    "inner_lr",
+    "tokens_per_s",
+    "mfu",
+    "eval_loss",
+    "flops_per_token",
+)
+SYSTEM_PREFIX = "system/"  # MLflow's UI shows these in its "System metrics" tab
+OUTCOME_STATUS = {
+    "finished": "FINISHED",
+    "diverged": "FAILED",
+    "early_stopped": "KILLED",
+    "error": "FAILED",
+    "interrupted": "KILLED",
+}
+
+
+def default_tracking_uri(cwd: str | Path | None = None) -> str:
+    """SQLite in the working directory: no server needed."""
+    return f"sqlite:///{Path(cwd or os.getcwd()).absolute() / DEFAULT_DB}"
+
+
+def resolve_uri(flag: str | None) -> str:
+    """The flag, then MLflow's own environment variable, then ./mlflow.db."""
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def check_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, in one line, when a tracking server does not answer."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            r.read(64)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        port = parsed.port or 5000
+        raise UserError(
+            f"tracking URI {uri}: no MLflow server answers ({reason}); start one with "
+            f"`ttt tracking serve --port {port}`, or give another --tracking-uri"
+        ) from None
+
+
+def announce(uri: str) -> None:
+    print(f"tracking: {uri}", file=sys.stderr)
+
+
+def client(tracking_uri: str):
+    # Not mlflow.set_tracking_uri: it sets $MLFLOW_TRACKING_URI for the whole process,
+    # which would then pick the store of every later command run in it.
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(c, name: str, tracking_uri: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:"):  # artifacts beside the database
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        location = (db.parent / DEFAULT_ARTIFACTS).absolute().as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def find_run(c, experiment_id: str, tags: dict[str, str]):
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = c.search_runs([experiment_id], filter_string=query, max_results=1)
+    return runs[0] if runs else None
+
+
+def log_params(c, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(c, run_id: str, values: dict, step: int) -> None:
+    """The tracked keys of one report, finite values only, at `step`."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(k, float(v), now, step)
+        for k, v in values.items()
+        if (k in METRIC_KEYS or k.startswith(SYSTEM_PREFIX))
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+    ]
+    if metrics:
+        c.log_batch(run_id, metrics=metrics)
+
+
+def log_eval_artifacts(c, run_id: str, run_dir: Path) -> None:
+    for f in sorted((Path(run_dir) / "eval").glob("*.parquet")):
+        c.log_artifact(run_id, str(f), artifact_path="eval")
+
+
+def finish(c, run_id: str, outcome: str, message: str = "") -> None:
+    c.set_tag(run_id, "ttt.outcome", outcome)
+    if message:
+        c.set_tag(run_id, "ttt.message", message[:5000])
+    c.set_terminated(run_id, status=OUTCOME_STATUS[outcome])
+
+
+def _git(*args: str) -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        p = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return p.stdout.strip() if p.returncode == 0 else None
+
+
+def provenance() -> dict[str, str]:
+    """What a reader needs to trust a run later: code, JAX, devices."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import jax
+
+    try:
+        pkg = version("ttt-e2e")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    devices = jax.devices()
+    tags = {
+        "ttt.version": pkg,
+        "jax.version": jax.__version__,
+        "jax.backend": jax.default_backend(),
+        "device.kind": devices[0].device_kind,
+        "device.count": str(jax.device_count()),
+        "jax.processes": str(jax.process_count()),
+    }
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        tags.update(
+            {
+                "ttt.git_commit": commit,
+                "ttt.git_dirty": str(bool(dirty)).lower(),
+                "mlflow.source.git.commit": commit,  # the UI's "Source" column
+            }
+        )
+    return tags
+
+
+class SystemSampler:
+    """MLflow's own CPU/memory (and, with NVML, GPU) monitors, read at each report: the
+    CPU share is the average since the previous read, so no sampling thread is needed."""
+
+    def __init__(self):
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+
+        self.monitors = [CPUMonitor()]
+        try:
+            from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+            self.monitors.append(GPUMonitor())
+        except (ImportError, RuntimeError):
+            pass  # no NVML here: CPU and memory only
+
+    def read(self) -> dict[str, float]:
+        out = {}
+        for m in self.monitors:
+            m.collect_metrics()
+            out.update({f"{SYSTEM_PREFIX}{k}": v for k, v in m.aggregate_metrics().items()})
+            m.clear_metrics()
+        return out
+
+
+class MlflowReporter:
+    """A `ttt.train.Reporter` that records one `ttt train` run in MLflow, with the same
+    params, metrics, tags and artifacts as a sweep trial's run. Running the same --out
+    again continues the same MLflow run."""
+
+    def __init__(self, uri: str, experiment: str, cfg, out_dir: Path, system_metrics=True):
+        self.uri, self.experiment, self.cfg = uri, experiment, cfg
+        self.out = Path(out_dir).absolute()
+        self.system_metrics = system_metrics
+        self.run_id = None  # opened at the first report: a start that fails records nothing
+
+    def _open(self) -> str:
+        if self.run_id is not None:
+            return self.run_id
+        self.c = c = client(self.uri)
+        exp = ensure_experiment(c, self.experiment, self.uri)
+        found = find_run(c, exp, {"ttt.run_dir": str(self.out)})
+        self.last_step = 0
+        if found is not None:
+            self.run_id = found.info.run_id
+            history = c.get_metric_history(self.run_id, "loss")
+            self.last_step = max((m.step for m in history), default=0)
+            c.update_run(self.run_id, status="RUNNING")
+            steps = str(self.cfg.train.steps)
+            if found.data.params.get("train.steps") != steps:  # params are immutable
+                c.set_tag(self.run_id, "ttt.extended_to_steps", steps)
+        else:
+            run = c.create_run(
+                exp, run_name=self.out.name, tags={"ttt.role": "run", "ttt.run_dir": str(self.out)}
+            )
+            self.run_id = run.info.run_id
+            log_params(c, self.run_id, self.cfg.flat())
+        tags = {**provenance(), "ttt.checkpoint_dir": str(self.out / "checkpoints")}
+        for k, v in tags.items():
+            c.set_tag(self.run_id, k, v)
+        self.sampler = SystemSampler() if self.system_metrics else None
+        return self.run_id
+
+    def _log(self, step: int, values: dict) -> None:
+        self._open()
+        if step <= self.last_step:
+            return  # logged before a resume
+        self.last_step = step
+        system = self.sampler.read() if self.sampler else {}
+        values = {k: v for k, v in values.items() if k != "eval_loss"}  # see evaluation()
+        log_metrics(self.c, self.run_id, {**values, **system}, step)
+
+    def metrics(self, step: int, values: dict) -> None:
+        self._log(step, values)
+
+    def checkpoint(self, step: int, directory: Path, values: dict, final: bool = False) -> None:
+        self._log(step, values)
+        self.c.set_tag(self.run_id, "ttt.checkpoint", str(directory))
+
+    def evaluation(self, step: int, result) -> None:
+        self._open()
+        log_metrics(self.c, self.run_id, {"eval_loss": result.loss}, step)
+
+    def close(self, outcome: str, message: str = "", eval_loss: float | None = None) -> None:
+        if self.run_id is None:
+            return
+        if outcome == "finished":
+            log_eval_artifacts(self.c, self.run_id, self.out)
+            if eval_loss is not None:
+                self.c.log_metric(self.run_id, "final_eval_loss", float(eval_loss))
+        finish(self.c, self.run_id, outcome, message)

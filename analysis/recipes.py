@@ -78,13 +78,51 @@ def finished(frame: pl.DataFrame, value: str = LOSS) -> pl.DataFrame:
     return frame.filter((pl.col("outcome") == "finished") & pl.col(value).is_not_null())
 
 
+# Knobs that a sweep stage changes by design (a context-extension stage sets the length,
+# batch, accumulation, steps, data and start point): they move with data.seq_len.
+STAGE_KNOBS = {
+    "data.seq_len",
+    "data.batch_size",
+    "train.grad_accum",
+    "train.steps",
+    "data.source",
+    "train.init_from",
+    "stage",
+}
+# Knobs that follow from a preset (its shapes, TTT layers, learning rate, and its own
+# batch and length): they move with the preset. The stage does not: one size is
+# compared at one stage.
+PRESET_KNOBS = {
+    "preset",
+    "model.layers",
+    "model.width",
+    "model.heads",
+    "model.mlp",
+    "model.ttt_layers",
+    "data.batch_size",
+    "data.seq_len",
+    "train.lr",
+}
+
+
+def free_knobs(vary: list[str]) -> set[str]:
+    """The knobs a figure lets move: those it varies, and those that move with them."""
+    free = set(vary)
+    if "data.seq_len" in free:
+        free |= STAGE_KNOBS
+    if "preset" in free:
+        free |= PRESET_KNOBS
+    return free
+
+
 def hold_others(frame: pl.DataFrame, vary: list[str]) -> pl.DataFrame:
     """Within each method keep the runs at the most common value of every knob that the
-    figure does not vary, so one line is one setting."""
+    figure does not let move (`free_knobs`), so one line is one setting."""
+    free = free_knobs(vary)
     out = []
     for _, group in frame.group_by("method", maintain_order=True):
         for knob in KNOBS:
-            if knob in vary or knob not in group.columns or group.is_empty():
+            if knob in free or knob not in group.columns or group.is_empty():
                 continue
             counts = group[knob].value_counts(sort=True)
             group = group.filter(pl.col(knob).eq_missing(counts[knob][0]))
@@ -171,15 +209,14 @@ def ttt_layers(data: Data):
     frame = finished(data.runs)
     if frame.is_empty() or "model.ttt_layers" not in frame.columns:
         return None
+    vary = ["data.seq_len", "model.ttt_layers"]
+    # Held first: TTT layers that only follow a preset (a size sweep) are not this figure.
+    frame = hold_others(frame.filter(pl.col("method").is_in(["ttt_e2e", "full"])), vary)
     ttt = frame.filter(pl.col("method") == "ttt_e2e")
     full = frame.filter(pl.col("method") == "full")
     if ttt["model.ttt_layers"].n_unique() < 2 or full.is_empty():
         return None
-    vary = ["data.seq_len", "model.ttt_layers"]
-    table = aggregate(
-        hold_others(pl.concat([ttt, full], how="diagonal_relaxed"), vary),
-        ["method", "model.ttt_layers", "data.seq_len"],
-    )
+    table = aggregate(frame, ["method", "model.ttt_layers", "data.seq_len"])
     full_t = table.filter(pl.col("method") == "full").select(
         "data.seq_len", pl.col("mean").alias("full")
     )
@@ -308,7 +345,7 @@ RECIPES: dict[str, Callable] = {
     "curves": curves,
 }
 HINTS = {
-    "fig1_context_length": "sweeps/context_scaling.yaml",
+    "fig1_context_length": "sweeps/context_scaling.yaml (or sweeps/small_scale.yaml on a CPU)",
     "fig1_prefill_latency": "ttt bench prefill PRESET data.seq_len=T --tracking-uri URI",
     "fig8_train_latency": "ttt bench train PRESET data.seq_len=T --tracking-uri URI",
     "fig4_window": "sweeps/window_ablation.yaml (or sweeps/quickstart.yaml)",

@@ -21,6 +21,7 @@ class FakeRun:
     nll: np.ndarray | None = None  # per-position NLL -> eval/nll_by_position.parquet
     outcome: str = "finished"
     role: str = "trial"
+    stage: str = "main"  # a sweep's later stages log into the same experiment
 
 
 STATUS = {
@@ -56,7 +57,7 @@ def write_store(tracking_uri: str, runs: list[FakeRun]) -> list[str]:
             tags={
                 "ttt.role": run.role,
                 "ttt.sweep": run.experiment,
-                "ttt.stage": "main",
+                "ttt.stage": run.stage,
                 "ttt.outcome": run.outcome,
                 "mlflow.parentRunId": parents[run.experiment],
             },
@@ -125,6 +126,47 @@ def quickstart_like(tracking_uri: str, experiment: str = "quickstart", seeds=(0,
                 )
             )
     write_store(tracking_uri, fake)
+
+
+# A smooth loss model with the paper's directions, for stores shaped like a spec's runs:
+# lower with size and context, full < ttt_e2e < ttt_e2e (meta off) < swa at long context.
+_METHOD_OFFSET = {"full": 0.0, "ttt_e2e": 0.01, "ttt_e2e (meta off)": 0.04, "swa": 0.06}
+
+
+def model_loss(flat: dict, seed: int = 0) -> float:
+    method = flat["model.mixer"]
+    if method == "ttt_e2e" and not flat.get("ttt.meta", True):
+        method = "ttt_e2e (meta off)"
+    context = np.log2(flat["data.seq_len"] / 1024)
+    width = np.log2(flat["model.width"] * flat["model.layers"])
+    gap = _METHOD_OFFSET[method] * (1 + 0.1 * context)
+    return float(4.0 - 0.1 * width - 0.02 * context + gap + 0.005 * seed)
+
+
+def spec_like(tracking_uri: str, spec, seeds=(0,), loss=model_loss) -> list[str]:
+    """A store holding exactly the runs `spec` (a loaded `SweepSpec`) would log: one per
+    grid point, sample and seed in its first stage, then one per start in each later
+    stage, each with the params the sweep's callback logs (the resolved config, with
+    `train.init_from` for a stage) and the stage tag. The losses come from `loss`."""
+    fake, first = [], []
+    if any("train.seed" in p for p in spec.points):
+        seeds = (None,)  # the spec sweeps its seeds itself
+    for seed in seeds:
+        for point in spec.points:
+            sample = {} if seed is None else {"train.seed": seed}
+            flat = spec.config(point, sample).flat()
+            first.append((point, sample, loss(flat, flat["train.seed"])))
+            fake.append(FakeRun(spec.name, flat, final={"final_eval_loss": first[-1][2]}))
+    for stage in spec.stages:
+        starts = first if stage.start_from == "each" else [min(first, key=lambda t: t[2])]
+        for i, (point, sample, _) in enumerate(starts):
+            over = {**sample, "train.init_from": f"checkpoint_{i:06d}"}
+            flat = spec.config(point, over, stage).flat()
+            value = loss(flat, flat["train.seed"])
+            fake.append(
+                FakeRun(spec.name, flat, final={"final_eval_loss": value}, stage=stage.name)
+            )
+    return write_store(tracking_uri, fake)
 
 
 def bench_store(tracking_uri: str, n_runs: int, steps: int, keys: int) -> list[str]:

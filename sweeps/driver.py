@@ -103,12 +103,21 @@ def _search_alg(spec: SweepSpec):
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError:
-        from ttt.errors import UserError
-
         raise UserError(
             f"{spec.path}: search_alg: optuna is not installed (pip install optuna), or use basic"
         ) from None
-    return OptunaSearch(metric=spec.metric, mode=spec.mode)
+
+    class FinalMetricOptuna(OptunaSearch):
+        """Trials report `eval_loss` only with their last result: Optuna learns from that
+        one and skips the reports in between (which carry the training loss)."""
+
+        def on_trial_result(self, trial_id: str, result: dict):
+            if self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+    # Tune would otherwise refuse the in-between reports for lacking the searcher's metric.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    return FinalMetricOptuna(metric=spec.metric, mode=spec.mode)
 
 
 def trial_resources(spec: SweepSpec):

@@ -239,3 +239,128 @@ def test_bench_rows_feed_the_latency_figure(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "train", "pico", "--mixers", "mamba"])
     assert exc.value.code == 2 and "mamba" in capsys.readouterr().err
+
+
+SPECS = Path(__file__).parent.parent / "sweeps"
+K = 1024
+# Each shipped spec, the figure it exists for, and the points (x value per line) that its
+# runs must draw. The stores are the runs each spec logs (`spec_like`: every grid point,
+# seed and stage, with the params and stage tags the sweep callback writes).
+SPEC_FIGURES = {
+    "context_scaling": (
+        "fig1_context_length",
+        "data.seq_len",
+        {m: {8 * K, 16 * K, 32 * K, 64 * K, 128 * K} for m in ("full", "swa", "ttt_e2e")},
+    ),
+    "small_scale": (
+        "fig1_context_length",
+        "data.seq_len",
+        {m: {256, K} for m in ("full", "swa", "ttt_e2e", "ttt_e2e (meta off)")},
+    ),
+    "ttt_layers_ablation": (
+        "fig4_ttt_layers",
+        "data.seq_len",
+        {("ttt_e2e", n): {8 * K, 32 * K} for n in (1, 3, 6, 12)},
+    ),
+    "model_size": (
+        "fig5_model_size",
+        "preset",
+        {"ttt_e2e": {"125m", "350m", "760m", "1b", "3b"}},
+    ),
+    "meta": (
+        "fig5_model_size",
+        "preset",
+        {m: {"125m", "760m"} for m in ("swa", "ttt_e2e", "ttt_e2e (meta off)")},
+    ),
+    "window_ablation": (
+        "fig4_window",
+        "model.window",
+        {m: {K, 2 * K, 4 * K, 8 * K} for m in ("swa", "ttt_e2e")} | {"full": {None}},
+    ),
+    "chunk_ablation": (
+        "fig4_chunk",
+        "ttt.chunk",
+        {"ttt_e2e": {K, 2 * K, 4 * K, 8 * K}, "full": {None}, "swa": {None}},
+    ),
+    "inner_lr": ("inner_lr_meta", "ttt.inner_lr", {"ttt_e2e": {0.1, 0.3, 1.0, 3.0, 10.0}}),
+    "quickstart": (
+        "fig4_window",
+        "model.window",
+        {"swa": {32, 64}, "ttt_e2e": {32, 64}, "full": {None}},
+    ),
+}
+
+
+def _spec_with_local_data(path: Path, data_dir: Path):
+    """The shipped spec, its dataset paths pointed at a folder that exists (as a user
+    would on the command line)."""
+    import yaml
+
+    from sweeps.spec import load_spec
+
+    raw = yaml.safe_load(path.read_text())
+    over = [f"data.source={data_dir}"] if "/data/" in path.read_text() else []
+    over += [
+        f"{st['name']}.data.source={data_dir}"
+        for st in raw.get("stages", [])
+        if "data.source" in st.get("overrides", {})
+    ]
+    return load_spec(path, over)
+
+
+def test_every_shipped_spec_has_a_figure_test():
+    assert {p.stem for p in SPECS.glob("*.yaml")} == set(SPEC_FIGURES)
+
+
+@pytest.mark.parametrize("stem", sorted(SPEC_FIGURES))
+def test_each_spec_draws_its_figure_from_its_own_runs(stem, tmp_path, capsys):
+    from analysis.synthetic import spec_like
+
+    figure, x, expected = SPEC_FIGURES[stem]
+    spec = _spec_with_local_data(SPECS / f"{stem}.yaml", tmp_path)
+    spec_like(uri(tmp_path), spec, seeds=(0, 1))
+    out = tmp_path / "figs"
+    with pytest.raises(SystemExit) as exc:
+        main(["plots", "--tracking-uri", uri(tmp_path), "-e", spec.name, "--out", str(out)])
+    assert exc.value.code == 0
+    assert f"{figure}: {out / figure}.png" in capsys.readouterr().out
+    table = pl.read_parquet(out / f"{figure}.parquet")
+    line = ["method", "model.ttt_layers"] if figure == "fig4_ttt_layers" else ["method"]
+    got: dict = {}
+    for row in table.iter_rows(named=True):
+        key = tuple(row[k] for k in line) if len(line) > 1 else row["method"]
+        got.setdefault(key, set()).add(row[x])
+    assert got == expected
+    assert table["runs"].min() == 2  # both seeds in every point: min/max bands
+
+
+def test_a_staged_sweep_draws_fig1_from_both_stages(tmp_path):
+    """The stage runs differ from the pre-training runs in length, batch, steps, data and
+    start point: all of that moves with the context length, none of it splits a line."""
+    from analysis.recipes import Data, context_length
+
+    base = dict(data__seq_len=256, data__batch_size=4, train__steps=300)
+    ext = dict(data__seq_len=1024, data__batch_size=2, train__steps=100)
+    fake = []
+    for i, mixer in enumerate(("full", "swa", "ttt_e2e")):
+        fake.append(FakeRun("st", trial_params(mixer, **base), final={"final_eval_loss": 3 + i}))
+        fake.append(
+            FakeRun(
+                "st",
+                trial_params(mixer, train__init_from=f"ckpt{i}", **ext),
+                final={"final_eval_loss": 2.5 + i},
+                stage="ext1k",
+            )
+        )
+    write_store(uri(tmp_path), fake)
+    table = context_length(Data(uri(tmp_path), ["st"]))
+    assert table is not None
+    points = {(r["method"], r["data.seq_len"]): r["mean"] for r in table.iter_rows(named=True)}
+    assert points == {
+        ("full", 256): 3.0,
+        ("full", 1024): 2.5,
+        ("swa", 256): 4.0,
+        ("swa", 1024): 3.5,
+        ("ttt_e2e", 256): 5.0,
+        ("ttt_e2e", 1024): 4.5,
+    }

@@ -207,7 +207,9 @@ def write_spec(path: Path, corpus, **fields) -> Path:
 
 
 def start_sweep(spec: Path, nodes: TwoNodes, tracking_uri: str, cwd: Path) -> subprocess.Popen:
+    # No RAY_AUTH_MODE for the driver: it finds the head's ~/.ray/auth_token by itself.
     env = {**loopback_env(), "TTT_TUNE_VERBOSE": "0"}
+    env.pop("RAY_AUTH_MODE")
     return subprocess.Popen(
         [sys.executable, "-m", "ttt.cli", "sweep", "run", str(spec), "--address", nodes.address]
         + ["--tracking-uri", tracking_uri, "--storage-path", str(cwd / "ray")],

@@ -198,16 +198,53 @@ def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster, capsys):
         assert [a.path for a in c.list_artifacts(run.info.run_id, "eval")] == [
             "eval/nll_by_position.parquet"
         ]
+        tags = run.data.tags  # what a reader needs to trust the run later
+        for key in ("ttt.version", "jax.version", "jax.backend", "device.kind", "ttt.run_dir"):
+            assert tags.get(key), (key, tags)
+        assert tags["device.count"] == "1" and "checkpoint" in tags["ttt.checkpoint"]
+        assert "system/cpu_utilization_percentage" in run.data.metrics
     assert seen == {(m, lr) for m in ("swa", "ttt_e2e") for lr in (3e-3, 1e-3)}
 
     from ttt.cli import main
 
+    capsys.readouterr()
     with pytest.raises(SystemExit):
-        main(["sweep", "status", "e2e", "--storage-path", str(tmp_path / "ray")])
+        main(
+            [
+                "sweep",
+                "status",
+                "e2e",
+                "--storage-path",
+                str(tmp_path / "ray"),
+                "--tracking-uri",
+                uri,
+            ]
+        )
+    status = capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["sweep", "ls", "--storage-path", str(tmp_path / "ray")])
     out = capsys.readouterr().out
-    assert out.count("TERMINATED finished") == 5 and "e2e-ext:" in out
+    # each trial's point, state, step, losses and MLflow run, one row each
+    head = status.splitlines()[1].split()
+    assert head == [
+        "trial",
+        "model.mixer",
+        "train.lr",
+        "status",
+        "outcome",
+        "step",
+        "loss",
+        "eval_loss",
+        "mlflow_run",
+    ], head
+    rows = [ln.split() for ln in status.splitlines() if "TERMINATED" in ln]
+    assert len(rows) == 5 and "e2e-ext:" in status
+    ids = {r.info.run_id for r in [*children, *ext]}
+    assert {r[-1] for r in rows} == ids
+    assert all(r[-5] == "finished" for r in rows)
+    assert {(r[1], r[2]) for r in rows[:4]} == {
+        (m, str(lr)) for m in ("swa", "ttt_e2e") for lr in (3e-3, 1e-3)
+    }
     assert "e2e: 4 TERMINATED" in out and "e2e-ext: 1 TERMINATED" in out
 
 
@@ -238,6 +275,9 @@ def test_asha_stops_a_trial_early(tmp_path, corpus, ray_cluster):
 def test_failing_and_diverging_trials(tmp_path, corpus, ray_cluster):
     from sweeps.driver import run_sweep
 
+    empty = tmp_path / "not-a-dataset"  # exists, so the spec loads; fails in the trial
+    empty.mkdir()
+
     spec = load_spec(
         write_spec(
             tmp_path / "fail.yaml",
@@ -247,7 +287,7 @@ def test_failing_and_diverging_trials(tmp_path, corpus, ray_cluster):
             max_failures=1,
             variants=[
                 {"model.mixer": "swa"},
-                {"model.mixer": "swa", "data.source": str(tmp_path / "missing")},
+                {"model.mixer": "swa", "data.source": str(empty)},
                 {"model.mixer": "ttt_e2e", "ttt.inner_lr": 1e30, "ttt.inner_lr_warmup": 0},
             ],
             stop={"steps": 2},
@@ -260,7 +300,7 @@ def test_failing_and_diverging_trials(tmp_path, corpus, ray_cluster):
     _, _, children = mlflow_runs(uri, "fail")
     by = {r.data.tags["ttt.outcome"]: r for r in children}
     assert by["error"].info.status == "FAILED" and by["error"].data.tags["ttt.retries"] == "1"
-    assert "no such dataset directory" in by["error"].data.tags["ttt.message"]
+    assert "not a readable Zarr array" in by["error"].data.tags["ttt.message"]
     # divergence is a result, not an infrastructure failure: no retry
     assert by["diverged"].info.status == "FAILED"
     assert "ttt.retries" not in by["diverged"].data.tags
@@ -280,6 +320,17 @@ BAD_SPECS = [
     ({"name": "x", "resources": {"nodes": 1.5}}, "resources.nodes"),
     ({"name": "x", "resources": {"nodes": 2, "gpus_per_node": 0.5}}, "resources.gpus_per_node"),
     ({"name": "x", "resources": {"nodes": 3}}, "data.batch_size=4: must be a multiple"),
+    ({"name": "x", "scheduler": {"type": "asha", "grace_period": 0}}, "scheduler.grace_period"),
+    ({"name": "x", "scheduler": {"type": "asha", "reduction_factor": 1}}, "reduction_factor"),
+    ({"name": "x", "scheduler": {"type": "asha", "metric": "los"}}, "scheduler.metric"),
+    ({"name": "x", "scheduler": {"type": "asha", "grace_period": 9, "max_t": 4}}, "max_t=4"),
+    ({"name": "x", "metric": "eval_los"}, "metric: 'eval_los' is not reported"),
+    (
+        {"name": "x", "base": {"config": "pico", "overrides": {"data.source": "/no/such/data"}}},
+        "data.source='/no/such/data': no such dataset directory",
+    ),
+    ({"name": "x", "search_alg": "optuna", "search": {"train.lr": {"grid": [1, 2]}}}, "search_alg"),
+    ({"name": "x", "system_metrics": "yes"}, "system_metrics"),
 ]
 
 
@@ -301,10 +352,109 @@ SHIPPED = sorted((Path(__file__).parent.parent / "sweeps").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
-def test_shipped_specs_pass_dry_run(path, capsys):
+def test_shipped_specs_pass_dry_run(path, corpus, capsys):
+    """The paper-scale specs name datasets a user downloads: without them --dry-run says
+    so; with `data.source=` (and `STAGE.data.source=`) on the command line they pass."""
     from ttt.cli import main
 
+    raw = yaml.safe_load(path.read_text())
+    sources = [f"data.source={corpus}"] if "/data/" in path.read_text() else []
+    sources += [
+        f"{st['name']}.data.source={corpus}"
+        for st in raw.get("stages", [])
+        if "data.source" in st.get("overrides", {})
+    ]
+    if sources:
+        with pytest.raises(SystemExit) as exc:
+            main(["sweep", "run", str(path), "--dry-run"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "data.source='/data/" in err, err
     with pytest.raises(SystemExit) as exc:
-        main(["sweep", "run", str(path), "--dry-run"])
-    assert exc.value.code == 0
+        main(["sweep", "run", str(path), *sources, "--dry-run"])
+    assert exc.value.code == 0, capsys.readouterr().err
     assert "distinct compiled shapes" in capsys.readouterr().out
+
+
+def test_command_line_overrides_and_name(tmp_path, corpus, capsys):
+    from ttt.cli import main
+
+    path = write_spec(
+        tmp_path / "o.yaml",
+        corpus,
+        name="o",
+        search={"train.lr": {"grid": [1e-3, 2e-3]}},
+        stages=[{"name": "ext", "steps": 2, "overrides": {"data.seq_len": 128}}],
+    )
+    spec = load_spec(path, ["train.seed=7", "ext.train.seed=8"], name="renamed")
+    assert spec.name == "renamed"
+    assert spec.config(spec.points[0], {}).train.seed == 7
+    assert spec.config(spec.points[0], {}, spec.stages[0]).train.seed == 8
+    assert spec.digest() != load_spec(path).digest()  # the overrides are part of the sweep
+    for args, needle in (
+        (["train.lr=1"], "train.lr: swept by"),
+        (["model.windw=3"], "command line.model.windw"),
+        (["seed"], "dotted.key=value"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["sweep", "run", str(path), *args, "--dry-run"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_storage_uris_go_to_tune_unchanged(tmp_path):
+    from sweeps.driver import storage_root
+
+    assert storage_root("s3://bucket/x") == "s3://bucket/x"
+    assert storage_root("file:///tmp/r") == "file:///tmp/r"
+    assert storage_root("rel") == str(Path("rel").absolute())
+
+
+def test_optuna_sweep_in_a_file_uri_store_then_an_edited_spec_is_refused(
+    tmp_path, corpus, ray_cluster, capsys
+):
+    from ttt.cli import main
+
+    path = write_spec(
+        tmp_path / "opt.yaml",
+        corpus,
+        name="opt",
+        num_samples=2,
+        search_alg="optuna",
+        search={"model.mixer": "swa", "train.lr": {"loguniform": [1e-4, 1e-2]}},
+        stop={"steps": 2},
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = (tmp_path / "ray store").as_uri()
+    argv = [
+        "sweep",
+        "run",
+        str(path),
+        "train.seed=3",
+        "--name",
+        "opt-b",
+        "--tracking-uri",
+        uri,
+        "--storage-path",
+        store,
+    ]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr().out
+    assert exc.value.code == 0, out
+    assert "stage main: 2 finished" in out
+    assert (tmp_path / "ray store" / "opt-b").is_dir()  # the URI's folder, not ./file:
+    assert not list(Path.cwd().glob("file:*"))
+    c, parents, children = mlflow_runs(uri, "opt-b")
+    assert len(children) == 2
+    assert {r.data.params["train.seed"] for r in children} == {"3"}
+    assert len({r.data.params["train.lr"] for r in children}) == 2  # Optuna's own picks
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "status", "opt-b", "--storage-path", store, "--tracking-uri", uri])
+    status = capsys.readouterr().out
+    assert exc.value.code == 0, status
+    assert {r.info.run_id for r in children} <= set(status.split())
+    # The same name with other overrides is another sweep: refused, before Ray is touched.
+    with pytest.raises(SystemExit) as exc:
+        main([*argv[:3], "train.seed=4", *argv[4:]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and "changed since it started" in err[-1] and "--name" in err[-1]

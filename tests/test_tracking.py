@@ -48,6 +48,7 @@ def test_an_unreachable_server_fails_fast_in_one_line(tmp_path, corpus, capsys):
         ["plots", "--tracking-uri", uri],
         ["sweep", "run", str(spec), "--tracking-uri", uri],
         ["train", "pico", *PICO_TRAIN, f"data.source={corpus}", "--tracking-uri", uri],
+        ["bench", "train", "pico", "--tracking-uri", uri],
     ):
         err, took = _error(argv, capsys)
         assert uri in err and "ttt tracking serve" in err, err

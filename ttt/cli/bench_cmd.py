@@ -25,6 +25,10 @@ def _run(
     from ttt.config import MIXERS, ConfigError, load_config
 
     source, overrides = split_source(args or [])
+    if tracking_uri:  # before minutes of measuring, not after
+        from ttt.tracking import check_uri
+
+        check_uri(tracking_uri)
     names = [m.strip() for m in mixers.split(",") if m.strip()]
     for name in names:
         if name not in MIXERS:

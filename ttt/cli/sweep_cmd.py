@@ -111,7 +111,9 @@ def _storage(storage_path: str | None) -> Path:
 
     root = storage_root(storage_path)
     if root.startswith("file://"):
-        return Path(root.removeprefix("file://"))
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(root).path))
     if "://" in root:
         raise UserError(f"--storage-path={root}: status reads local folders or file:// only")
     return Path(root)

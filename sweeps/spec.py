@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ttt.config import SECTIONS, Config, ConfigError, load_config
+from ttt.config import SECTIONS, Config, ConfigError, load_config, yaml_value
 from ttt.errors import UserError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -103,14 +103,10 @@ class SweepSpec:
             items.update(stage.overrides)
             if stage.steps is not None:
                 items["train.steps"] = stage.steps
-        return [f"{k}={_dump(v)}" for k, v in items.items()]
+        return [f"{k}={yaml_value(v)}" for k, v in items.items()]
 
     def config(self, point: dict, sample: dict, stage: Stage | None = None) -> Config:
         return load_config(self.base_source, self.trial_overrides(point, sample, stage))
-
-
-def _dump(v: Any) -> str:
-    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _err(path: str, key: str, msg: str) -> SpecError:

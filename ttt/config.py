@@ -119,7 +119,7 @@ class Config:
 
     def replace(self, **flat: Any) -> Config:
         """A copy with dotted-key overrides, validated."""
-        return load_config(self.to_dict(), [f"{k}={_fmt(v)}" for k, v in flat.items()])
+        return load_config(self.to_dict(), [f"{k}={yaml_value(v)}" for k, v in flat.items()])
 
 
 SECTIONS = {"model": ModelConfig, "ttt": TTTConfig, "data": DataConfig, "train": TrainConfig}
@@ -191,7 +191,8 @@ def shape_key(cfg: Config) -> tuple:
     return tuple(sorted((k, v) for k, v in cfg.flat().items() if k not in TRACED_KEYS))
 
 
-def _fmt(v: Any) -> str:
+def yaml_value(v: Any) -> str:
+    """A value as it is written on the right of `dotted.key=value` (YAML flow style)."""
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 

@@ -7,7 +7,10 @@ as labelled reference markers (black outlines) where it printed any.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -15,7 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
-from analysis.recipes import HINTS, RECIPES, Data  # noqa: E402
+from analysis import recipes  # noqa: E402
+from analysis.recipes import Data  # noqa: E402
 
 PAPER_DIR = Path(__file__).parent / "paper"
 PAPER_METHOD = {"full_attention": "full", "swa": "swa", "ttt_e2e": "ttt_e2e"}
@@ -95,8 +99,7 @@ def paper_markers(ax, xs, ys, label: str, method: str | None = None) -> None:
 
 
 def draw(name: str, table: pl.DataFrame):
-    fig_fn = DRAW[name]
-    return fig_fn(table)
+    return FIGURES[name].draw(table)
 
 
 def _context_length(t):
@@ -263,18 +266,88 @@ def _curves(t):
     return fig
 
 
-DRAW = {
-    "fig1_context_length": _context_length,
-    "fig1_prefill_latency": _latency("Prefill latency", "latency_h100_3b.csv"),
-    "fig8_train_latency": _latency("Training latency", None),
-    "fig4_window": _ablation("model.window", "sliding window k (tokens)", True, "window"),
-    "fig4_chunk": _ablation("ttt.chunk", "chunk length b (tokens)", True, "chunk"),
-    "fig4_ttt_layers": _ttt_layers,
-    "fig5_model_size": _delta("params", "non-embedding parameters"),
-    "fig5_training_tokens": _delta("tokens", "training tokens"),
-    "fig6_token_index": _token_index,
-    "inner_lr_meta": _inner_lr_meta,
-    "curves": _curves,
+@dataclass(frozen=True)
+class Figure:
+    """One paper figure: the recipe that builds its tidy table from tracked runs, the
+    drawing of that table, and the sweep spec (or command) whose runs it needs."""
+
+    name: str
+    recipe: Callable[[Data], pl.DataFrame | None]
+    draw: Callable[[pl.DataFrame], Any]
+    hint: str
+
+
+# The registry: adding a figure is one entry here.
+FIGURES: dict[str, Figure] = {
+    f.name: f
+    for f in [
+        Figure(
+            "fig1_context_length",
+            recipes.context_length,
+            _context_length,
+            "sweeps/context_scaling.yaml (or sweeps/small_scale.yaml on a CPU)",
+        ),
+        Figure(
+            "fig1_prefill_latency",
+            lambda d: recipes.latency(d, "prefill"),
+            _latency("Prefill latency", "latency_h100_3b.csv"),
+            "ttt bench prefill PRESET data.seq_len=T --tracking-uri URI",
+        ),
+        Figure(
+            "fig8_train_latency",
+            lambda d: recipes.latency(d, "train"),
+            _latency("Training latency", None),
+            "ttt bench train PRESET data.seq_len=T --tracking-uri URI",
+        ),
+        Figure(
+            "fig4_window",
+            recipes.window,
+            _ablation("model.window", "sliding window k (tokens)", True, "window"),
+            "sweeps/window_ablation.yaml (or sweeps/quickstart.yaml)",
+        ),
+        Figure(
+            "fig4_chunk",
+            recipes.chunk,
+            _ablation("ttt.chunk", "chunk length b (tokens)", True, "chunk"),
+            "sweeps/chunk_ablation.yaml",
+        ),
+        Figure(
+            "fig4_ttt_layers",
+            recipes.ttt_layers,
+            _ttt_layers,
+            "sweeps/ttt_layers_ablation.yaml",
+        ),
+        Figure(
+            "fig5_model_size",
+            recipes.model_size,
+            _delta("params", "non-embedding parameters"),
+            "sweeps/model_size.yaml",
+        ),
+        Figure(
+            "fig5_training_tokens",
+            recipes.training_tokens,
+            _delta("tokens", "training tokens"),
+            "sweeps/model_size.yaml with a train.steps grid",
+        ),
+        Figure(
+            "fig6_token_index",
+            recipes.token_index,
+            _token_index,
+            "sweeps/quickstart.yaml (any sweep with full and ttt_e2e)",
+        ),
+        Figure(
+            "inner_lr_meta",
+            recipes.inner_lr_meta,
+            _inner_lr_meta,
+            "sweeps/inner_lr.yaml and sweeps/meta.yaml (or sweeps/quickstart.yaml)",
+        ),
+        Figure(
+            "curves",
+            recipes.curves,
+            _curves,
+            "any sweep",
+        ),
+    ]
 }
 
 
@@ -288,12 +361,12 @@ def build_all(
     """Write every figure that has data; return (written {name: [paths]}, missing {name: hint})."""
     data = Data(tracking_uri, experiments)
     written, missing = {}, {}
-    for name, recipe in RECIPES.items():
+    for name, figure in FIGURES.items():
         if only and name not in only:
             continue
-        table = recipe(data)
+        table = figure.recipe(data)
         if table is None or table.is_empty():
-            missing[name] = HINTS[name]
+            missing[name] = figure.hint
             continue
         out.mkdir(parents=True, exist_ok=True)
         fig = draw(name, table)

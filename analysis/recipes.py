@@ -1,13 +1,12 @@
 """One recipe per paper figure: select runs by the params that define the figure, average
 over seeds (mean with min/max bands), and return the tidy table that the figure draws.
 
-Recipes return `None` when the store holds no data for them; `HINTS` names the sweep
-spec (or command) that would produce it.
+Recipes return `None` when the store holds no data for them. `analysis.figures.FIGURES`
+pairs each recipe with its drawing and the sweep spec (or command) that produces its data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -329,31 +328,3 @@ def curves(data: Data):
     if hist.is_empty():
         return None
     return hist.join(frame.select("run_id", "experiment", "run_name", "outcome"), on="run_id")
-
-
-RECIPES: dict[str, Callable] = {
-    "fig1_context_length": context_length,
-    "fig1_prefill_latency": lambda d: latency(d, "prefill"),
-    "fig8_train_latency": lambda d: latency(d, "train"),
-    "fig4_window": window,
-    "fig4_chunk": chunk,
-    "fig4_ttt_layers": ttt_layers,
-    "fig5_model_size": model_size,
-    "fig5_training_tokens": training_tokens,
-    "fig6_token_index": token_index,
-    "inner_lr_meta": inner_lr_meta,
-    "curves": curves,
-}
-HINTS = {
-    "fig1_context_length": "sweeps/context_scaling.yaml (or sweeps/small_scale.yaml on a CPU)",
-    "fig1_prefill_latency": "ttt bench prefill PRESET data.seq_len=T --tracking-uri URI",
-    "fig8_train_latency": "ttt bench train PRESET data.seq_len=T --tracking-uri URI",
-    "fig4_window": "sweeps/window_ablation.yaml (or sweeps/quickstart.yaml)",
-    "fig4_chunk": "sweeps/chunk_ablation.yaml",
-    "fig4_ttt_layers": "sweeps/ttt_layers_ablation.yaml",
-    "fig5_model_size": "sweeps/model_size.yaml",
-    "fig5_training_tokens": "sweeps/model_size.yaml with a train.steps grid",
-    "fig6_token_index": "sweeps/quickstart.yaml (any sweep with full and ttt_e2e)",
-    "inner_lr_meta": "sweeps/inner_lr.yaml and sweeps/meta.yaml (or sweeps/quickstart.yaml)",
-    "curves": "any sweep",
-}

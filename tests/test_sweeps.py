@@ -458,3 +458,36 @@ def test_optuna_sweep_in_a_file_uri_store_then_an_edited_spec_is_refused(
         main([*argv[:3], "train.seed=4", *argv[4:]])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and "changed since it started" in err[-1] and "--name" in err[-1]
+
+
+def test_small_scale_in_miniature_draws_fig1_with_both_lengths(
+    tmp_path, corpus, ray_cluster, capsys
+):
+    """sweeps/small_scale.yaml end to end, shrunk (pico, one seed, a few steps, the same
+    methods and the same extension stage): `ttt plots -e NAME` draws Fig 1 with both
+    context lengths for every method, from the runs the sweep really logged."""
+    import polars as pl
+
+    from ttt.cli import main
+
+    raw = yaml.safe_load((Path(__file__).parent.parent / "sweeps/small_scale.yaml").read_text())
+    raw["base"] = {"config": "pico", "overrides": [*PICO_SWEEP, f"data.source={corpus}"]}
+    raw.update(name="mini", stop={"steps": 2}, report_every=1, checkpoint_every=0)
+    raw["search"]["train.seed"] = {"grid": [0]}
+    (stage,) = raw["stages"]
+    stage.update(steps=1, overrides={"data.seq_len": 128, "data.batch_size": 2})
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "run", str(path), "--tracking-uri", uri, "--storage-path", str(tmp_path)])
+    assert exc.value.code == 0
+    capsys.readouterr()
+    out = tmp_path / "figs"
+    with pytest.raises(SystemExit) as exc:
+        main(["plots", "-e", "mini", "--tracking-uri", uri, "--out", str(out)])
+    assert "fig1_context_length: " in capsys.readouterr().out
+    table = pl.read_parquet(out / "fig1_context_length.parquet")
+    points = {(r["method"], r["data.seq_len"]) for r in table.iter_rows(named=True)}
+    methods = ("full", "swa", "ttt_e2e", "ttt_e2e (meta off)")
+    assert points == {(m, t) for m in methods for t in (64, 128)}

@@ -21,15 +21,8 @@ def _no_ambient_tracking(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
 from ttt.config import load_config  # noqa: E402
-
-
-def random_batch(key, batch: int, seq_len: int, vocab: int = 256):
-    tokens = jax.random.randint(key, (batch, seq_len + 1), 0, vocab)
-    return tokens[:, :-1], tokens[:, 1:], jnp.ones((batch, seq_len), bool)
+from ttt.model.check import random_batch  # noqa: E402, F401  (the tests' batches)
 
 
 @pytest.fixture

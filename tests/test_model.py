@@ -9,7 +9,8 @@ import pytest
 from conftest import random_batch
 from flax import nnx
 
-from ttt.model import create_model, loss_fn
+from ttt.model import create_model
+from ttt.model.check import model_nll as _nll
 from ttt.model.layers import Attention
 from ttt.model.loop import cache_plan, carry_window, hidden_nll, plain_hidden, token_nll
 
@@ -41,19 +42,6 @@ def test_chunked_swa_with_carried_window_equals_whole_sequence(pico, window, chu
     # The window matters: dropping the carried keys changes the later chunks.
     alone, _ = attn(x[chunk : 2 * chunk], pos[chunk : 2 * chunk], window)
     assert not np.allclose(alone, whole[chunk : 2 * chunk], atol=1e-4)
-
-
-def _nll(cfg, params_from=None, *, inner, inner_lr=1.0, batch=None, first_order=False):
-    model = create_model(cfg.model, seed=0)
-    graphdef, params = nnx.split(model)
-    if params_from is not None:
-        params = params_from
-    batch = batch or random_batch(jax.random.key(0), 2, cfg.data.seq_len)
-    f = jax.jit(
-        lambda p, b, lr: loss_fn(graphdef, p, b, lr, cfg.ttt, inner=inner, first_order=first_order)
-    )
-    loss, nll = f(params, batch, jnp.float32(inner_lr))
-    return loss, nll, params
 
 
 def test_full_equals_swa_when_window_covers_sequence(pico):

@@ -24,7 +24,8 @@ from flax import nnx
 
 from ttt.bench import bench_one, format_table
 from ttt.config import load_config
-from ttt.model import create_model, loss_fn
+from ttt.model import create_model
+from ttt.model.check import model_nll
 from ttt.model.layers import Attention, attend_sequence
 from ttt.model.loop import carry_window, hidden_nll, token_nll
 
@@ -59,15 +60,10 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def _nll(cfg, params=None, *, inner, inner_lr=1.0, seed=0, first_order=False):
-    graphdef, p0 = nnx.split(create_model(cfg.model, seed=0))
-    params = p0 if params is None else params
-    tokens = jax.random.randint(jax.random.key(seed), (2, cfg.data.seq_len + 1), 0, 256)
-    batch = tokens[:, :-1], tokens[:, 1:], jnp.ones((2, cfg.data.seq_len), bool)
-    f = jax.jit(
-        lambda p, b, lr: loss_fn(graphdef, p, b, lr, cfg.ttt, inner=inner, first_order=first_order)
-    )
-    return np.asarray(f(params, batch, jnp.float32(inner_lr))[1]), params
+def _nll(cfg, params=None, **kw):
+    """(per-token NLL, params): the tests' `model_nll` on the same batch."""
+    _, nll, params = model_nll(cfg, params, **kw)
+    return np.asarray(nll), params
 
 
 def correctness() -> list[tuple[str, float, float]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jax
 
-from ttt.data.prepare import cache_root
+from ttt.paths import cache_root
 
 _active: Path | None = None  # the folder `enable` chose, once called
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ttt.errors import UserError
+from ttt.paths import cache_root
 
 BOS = 256  # byte-level vocab: 0..255 are bytes, then the specials
 PAD = 257
@@ -139,10 +140,6 @@ def prepare(source: str, out: Path, force: bool = False, progress: bool = True) 
         shutil.rmtree(out)
     os.replace(tmp, out)
     return meta
-
-
-def cache_root(cache_dir: str = "") -> Path:
-    return Path(cache_dir or os.environ.get("TTT_CACHE") or Path.home() / ".cache" / "ttt")
 
 
 def stdlib_dataset(cache_dir: str = "", progress: bool = False) -> Path:

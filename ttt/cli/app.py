@@ -25,14 +25,22 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from ttt.cli import bench_cmd, config_cmd, plots_cmd, sweep_cmd, tracking_cmd, train_cmd
+    from ttt.cli import (
+        bench_cmd,
+        config_cmd,
+        data_cmd,
+        plots_cmd,
+        sweep_cmd,
+        tracking_cmd,
+        train_cmd,
+    )
 
     app.add_typer(config_cmd.app, name="config")
-    app.add_typer(train_cmd.data_app, name="data")
+    app.add_typer(data_cmd.app, name="data")
     app.command("train")(train_cmd.train)
     app.command("eval")(train_cmd.evaluate)
     app.add_typer(sweep_cmd.app, name="sweep")
-    app.command("ui")(sweep_cmd.ui)
+    app.command("ui")(tracking_cmd.ui)
     app.command("plots")(plots_cmd.plots)
     app.add_typer(tracking_cmd.app, name="tracking")
     app.add_typer(bench_cmd.app, name="bench")

@@ -1,9 +1,7 @@
-"""`ttt sweep run|status|ls` and `ttt ui`: thin wrappers over the `sweeps` package."""
+"""`ttt sweep run|status|ls`: thin wrappers over the `sweeps` package."""
 
 from __future__ import annotations
 
-import os
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -140,29 +138,3 @@ def ls(storage_path: str = _STORAGE) -> None:
     from sweeps.status import list_sweeps
 
     typer.echo(list_sweeps(_storage(storage_path)))
-
-
-def ui(
-    tracking_uri: str = typer.Option(
-        None, "--tracking-uri", help="Default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db."
-    ),
-    port: int = typer.Option(5000, "--port"),
-) -> None:
-    """Start the MLflow UI on 127.0.0.1."""
-    from ttt.tracking import resolve_uri
-
-    uri = resolve_uri(tracking_uri)
-    args = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
-    os.execv(sys.executable, args)

@@ -1,4 +1,4 @@
-"""`ttt tracking serve`: an MLflow tracking server for sweeps that span several nodes."""
+"""`ttt tracking serve` (an MLflow server for sweeps that span several nodes) and `ttt ui`."""
 
 from __future__ import annotations
 
@@ -72,3 +72,29 @@ def serve(
     typer.echo(f"  sweeps: ttt sweep run SPEC --tracking-uri http://{host}:{port}")
     args = server_args(host, port, backend, artifacts)
     os.execv(args[0], args)
+
+
+def ui(
+    tracking_uri: str = typer.Option(
+        None, "--tracking-uri", help="Default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db."
+    ),
+    port: int = typer.Option(5000, "--port"),
+) -> None:
+    """Start the MLflow UI on 127.0.0.1."""
+    from ttt.tracking import resolve_uri
+
+    uri = resolve_uri(tracking_uri)
+    args = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
+    os.execv(sys.executable, args)

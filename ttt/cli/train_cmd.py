@@ -1,8 +1,7 @@
-"""`ttt data prepare`, `ttt train`, `ttt eval`."""
+"""`ttt train`, `ttt eval`."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -10,23 +9,6 @@ import typer
 
 from ttt.cli.config_cmd import split_source
 from ttt.errors import UserError
-
-data_app = typer.Typer(
-    help="Prepare byte-level corpora in the reference Zarr layout.", no_args_is_help=True
-)
-
-
-@data_app.command("prepare")
-def prepare(
-    out: Path = typer.Option(..., "--out", help="Dataset directory to write (DIR/train, DIR/val)."),
-    source: str = typer.Option("stdlib", help="stdlib, a directory, or a glob of files."),
-    force: bool = typer.Option(False, help="Rewrite even when the content is unchanged."),
-) -> None:
-    """Tokenise files as bytes (one document each, BOS first) and split train/val."""
-    from ttt.data.prepare import prepare as do_prepare
-
-    meta = do_prepare(source, out, force=force)
-    typer.echo(json.dumps(meta, indent=2))
 
 
 def default_out(cfg) -> Path:

@@ -14,7 +14,7 @@ import polars as pl
 from analysis.loaders import metric_history, runs, token_nll
 
 LOSS = "final_eval_loss"
-# The knobs a figure may hold fixed or vary (DESIGN.md, "What users sweep").
+# The knobs a figure may hold fixed or vary (docs/design.md, "Where to add").
 KNOBS = [
     "preset",
     "model.window",

@@ -1,4 +1,4 @@
-"""Numerical equivalences the model relies on (DESIGN.md, "The model")."""
+"""Numerical equivalences the model relies on (docs/design.md, "The model's math")."""
 
 import functools
 

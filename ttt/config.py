@@ -126,7 +126,7 @@ SECTIONS = {"model": ModelConfig, "ttt": TTTConfig, "data": DataConfig, "train":
 
 
 # `mlp` is the regular MLP width for full/swa; `mlp_ttt` the narrower one used with
-# ttt_e2e so that adding prime MLPs keeps the parameter count (DESIGN.md, Table 3).
+# ttt_e2e so that adding prime MLPs keeps the parameter count (the paper's Table 3).
 PRESETS: dict[str, dict[str, Any]] = {
     "pico": dict(
         model=dict(layers=4, width=64, heads=4, mlp=192, window=64, ttt_layers=1, vocab_size=258),

@@ -1,4 +1,4 @@
-"""Blocks of the TTT-E2E Transformer (DESIGN.md, "The model").
+"""Blocks of the TTT-E2E Transformer (docs/design.md, "The model's math").
 
 Every sublayer is `x = x + PostNorm(F(PreNorm(x)))`. Parameters live in `param_dtype`
 and are cast to the compute dtype where they are used, so the inner loop updates

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweeps.spec import Stage, SweepSpec
+from sweeps.spec import Stage, SweepSpec, TrialStart
 from sweeps.tracking import MlflowSweepCallback, client, ensure_experiment, find_run
 from ttt.errors import UserError
 from ttt.tracking import check_uri, resolve_uri
@@ -23,22 +23,14 @@ DEFAULT_STORAGE = "ray_results"
 
 def flat_params(spec: SweepSpec, trial_config: dict) -> dict:
     """The resolved config of a trial, flattened: the child run's MLflow params."""
-    start = trial_config.get("start") or trial_config
-    sample = dict(start.get("sample") or trial_config.get("sample") or {})
-    if start.get("init_from"):
-        sample["train.init_from"] = start["init_from"]
-    stage = next((s for s in spec.stages if s.name == trial_config.get("stage")), None)
-    return spec.config(start["point"], sample, stage).flat()
+    return TrialStart.of(trial_config).config(spec).flat()
 
 
 def trial_entry(config: dict, spec: SweepSpec) -> None:
     """Tune's trainable (module level, so that a restore finds it under the same name)."""
     from sweeps.trial import trial_main
 
-    start = config.get("start")
-    if start is not None:
-        config = {**start, "stage": config.get("stage")}
-    trial_main(config, spec)
+    trial_main(TrialStart.of(config), spec)
 
 
 @dataclass
@@ -57,10 +49,10 @@ class SweepResult:
 
 def trial_name(trial) -> str:
     """Readable trial names: the grid point's values, then Tune's id."""
-    cfg = trial.config.get("start") or trial.config
-    parts = [f"{k.split('.')[-1]}={v}" for k, v in (cfg.get("point") or {}).items()]
-    if trial.config.get("stage"):
-        parts.insert(0, trial.config["stage"])
+    start = TrialStart.of(trial.config)
+    parts = [f"{k.split('.')[-1]}={v}" for k, v in start.point.items()]
+    if start.stage:
+        parts.insert(0, start.stage)
     return "_".join([*parts, trial.trial_id])[:120] or trial.trial_id
 
 
@@ -225,17 +217,12 @@ def _starts(spec: SweepSpec, stage: Stage, rows: list[dict]) -> list[dict]:
     if stage.start_from == "best":
         key = lambda r: r[spec.metric] if spec.mode == "min" else -r[spec.metric]  # noqa: E731
         done = [min(done, key=key)]
-    starts = []
-    for r in done:
-        cfg = r["config"].get("start") or r["config"]
-        starts.append(
-            {
-                "point": cfg["point"],
-                "sample": cfg.get("sample") or {},
-                "init_from": r["checkpoint"].path,
-            }
-        )
-    return starts
+    return [
+        TrialStart(
+            **{**TrialStart.of(r["config"]).as_dict(), "init_from": r["checkpoint"].path}
+        ).as_dict()
+        for r in done
+    ]
 
 
 def print_monitoring(context, tracking_uri: str) -> None:

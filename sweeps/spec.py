@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ttt.config import SECTIONS, Config, ConfigError, load_config, yaml_value
+from ttt.config import SECTIONS, Config, ConfigError, load_config
 from ttt.errors import UserError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -92,8 +92,8 @@ class SweepSpec:
         blob = json.dumps([ident, self.name, list(self.cli_overrides)], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def trial_overrides(self, point: dict, sample: dict, stage: Stage | None = None) -> list[str]:
-        """`dotted.key=value` overrides for one trial, in precedence order."""
+    def trial_overrides(self, point: dict, sample: dict, stage: Stage | None = None) -> dict:
+        """`{dotted.key: value}` for one trial, in precedence order."""
         items = {**self.base_overrides, **point, **sample}
         if self.stop_steps is not None:
             items["train.steps"] = self.stop_steps
@@ -103,10 +103,45 @@ class SweepSpec:
             items.update(stage.overrides)
             if stage.steps is not None:
                 items["train.steps"] = stage.steps
-        return [f"{k}={yaml_value(v)}" for k, v in items.items()]
+        return items
 
     def config(self, point: dict, sample: dict, stage: Stage | None = None) -> Config:
+        # The values are parsed already (YAML): they go in as they are, not via strings.
         return load_config(self.base_source, self.trial_overrides(point, sample, stage))
+
+    def stage(self, name: str | None) -> Stage | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+
+@dataclass(frozen=True)
+class TrialStart:
+    """One trial, read once from the config dict Tune hands it: the grid point, the
+    sampled values, the stage and the checkpoint a later stage starts from. Tune's
+    param space holds the dict form (`as_dict`)."""
+
+    point: dict
+    sample: dict = field(default_factory=dict)
+    stage: str | None = None
+    init_from: str | None = None
+
+    @classmethod
+    def of(cls, config: dict) -> TrialStart:
+        start = config.get("start") or config  # a later stage nests its start
+        return cls(
+            point=dict(start.get("point") or {}),
+            sample=dict(start.get("sample") or {}),
+            stage=config.get("stage"),
+            init_from=start.get("init_from"),
+        )
+
+    def as_dict(self) -> dict:
+        return {"point": self.point, "sample": self.sample, "init_from": self.init_from}
+
+    def config(self, spec: SweepSpec) -> Config:
+        overrides = dict(self.sample)
+        if self.init_from:
+            overrides["train.init_from"] = self.init_from
+        return spec.config(self.point, overrides, spec.stage(self.stage))
 
 
 def _err(path: str, key: str, msg: str) -> SpecError:

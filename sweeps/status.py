@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from sweeps.spec import TrialStart
 from ttt.errors import UserError
 
 
@@ -45,11 +46,6 @@ def _run_ids(tracking_uri: str | None, name: str) -> dict[str, str]:
         return {}
 
 
-def _point(trial) -> dict:
-    cfg = trial.config.get("start") or trial.config
-    return dict(cfg.get("point") or {})
-
-
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
@@ -65,7 +61,7 @@ def sweep_status(name: str, storage: Path, tracking_uri: str | None = None) -> s
     lines = []
     for path in paths:
         trials = _trials(path)
-        points = [_point(t) for t in trials]
+        points = [TrialStart.of(t.config).point for t in trials]
         swept = sorted({k for p in points for k in p if len({str(q.get(k)) for q in points}) > 1})
         rows = [["trial", *swept, "status", "outcome", "step", "loss", "eval_loss", "mlflow_run"]]
         for t, point in zip(trials, points, strict=True):

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sweeps.spec import SweepSpec
+from sweeps.spec import SweepSpec, TrialStart
 
 
 def _jax_env(gpu: float) -> None:
@@ -44,14 +44,6 @@ def _stage_checkpoint(run_dir: Path, step: int, final: dict | None) -> Path:
     return stage
 
 
-def _trial_config(config: dict, spec: SweepSpec):
-    stage = next((s for s in spec.stages if s.name == config.get("stage")), None)
-    overrides = dict(config.get("sample") or {})
-    if config.get("init_from"):
-        overrides["train.init_from"] = config["init_from"]
-    return spec.config(config["point"], overrides, stage)
-
-
 class Peer:
     """JAX process `rank` (> 0) of a multi-node trial, in its own placement-group bundle.
 
@@ -59,17 +51,17 @@ class Peer:
     holds the checkpoints and reports, and hands the start state to the others.
     """
 
-    def run(self, config: dict, spec: SweepSpec, coordinator: str, rank: int) -> str:
+    def run(self, start: TrialStart, spec: SweepSpec, coordinator: str, rank: int) -> str:
         _jax_env(spec.resources["gpu"])
         from ttt.train import run
         from ttt.train.distributed import initialize
 
         initialize(coordinator, int(spec.resources["nodes"]), rank)
         with tempfile.TemporaryDirectory(prefix=f"ttt-peer{rank}-") as d:
-            return run(_trial_config(config, spec), Path(d) / "run", progress=False).status
+            return run(start.config(spec), Path(d) / "run", progress=False).status
 
 
-def _start_peers(config: dict, spec: SweepSpec) -> tuple[str, list]:
+def _start_peers(start: TrialStart, spec: SweepSpec) -> tuple[str, list]:
     """Start processes 1..N-1 in the trial's other bundles; returns (coordinator, refs).
     Process 0's node hosts the jax.distributed coordinator."""
     import socket
@@ -93,11 +85,11 @@ def _start_peers(config: dict, spec: SweepSpec) -> tuple[str, list]:
                 pg, placement_group_bundle_index=rank
             ),
         ).remote()
-        refs.append(actor.run.remote(config, spec, coordinator, rank))
+        refs.append(actor.run.remote(start, spec, coordinator, rank))
     return coordinator, refs
 
 
-def trial_main(config: dict, spec: SweepSpec) -> None:
+def trial_main(start: TrialStart, spec: SweepSpec) -> None:
     _jax_env(spec.resources["gpu"])
     import jax
     import ray
@@ -106,7 +98,7 @@ def trial_main(config: dict, spec: SweepSpec) -> None:
     from ttt.tracking import SystemSampler, provenance
     from ttt.train import Reporter, run
 
-    cfg = _trial_config(config, spec)
+    cfg = start.config(spec)
     node_id = ray.get_runtime_context().get_node_id()
     # Node-local scratch, outside Tune's trial folder (which Tune syncs to storage as
     # driver artifacts): Tune's checkpoints are what persists.
@@ -157,7 +149,7 @@ def trial_main(config: dict, spec: SweepSpec) -> None:
         if spec.resources["nodes"] > 1:
             from ttt.train.distributed import initialize
 
-            coordinator, peers = _start_peers(config, spec)
+            coordinator, peers = _start_peers(start, spec)
             initialize(coordinator, int(spec.resources["nodes"]), 0)
         result = run(cfg, run_dir, reporter=TuneReporter(), progress=False)
         ray.get(peers)  # a peer's error fails the trial too

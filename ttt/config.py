@@ -119,7 +119,7 @@ class Config:
 
     def replace(self, **flat: Any) -> Config:
         """A copy with dotted-key overrides, validated."""
-        return load_config(self.to_dict(), [f"{k}={yaml_value(v)}" for k, v in flat.items()])
+        return load_config(self.to_dict(), flat)
 
 
 SECTIONS = {"model": ModelConfig, "ttt": TTTConfig, "data": DataConfig, "train": TrainConfig}
@@ -189,11 +189,6 @@ TRACED_KEYS = {
 def shape_key(cfg: Config) -> tuple:
     """What decides the compiled program: everything but traced values and bookkeeping."""
     return tuple(sorted((k, v) for k, v in cfg.flat().items() if k not in TRACED_KEYS))
-
-
-def yaml_value(v: Any) -> str:
-    """A value as it is written on the right of `dotted.key=value` (YAML flow style)."""
-    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _allowed(section: str) -> str:
@@ -303,12 +298,18 @@ def read_source(source: str | Path | dict | None) -> dict[str, Any]:
 
 
 def load_config(
-    source: str | Path | dict | None = None, overrides: typing.Sequence[str] = ()
+    source: str | Path | dict | None = None,
+    overrides: typing.Sequence[str] | typing.Mapping[str, Any] = (),
 ) -> Config:
-    """defaults <- preset <- YAML <- overrides, then validate."""
+    """defaults <- preset <- YAML <- overrides, then validate. Overrides are
+    `dotted.key=value` strings (the command line) or a mapping of dotted keys to values
+    that are already parsed (a sweep's trial)."""
     user = read_source(source)
-    for item in overrides:
-        key, value = _parse_override(item)
+    if isinstance(overrides, typing.Mapping):
+        items = overrides.items()
+    else:
+        items = map(_parse_override, overrides)
+    for key, value in items:
         user[key] = value
     preset = user.pop("preset", "pico")
     if preset not in PRESETS:

@@ -318,13 +318,7 @@ def _bool(path, key, value) -> bool:
     return value
 
 
-def load_spec(
-    path: str | Path, overrides: list[str] | tuple = (), name: str | None = None
-) -> SweepSpec:
-    """Parse and check a spec. `overrides` (`dotted.key=value`, or `STAGE.dotted.key=value`
-    for one stage) change the base config (or that stage) from the command line; `name`
-    renames the sweep. Both are part of what identifies the sweep on resume."""
-    path = str(path)
+def _read(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"{path}: no such sweep spec")
@@ -337,28 +331,34 @@ def load_spec(
     for key in raw:
         if key not in TOP_KEYS:
             raise _err(path, str(key), f"unknown key; allowed are {', '.join(sorted(TOP_KEYS))}")
-    name = name or raw.get("name")
-    if not isinstance(name, str) or not name or "/" in name:
-        raise _err(path, "name", f"expected a non-empty name without '/', got {name!r}")
-    cli = _cli_overrides(path, overrides, raw)
+    return raw
 
+
+def _base(path: str, raw: dict, cli: dict) -> tuple[str, dict]:
+    """(config source, overrides) of `base:`, with the command line's base overrides."""
     base = raw.get("base", "pico")
     if isinstance(base, str):
-        base_source, base_over = base, {}
+        source, over = base, {}
     elif isinstance(base, dict):
         unknown = set(base) - {"config", "overrides"}
         if unknown:
             raise _err(
                 path, f"base.{sorted(unknown)[0]}", "unknown key; allowed are config, overrides"
             )
-        base_source = base.get("config", "pico")
-        base_over = _overrides(path, "base.overrides", base.get("overrides"))
+        source = base.get("config", "pico")
+        over = _overrides(path, "base.overrides", base.get("overrides"))
     else:
         raise _err(path, "base", f"expected a preset, a config file or a mapping, got {base!r}")
-    base_over.update(cli.get(None, {}))
-    if base_source and not Path(base_source).is_absolute() and (p.parent / base_source).is_file():
-        base_source = str(p.parent / base_source)  # config files are relative to the spec
+    over.update(cli.get(None, {}))
+    spec_dir = Path(path).parent
+    if source and not Path(source).is_absolute() and (spec_dir / source).is_file():
+        source = str(spec_dir / source)  # config files are relative to the spec
+    return source, over
 
+
+def _points(path: str, raw: dict, cli: dict) -> tuple[list[dict], dict, bool]:
+    """(grid points, random domains, whether anything is a grid) of `search:` and
+    `variants:`; a command-line override may not set a swept key."""
     grids, fixed, random = _search_block(path, "search", raw.get("search"))
     for key in cli.get(None, {}):
         if key in random or key in dict(grids) or _in_variants(raw, key):
@@ -382,23 +382,23 @@ def load_spec(
                 )
             expanded += [{**pt, **vp} for pt in points for vp in _expand(v_grids, v_fixed)]
         points = expanded
+    return points, random, bool(grids or variants)
 
-    sched = raw.get("scheduler", "fifo")
-    sched = {"type": sched} if isinstance(sched, str) else sched
-    if not isinstance(sched, dict) or sched.get("type") not in ("fifo", "asha"):
-        raise _err(
-            path, "scheduler", f"expected fifo or {{type: asha, ...}}, got {raw.get('scheduler')!r}"
-        )
-    sched = _scheduler(path, sched)
+
+def _search_alg(path: str, raw: dict, gridded: bool) -> str:
     search_alg = raw.get("search_alg", "basic")
     if search_alg not in ("basic", "optuna"):
         raise _err(path, "search_alg", f"{search_alg!r}; allowed are basic, optuna")
-    if search_alg == "optuna" and (grids or raw.get("variants")):
+    if search_alg == "optuna" and gridded:
         raise _err(
             path,
             "search_alg",
             "optuna samples every trial itself: use choice: instead of grid: and variants:",
         )
+    return search_alg
+
+
+def _objective(path: str, raw: dict) -> tuple[str, str]:
     metric = raw.get("metric", "eval_loss")
     if metric not in REPORTED:
         raise _err(
@@ -406,15 +406,21 @@ def load_spec(
             "metric",
             f"{metric!r} is not reported by trials; allowed are {', '.join(REPORTED)}",
         )
+    mode = raw.get("mode", "min")
+    if mode not in ("min", "max"):
+        raise _err(path, "mode", f"{mode!r}; allowed are min, max")
+    return metric, mode
 
+
+def _resources(path: str, raw: dict) -> dict:
     resources = raw.get("resources", {}) or {}
-    allowed_res = {"cpu", "gpu", "nodes", "gpus_per_node"}
+    allowed = {"cpu", "gpu", "nodes", "gpus_per_node"}
     if not isinstance(resources, dict):
         raise _err(path, "resources", f"expected a mapping, got {resources!r}")
     for k, v in resources.items():
-        if k not in allowed_res:
+        if k not in allowed:
             raise _err(
-                path, f"resources.{k}", f"unknown key; allowed are {', '.join(sorted(allowed_res))}"
+                path, f"resources.{k}", f"unknown key; allowed are {', '.join(sorted(allowed))}"
             )
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
             raise _err(path, f"resources.{k}", f"expected a number >= 0, got {v!r}")
@@ -428,14 +434,18 @@ def load_spec(
         raise _err(path, "resources.gpu", f"{gpu}: fractions are for sharing one GPU (< 1)")
     if nodes > 1 and 0 < gpu < 1:
         raise _err(path, "resources.gpus_per_node", f"{gpu}: a multi-node trial takes whole GPUs")
+    return {"cpu": float(resources.get("cpu", 1)), "gpu": gpu, "nodes": int(nodes)}
 
+
+def _stop(path: str, raw: dict) -> tuple[int | None, float | None]:
     stop = raw.get("stop", {}) or {}
     if not isinstance(stop, dict) or set(stop) - {"steps", "time_s"}:
         raise _err(path, "stop", f"expected {{steps: N, time_s: S}}, got {stop!r}")
-    mode = raw.get("mode", "min")
-    if mode not in ("min", "max"):
-        raise _err(path, "mode", f"{mode!r}; allowed are min, max")
+    steps = _int(path, "stop.steps", stop["steps"], 1) if "steps" in stop else None
+    return steps, float(stop["time_s"]) if "time_s" in stop else None
 
+
+def _stages(path: str, raw: dict, cli: dict) -> list[Stage]:
     stages = []
     for i, st in enumerate(raw.get("stages", []) or []):
         if not isinstance(st, dict) or set(st) - {"name", "from", "overrides", "steps"}:
@@ -443,18 +453,48 @@ def load_spec(
         start_from = st.get("from", "best")
         if start_from not in ("best", "each"):
             raise _err(path, f"stages[{i}].from", f"{start_from!r}; allowed are best, each")
+        name = str(st.get("name", f"stage{i + 2}"))
         stages.append(
             Stage(
-                name=str(st.get("name", f"stage{i + 2}")),
+                name=name,
                 start_from=start_from,
                 overrides={
                     **_overrides(path, f"stages[{i}].overrides", st.get("overrides")),
-                    **cli.get(str(st.get("name", f"stage{i + 2}")), {}),
+                    **cli.get(name, {}),
                 },
                 steps=_int(path, f"stages[{i}].steps", st["steps"], 1) if "steps" in st else None,
             )
         )
+    return stages
 
+
+def _schedule(path: str, raw: dict) -> dict:
+    sched = raw.get("scheduler", "fifo")
+    sched = {"type": sched} if isinstance(sched, str) else sched
+    if not isinstance(sched, dict) or sched.get("type") not in ("fifo", "asha"):
+        raise _err(
+            path, "scheduler", f"expected fifo or {{type: asha, ...}}, got {raw.get('scheduler')!r}"
+        )
+    return _scheduler(path, sched)
+
+
+def load_spec(
+    path: str | Path, overrides: list[str] | tuple = (), name: str | None = None
+) -> SweepSpec:
+    """Parse and check a spec, one section at a time. `overrides` (`dotted.key=value`, or
+    `STAGE.dotted.key=value` for one stage) change the base config (or that stage) from
+    the command line; `name` renames the sweep. Both are part of what identifies the
+    sweep on resume."""
+    path = str(path)
+    raw = _read(path)
+    name = name or raw.get("name")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise _err(path, "name", f"expected a non-empty name without '/', got {name!r}")
+    cli = _cli_overrides(path, overrides, raw)
+    base_source, base_over = _base(path, raw, cli)
+    points, random, gridded = _points(path, raw, cli)
+    metric, mode = _objective(path, raw)
+    stop_steps, stop_time_s = _stop(path, raw)
     spec = SweepSpec(
         path=path,
         name=name,
@@ -465,16 +505,16 @@ def load_spec(
         num_samples=_int(path, "num_samples", raw.get("num_samples", 1), 1),
         metric=metric,
         mode=mode,
-        scheduler=sched,
-        search_alg=search_alg,
-        resources={"cpu": float(resources.get("cpu", 1)), "gpu": gpu, "nodes": int(nodes)},
+        scheduler=_schedule(path, raw),
+        search_alg=_search_alg(path, raw, gridded),
+        resources=_resources(path, raw),
         max_concurrent=_int(path, "max_concurrent", raw.get("max_concurrent", 0)),
-        stop_steps=_int(path, "stop.steps", stop["steps"], 1) if "steps" in stop else None,
-        stop_time_s=float(stop["time_s"]) if "time_s" in stop else None,
+        stop_steps=stop_steps,
+        stop_time_s=stop_time_s,
         report_every=_int(path, "report_every", raw.get("report_every", 10), 1),
         checkpoint_every=_int(path, "checkpoint_every", raw.get("checkpoint_every", 0)),
         max_failures=_int(path, "max_failures", raw.get("max_failures", 1)),
-        stages=stages,
+        stages=_stages(path, raw, cli),
         storage_path=str(raw.get("storage_path", "") or ""),
         system_metrics=_bool(path, "system_metrics", raw.get("system_metrics", True)),
         raw=raw,

@@ -363,3 +363,26 @@ def test_two_processes_match_one(train_cfg, tmp_path):
     b = losses(tmp_path / "multi0")
     assert sorted(b) == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=0, atol=1e-5)
+
+
+def test_hooks_run_every_n_steps_and_can_end_the_run(train_cfg, tmp_path):
+    from ttt.train import Diverged, Trainer
+
+    trainer = Trainer(train_cfg("train.steps=5"), tmp_path / "h", progress=False)
+    seen = []
+    trainer.add_hook(lambda step: seen.append(step.number), every=2)
+    stepped = [step.number for step in trainer.steps()]
+    result = trainer.finish()
+    assert stepped == [1, 2, 3, 4, 5] and seen == [2, 4] and result.status == "finished"
+    assert sorted(losses(tmp_path / "h")) == [1, 2, 3, 4, 5]
+
+    def stop(step):
+        raise Diverged(f"diverged at step {step.number} (a caller's own rule)")
+
+    trainer = Trainer(train_cfg("train.steps=5"), tmp_path / "d", progress=False)
+    trainer.add_hook(stop, every=3)
+    result = trainer.run()
+    assert result.status == "diverged" and result.step == 3
+    assert sorted(losses(tmp_path / "d")) == [1, 2]  # the diverged step is not logged
+    info = json.loads((tmp_path / "d" / "run.json").read_text())
+    assert info["message"] == "diverged at step 3 (a caller's own rule)"

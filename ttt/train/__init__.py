@@ -1,5 +1,5 @@
 """Training: the jitted step, the run loop with checkpoints, and evaluation."""
 
-from ttt.train.trainer import Reporter, RunResult, run
+from ttt.train.trainer import Diverged, Hook, Reporter, RunResult, Step, Trainer, run
 
-__all__ = ["Reporter", "RunResult", "run"]
+__all__ = ["Diverged", "Hook", "Reporter", "RunResult", "Step", "Trainer", "run"]

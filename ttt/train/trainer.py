@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +136,290 @@ def _initial_state(cfg: Config, ckpt: Checkpoints | None, params, opt_state):
     return params, opt_state, int(start), int(position)
 
 
+@dataclass(frozen=True)
+class Step:
+    """One trained step as hooks see it, once its metrics are on the host."""
+
+    number: int
+    values: dict  # loss, grad_norm, lr, inner_lr, tokens_per_s, flops_per_token, mfu
+    last: bool  # the last step this call trains (train.steps, or stop_at)
+    checkpointed: bool  # a checkpoint is written at this step (and reported with it)
+
+
+@dataclass
+class Hook:
+    """`fn(step)` after every `every`-th step (never for 0), and at the last step when
+    `at_last`. A hook that `needs_state` reads the parameters of its step: the trainer
+    reads every pending metric back before it instead of overlapping the next step."""
+
+    fn: Callable[[Step], None]
+    every: int = 1
+    at_last: bool = False
+    needs_state: bool = False
+
+    def due(self, number: int, last: bool) -> bool:
+        return (self.every > 0 and number % self.every == 0) or (self.at_last and last)
+
+
+class Diverged(Exception):
+    """Raised by a hook to end the run as `diverged at step N`."""
+
+
+class Trainer:
+    """A training run as a loop that yields steps, with evaluation, checkpointing,
+    logging, the progress bar, the divergence guard and reporting as hooks
+    (`add_hook(fn, every=N)`), in the manner of Levanter's `Trainer.add_hook`.
+
+    `run()` trains to the end and writes the final evaluation and checkpoint; `steps()`
+    is the loop itself, for a caller that wants to act between steps.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        out_dir: str | Path,
+        reporter: Reporter | None = None,
+        *,
+        devices=None,
+        stop_at: int | None = None,
+        progress: bool = True,
+    ):
+        compile_cache.enable()
+        self.cfg, self.out = cfg, Path(out_dir)
+        tr = cfg.train
+        mesh = data_mesh(devices)
+        self.n_dev = mesh.devices.size
+        if cfg.data.batch_size % (self.n_dev * tr.grad_accum):
+            raise UserError(
+                f"data.batch_size={cfg.data.batch_size}: must be a multiple of "
+                f"{self.n_dev} devices x train.grad_accum={tr.grad_accum}"
+            )
+        train_split = open_split(cfg.data.source, "train", cfg.data.cache_dir)
+        val_split = open_split(cfg.data.source, "val", cfg.data.cache_dir)
+        _check_vocab(cfg, train_split.bos_id, train_split.path)
+        self.loader = Loader(train_split, cfg.data.seq_len, cfg.data.batch_size, seed=tr.seed)
+        self.val = Loader(val_split, cfg.data.seq_len, cfg.data.batch_size, shuffle=False)
+
+        out = self.out
+        _check_run_dir(out, cfg)
+        # In a multi-process run every process trains; process 0 alone writes files and
+        # reports.
+        self.lead = jax.process_index() == 0
+        self.reporter = (reporter or Reporter()) if self.lead else Reporter()
+        fresh = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+
+        graphdef, params = nnx.split(create_model(cfg.model, seed=tr.seed))
+        opt_state = init_opt_state(cfg, params)
+        # Process 0 alone keeps checkpoints: its run dir is the one the sweep persists, and
+        # the other processes' nodes need no shared filesystem.
+        self.ckpt = Checkpoints(out, keep=tr.keep_checkpoints) if self.lead else None
+        try:
+            params, opt_state, start, self.loader.position = _initial_state(
+                cfg, self.ckpt, params, opt_state
+            )
+        except BaseException:
+            # A start that fails (a bad train.init_from) leaves nothing that blocks a re-run.
+            if self.ckpt is not None:
+                self.ckpt.close()
+            if fresh:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        if self.lead:  # written once the start state is known good: it pins the run's config
+            (out / "config.yaml").write_text(cfg.to_yaml())
+        self.params = jax.device_put(params, replicated(mesh))
+        self.opt_state = jax.device_put(opt_state, replicated(mesh))
+        self.put = batch_putter(mesh)
+        self.start = start
+
+        run_json = out / "run.json"
+        self.previous = json.loads(run_json.read_text()) if run_json.exists() else {}
+        self.run_info = {
+            "status": "running",
+            "step": start,
+            "data_fingerprint": train_split.fingerprint,
+            "bos_id": train_split.bos_id,
+            "devices": self.n_dev,
+            "device_kind": mesh.devices.flat[0].device_kind,
+        }
+        if self.lead:
+            run_json.write_text(json.dumps(self.run_info, indent=2))
+        self.log = _Log(out / "metrics.jsonl", start, enabled=self.lead)
+        self.train_step = compile_cache.CachedStep("train", cfg, make_train_step(cfg, graphdef))
+        self.eval_step = compile_cache.CachedStep("eval", cfg, make_eval_step(cfg, graphdef))
+        self.last = min(stop_at if stop_at is not None else tr.steps, tr.steps)
+        self.result = RunResult("finished", start, out)
+        self.hooks: list[Hook] = []
+        self._default_hooks(progress)
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def add_hook(
+        self, fn: Callable[[Step], None], every: int = 1, *, at_last=False, needs_state=False
+    ) -> Hook:
+        hook = Hook(fn, every, at_last, needs_state)
+        self.hooks.append(hook)
+        return hook
+
+    def _default_hooks(self, progress: bool) -> None:
+        from tqdm import tqdm
+
+        tr = self.cfg.train
+        limit = max_loss(self.cfg)
+
+        def guard(step: Step) -> None:
+            loss = step.values["loss"]
+            if not math.isfinite(loss):
+                raise Diverged(f"diverged at step {step.number}")
+            if loss > limit:
+                raise Diverged(
+                    f"diverged at step {step.number} (loss {loss:.4g} > train.max_loss={limit:.4g})"
+                )
+
+        def log(step: Step) -> None:
+            self.log.write({"step": step.number, **step.values})
+
+        def report(step: Step) -> None:
+            if not step.checkpointed:  # a checkpointed step is reported with its checkpoint
+                self.reporter.metrics(step.number, step.values)
+
+        self.bar = tqdm(
+            total=tr.steps,
+            initial=self.start,
+            disable=not progress,
+            desc=self.out.name,
+            unit="step",
+            dynamic_ncols=True,
+        )
+
+        def show(step: Step) -> None:
+            self.bar.update(step.number - self.bar.n)
+            self.bar.set_postfix(
+                loss=f"{step.values['loss']:.4f}", tok_s=f"{step.values['tokens_per_s']:.0f}"
+            )
+
+        def evaluate_hook(step: Step) -> None:
+            if step.number < tr.steps:  # the last one is part of finishing the run
+                self.result.eval_loss = self.evaluate(step.number).loss
+
+        def checkpoint_hook(step: Step) -> None:
+            if step.number < self.last:  # the last one is part of finishing the run
+                self.save(step.number, step.values)
+
+        self.add_hook(guard)
+        self.add_hook(log, max(tr.log_every, 1), at_last=True)
+        self.add_hook(report, max(tr.log_every, 1), at_last=True)
+        self.add_hook(show)
+        self.add_hook(evaluate_hook, tr.eval_every, needs_state=True)
+        self.add_hook(checkpoint_hook, tr.checkpoint_every, needs_state=True)
+
+    # -- what the hooks and the end of the run do -----------------------------------------
+
+    def evaluate(self, number: int) -> EvalResult:
+        tr = self.cfg.train
+        result = evaluate(
+            self.eval_step, self.params, self.val, tr.eval_batches, self.cfg.ttt.inner_lr, self.put
+        )
+        self.log.write({"step": number, "eval_loss": result.loss})
+        if self.lead:
+            result.write_parquet(self.out / "eval" / "nll_by_position.parquet")
+        self.reporter.evaluation(number, result)
+        return result
+
+    def save(self, number: int, values: dict, final: bool = False) -> None:
+        if self.ckpt is None:
+            return
+        state = {"step": number, "position": self.loader.position}
+        directory = self.ckpt.save(number, self.params, self.opt_state, state)
+        self.reporter.checkpoint(number, directory, values, final)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def steps(self) -> Iterator[Step]:
+        """Train from the start to the last step, yielding each step once its metrics are
+        read back (one step behind the device, except where a hook needs the state). A
+        hook that raises `Diverged` ends the loop with that status."""
+        cfg, tr = self.cfg, self.cfg.train
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        flops = flops_per_token(cfg, training=True, inner=uses_inner_loop(cfg, True))
+        peak = peak_flops(self.run_info["device_kind"], tr.peak_flops)
+        checkpointed = lambda n: (
+            n == self.last
+            or (  # noqa: E731
+                bool(tr.checkpoint_every) and n % tr.checkpoint_every == 0
+            )
+        )
+        t_last = time.perf_counter()
+        pending: list = []  # steps dispatched but not yet read back
+        for number in range(self.start + 1, self.last + 1):
+            batch = self.put(next(self.loader))
+            self.params, self.opt_state, m = self.train_step(
+                self.params, self.opt_state, batch, hyper(cfg, number - 1)
+            )
+            pending.append((number, m))
+            is_last = number == self.last
+            state_hooks = [h for h in self.hooks if h.needs_state and h.due(number, is_last)]
+            sync = is_last or bool(state_hooks)
+            # Read the previous step's metrics while this one runs; all of them at a sync.
+            while len(pending) > (0 if sync else 1):
+                s, m = pending.pop(0)
+                values = {k: float(v) for k, v in jax.device_get(m).items()}
+                now = time.perf_counter()
+                values["tokens_per_s"] = tokens_per_step / max(now - t_last, 1e-9)
+                values["flops_per_token"] = flops
+                if peak:
+                    values["mfu"] = flops * values["tokens_per_s"] / (peak * self.n_dev)
+                t_last = now
+                step = Step(s, values, s == self.last, checkpointed(s))
+                try:
+                    for hook in self.hooks:
+                        if not hook.needs_state and hook.due(s, step.last):
+                            hook.fn(step)
+                except Diverged as e:
+                    self.result.status, self.result.step = "diverged", s
+                    self.result.message = str(e)
+                    return
+                self.result.step, self.result.loss, self.result.metrics = s, values["loss"], values
+                yield step
+            for hook in state_hooks:
+                hook.fn(Step(number, self.result.metrics, is_last, checkpointed(number)))
+
+    def finish(self) -> RunResult:
+        """After the loop: the final evaluation and checkpoint, run.json, files closed."""
+        result, tr = self.result, self.cfg.train
+        if result.status == "diverged":
+            self.run_info.update(status="diverged", step=result.step, message=result.message)
+        else:
+            number = result.step
+            values = result.metrics
+            if number < tr.steps:
+                result.status = "stopped"
+            elif number == self.start and self.previous.get("status") == "finished":
+                # nothing left to do
+                result.loss = self.previous.get("loss")
+                result.eval_loss = self.previous.get("eval_loss")
+            else:
+                result.eval_loss = self.evaluate(number).loss
+                values = {**result.metrics, "eval_loss": result.eval_loss}
+            if number > self.start:
+                self.save(number, values, final=result.status == "finished")
+            self.run_info.update(
+                status=result.status, step=number, loss=result.loss, eval_loss=result.eval_loss
+            )
+        self.bar.close()
+        if self.ckpt is not None:
+            self.ckpt.close()
+        self.log.close()
+        if self.lead:
+            (self.out / "run.json").write_text(json.dumps(self.run_info, indent=2))
+        return result
+
+    def run(self) -> RunResult:
+        for _ in self.steps():
+            pass
+        return self.finish()
+
+
 def run(
     cfg: Config,
     out_dir: str | Path,
@@ -149,168 +434,5 @@ def run(
     `stop_at` ends early after that step with a checkpoint (status `stopped`), as a
     killed run would have; running again continues exactly.
     """
-    from tqdm import tqdm
-
-    reporter = reporter or Reporter()
-    compile_cache.enable()
-    out = Path(out_dir)
-    tr = cfg.train
-    mesh = data_mesh(devices)
-    n_dev = mesh.devices.size
-    if cfg.data.batch_size % (n_dev * tr.grad_accum):
-        raise UserError(
-            f"data.batch_size={cfg.data.batch_size}: must be a multiple of "
-            f"{n_dev} devices x train.grad_accum={tr.grad_accum}"
-        )
-    train_split = open_split(cfg.data.source, "train", cfg.data.cache_dir)
-    val_split = open_split(cfg.data.source, "val", cfg.data.cache_dir)
-    _check_vocab(cfg, train_split.bos_id, train_split.path)
-    loader = Loader(train_split, cfg.data.seq_len, cfg.data.batch_size, seed=tr.seed)
-    val = Loader(val_split, cfg.data.seq_len, cfg.data.batch_size, shuffle=False)
-
-    _check_run_dir(out, cfg)
-    # In a multi-process run every process trains; process 0 alone writes files and reports.
-    lead = jax.process_index() == 0
-    if not lead:
-        reporter = Reporter()
-    fresh = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-
-    graphdef, params = nnx.split(create_model(cfg.model, seed=tr.seed))
-    opt_state = init_opt_state(cfg, params)
-    # Process 0 alone keeps checkpoints: its run dir is the one the sweep persists, and
-    # the other processes' nodes need no shared filesystem.
-    ckpt = Checkpoints(out, keep=tr.keep_checkpoints) if lead else None
-    try:
-        params, opt_state, start, loader.position = _initial_state(cfg, ckpt, params, opt_state)
-    except BaseException:
-        # A start that fails (a bad train.init_from) leaves nothing that blocks a re-run.
-        if ckpt is not None:
-            ckpt.close()
-        if fresh:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    if lead:  # written once the start state is known good: it pins the run's config
-        (out / "config.yaml").write_text(cfg.to_yaml())
-    params = jax.device_put(params, replicated(mesh))
-    opt_state = jax.device_put(opt_state, replicated(mesh))
-    put = batch_putter(mesh)
-
-    previous = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-    run_info = {
-        "status": "running",
-        "step": start,
-        "data_fingerprint": train_split.fingerprint,
-        "bos_id": train_split.bos_id,
-        "devices": n_dev,
-        "device_kind": mesh.devices.flat[0].device_kind,
-    }
-    if lead:
-        (out / "run.json").write_text(json.dumps(run_info, indent=2))
-    log = _Log(out / "metrics.jsonl", start, enabled=lead)
-    train_step = compile_cache.CachedStep("train", cfg, make_train_step(cfg, graphdef))
-    eval_step = compile_cache.CachedStep("eval", cfg, make_eval_step(cfg, graphdef))
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    flops = flops_per_token(cfg, training=True, inner=uses_inner_loop(cfg, True))
-    peak = peak_flops(run_info["device_kind"], tr.peak_flops)
-    last = stop_at if stop_at is not None else tr.steps
-    last = min(last, tr.steps)
-    limit = max_loss(cfg)
-
-    def do_eval(step: int) -> EvalResult:
-        result = evaluate(eval_step, params, val, tr.eval_batches, cfg.ttt.inner_lr, put)
-        log.write({"step": step, "eval_loss": result.loss})
-        if lead:
-            result.write_parquet(out / "eval" / "nll_by_position.parquet")
-        reporter.evaluation(step, result)
-        return result
-
-    def save(step: int, values: dict, final: bool = False) -> None:
-        if ckpt is None:
-            return
-        directory = ckpt.save(step, params, opt_state, {"step": step, "position": loader.position})
-        reporter.checkpoint(step, directory, values, final)
-
-    result = RunResult("finished", start, out)
-    bar = tqdm(
-        total=tr.steps,
-        initial=start,
-        disable=not progress,
-        desc=out.name,
-        unit="step",
-        dynamic_ncols=True,
-    )
-    t_last = time.perf_counter()
-
-    def record(s: int, m, report: bool = True) -> bool:
-        """Log step s; False when its loss is not finite."""
-        nonlocal t_last
-        values = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not math.isfinite(values["loss"]) or values["loss"] > limit:
-            result.status, result.step = "diverged", s
-            why = (
-                ""
-                if not math.isfinite(values["loss"])
-                else (f" (loss {values['loss']:.4g} > train.max_loss={limit:.4g})")
-            )
-            result.message = f"diverged at step {s}{why}"
-            return False
-        now = time.perf_counter()
-        values["tokens_per_s"] = tokens_per_step / max(now - t_last, 1e-9)
-        values["flops_per_token"] = flops
-        if peak:
-            values["mfu"] = flops * values["tokens_per_s"] / (peak * n_dev)
-        t_last = now
-        result.loss, result.metrics = values["loss"], values
-        if s % max(tr.log_every, 1) == 0 or s == last:
-            log.write({"step": s, **values})
-            if report:
-                reporter.metrics(s, values)
-        bar.update(s - bar.n)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
-        return True
-
-    pending = []  # steps dispatched but not yet read back
-    step = start
-    with bar:
-        for step in range(start + 1, last + 1):
-            batch = put(next(loader))
-            params, opt_state, m = train_step(params, opt_state, batch, hyper(cfg, step - 1))
-            pending.append((step, m))
-            evaluate_now = bool(tr.eval_every) and step % tr.eval_every == 0 and step < tr.steps
-            save_now = bool(tr.checkpoint_every) and step % tr.checkpoint_every == 0
-            sync = step == last or evaluate_now or save_now
-            # Read the previous step's metrics while this one runs; all of them at a sync.
-            while len(pending) > (0 if sync else 1):
-                s, m = pending.pop(0)
-                # a step that will be checkpointed is reported with its checkpoint
-                if not record(s, m, report=not (s == step and (save_now or step == last))):
-                    break
-            if result.status == "diverged":
-                break
-            if evaluate_now:
-                result.eval_loss = do_eval(step).loss
-            if save_now and step < last:
-                save(step, result.metrics)
-    if result.status == "diverged":
-        run_info.update(status="diverged", step=result.step, message=result.message)
-    else:
-        result.step = step
-        if step < tr.steps:
-            result.status, values = "stopped", result.metrics
-        elif step == start and previous.get("status") == "finished":  # nothing left to do
-            result.loss, result.eval_loss = previous.get("loss"), previous.get("eval_loss")
-        else:
-            result.eval_loss = do_eval(step).loss
-            values = {**result.metrics, "eval_loss": result.eval_loss}
-        if step > start:
-            save(step, values, final=result.status == "finished")
-        run_info.update(
-            status=result.status, step=step, loss=result.loss, eval_loss=result.eval_loss
-        )
-    if ckpt is not None:
-        ckpt.close()
-    log.close()
-    if lead:
-        (out / "run.json").write_text(json.dumps(run_info, indent=2))
-    return result
+    trainer = Trainer(cfg, out_dir, reporter, devices=devices, stop_at=stop_at, progress=progress)
+    return trainer.run()

@@ -1,12 +1,13 @@
 # Two entry points do all the set-up on a fresh machine (Python 3.11, pip, make):
 #   make quickstart   the main job
 #   make test         the test suite (what CI runs)
+#   make test-fast    unit and equivalence tests only, for a change-test loop
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test lint clean
+.PHONY: install quickstart test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +24,11 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check ttt sweeps analysis tests
 	$(BIN)/python -m pytest -q
+
+# Unit and equivalence tests only (no training runs, no Ray): a change-test loop.
+test-fast: $(STAMP)
+	$(BIN)/ruff check ttt sweeps analysis tests
+	$(BIN)/python -m pytest -q -m "not slow and not ray"
 
 lint: $(STAMP)
 	$(BIN)/ruff format ttt sweeps analysis tests

@@ -204,6 +204,7 @@ def test_notebooks_execute(tmp_path, name, monkeypatch):
         assert len(images) >= 3
 
 
+@pytest.mark.slow
 def test_bench_rows_feed_the_latency_figure(tmp_path, capsys):
     for seq_len in (32, 64):
         with pytest.raises(SystemExit) as exc:

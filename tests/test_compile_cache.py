@@ -17,6 +17,9 @@ from ttt.model import create_model
 from ttt.train.optim import hyper
 from ttt.train.step import init_opt_state, make_train_step
 
+# Compiles and fresh processes: the full tier (`make test`), not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 class NoTracing:
     def lower(self, *args):

@@ -20,6 +20,9 @@ from ttt.train import run
 from ttt.train.optim import hyper
 from ttt.train.step import init_opt_state, make_train_step
 
+# Whole training runs: the full tier (`make test`), not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def losses(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()

@@ -56,6 +56,20 @@ PICO_TRAIN = ["data.seq_len=64", "ttt.chunk=16", "model.window=24", "data.batch_
 PICO_SWEEP = [*PICO_TRAIN, "train.eval_batches=1"]
 
 
+def data_overrides(spec_path, data_dir) -> list[str]:
+    """The command-line overrides that point a shipped spec's datasets (base and stages)
+    at `data_dir`, as a user with the data elsewhere would type them."""
+    import yaml
+
+    text = spec_path.read_text()
+    over = [f"data.source={data_dir}"] if "/data/" in text else []
+    return over + [
+        f"{st['name']}.data.source={data_dir}"
+        for st in yaml.safe_load(text).get("stages", [])
+        if "data.source" in st.get("overrides", {})
+    ]
+
+
 def write_sweep_spec(path, corpus, *overrides, **fields):
     """A sweep spec of PICO_SWEEP trials (plus `overrides`) on the small corpus, reporting
     every step; `fields` are the spec's other top-level keys."""

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from conftest import data_overrides
 
 from analysis import build_all, metric_history, runs, token_nll
 from analysis.synthetic import FakeRun, trial_params, write_store
@@ -292,23 +293,6 @@ SPEC_FIGURES = {
 }
 
 
-def _spec_with_local_data(path: Path, data_dir: Path):
-    """The shipped spec, its dataset paths pointed at a folder that exists (as a user
-    would on the command line)."""
-    import yaml
-
-    from sweeps.spec import load_spec
-
-    raw = yaml.safe_load(path.read_text())
-    over = [f"data.source={data_dir}"] if "/data/" in path.read_text() else []
-    over += [
-        f"{st['name']}.data.source={data_dir}"
-        for st in raw.get("stages", [])
-        if "data.source" in st.get("overrides", {})
-    ]
-    return load_spec(path, over)
-
-
 def test_every_shipped_spec_has_a_figure_test():
     assert {p.stem for p in SPECS.glob("*.yaml")} == set(SPEC_FIGURES)
 
@@ -318,7 +302,10 @@ def test_each_spec_draws_its_figure_from_its_own_runs(stem, tmp_path, capsys):
     from analysis.synthetic import spec_like
 
     figure, x, expected = SPEC_FIGURES[stem]
-    spec = _spec_with_local_data(SPECS / f"{stem}.yaml", tmp_path)
+    from sweeps.spec import load_spec
+
+    path = SPECS / f"{stem}.yaml"
+    spec = load_spec(path, data_overrides(path, tmp_path))
     spec_like(uri(tmp_path), spec, seeds=(0, 1))
     out = tmp_path / "figs"
     with pytest.raises(SystemExit) as exc:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PICO_SWEEP, write_sweep_spec
+from conftest import PICO_SWEEP, data_overrides, write_sweep_spec
 
 from sweeps.spec import load_spec
 
@@ -357,13 +357,7 @@ def test_shipped_specs_pass_dry_run(path, corpus, capsys):
     so; with `data.source=` (and `STAGE.data.source=`) on the command line they pass."""
     from ttt.cli import main
 
-    raw = yaml.safe_load(path.read_text())
-    sources = [f"data.source={corpus}"] if "/data/" in path.read_text() else []
-    sources += [
-        f"{st['name']}.data.source={corpus}"
-        for st in raw.get("stages", [])
-        if "data.source" in st.get("overrides", {})
-    ]
+    sources = data_overrides(path, corpus)
     if sources:
         with pytest.raises(SystemExit) as exc:
             main(["sweep", "run", str(path), "--dry-run"])

@@ -467,6 +467,7 @@ def test_small_scale_in_miniature_draws_fig1_with_both_lengths(
     raw = yaml.safe_load((Path(__file__).parent.parent / "sweeps/small_scale.yaml").read_text())
     raw["base"] = {"config": "pico", "overrides": [*PICO_SWEEP, f"data.source={corpus}"]}
     raw.update(name="mini", stop={"steps": 2}, report_every=1, checkpoint_every=0)
+    raw.update(resources={"cpu": 0.5}, max_concurrent=4)  # pico trials: four at a time
     raw["search"]["train.seed"] = {"grid": [0]}
     (stage,) = raw["stages"]
     stage.update(steps=1, overrides={"data.seq_len": 128, "data.batch_size": 2})

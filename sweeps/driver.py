@@ -272,9 +272,12 @@ def run_sweep(
                 "ttt.spec_digest": spec.digest(),
                 "ttt.overrides": " ".join(spec.cli_overrides),
                 "ttt.storage_path": storage,
+                "mlflow.source.name": f"ttt sweep run {spec.path}",  # the UI's Source column
             },
         )
         c.log_artifact(parent.info.run_id, spec.path, artifact_path="spec")
+        swept = sorted({k for point in spec.points for k in point} | set(spec.random))
+        c.set_tag(parent.info.run_id, "ttt.swept", ", ".join(swept))
     else:
         c.update_run(parent.info.run_id, status="RUNNING")
     parent_id = parent.info.run_id
@@ -321,12 +324,7 @@ def run_sweep(
             stage_name = f"{spec.name}-{stage.name}"
             grid = _tuner(spec, stage_name, space, cb, storage, steps, rerun).fit()
             result.stages.append(StageResult(stage.name, _rows(grid, spec)))
-        done = [r for r in result.stages[-1].rows if r.get(spec.metric) is not None]
-        if done:
-            pick = min if spec.mode == "min" else max
-            c.log_metric(
-                parent_id, f"best_{spec.metric}", float(pick(r[spec.metric] for r in done))
-            )
+        _log_best(c, exp_id, parent_id, spec, result.stages[-1].rows)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -336,6 +334,20 @@ def run_sweep(
         if started_here:
             ray.shutdown()
     return result
+
+
+def _log_best(c, exp_id: str, parent_id: str, spec: SweepSpec, rows: list[dict]) -> None:
+    """The best trial of the last stage, on the parent run: its metric, and a tag with its
+    MLflow run id and the UI's path to it."""
+    done = [r for r in rows if r.get(spec.metric) is not None]
+    if not done:
+        return
+    best = (min if spec.mode == "min" else max)(done, key=lambda r: r[spec.metric])
+    c.log_metric(parent_id, f"best_{spec.metric}", float(best[spec.metric]))
+    run = find_run(c, exp_id, {"ttt.trial_id": best["trial"]}) if best["trial"] else None
+    if run is not None:
+        c.set_tag(parent_id, "ttt.best_run_id", run.info.run_id)
+        c.set_tag(parent_id, "ttt.best_run", f"#/experiments/{exp_id}/runs/{run.info.run_id}")
 
 
 def _same_sweep(spec: SweepSpec, parent) -> None:

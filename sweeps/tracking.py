@@ -94,6 +94,7 @@ class MlflowSweepCallback(Callback):
                     **tags,
                     "mlflow.parentRunId": self.parent_run_id,
                     "ttt.role": "trial",
+                    "mlflow.source.name": f"ttt sweep run ({self.sweep}, stage {self.stage})",
                 },
             )
             run_id = run.info.run_id

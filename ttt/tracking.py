@@ -235,7 +235,13 @@ class MlflowReporter:
                 c.set_tag(self.run_id, "ttt.extended_to_steps", steps)
         else:
             run = c.create_run(
-                exp, run_name=self.out.name, tags={"ttt.role": "run", "ttt.run_dir": str(self.out)}
+                exp,
+                run_name=self.out.name,
+                tags={
+                    "ttt.role": "run",
+                    "ttt.run_dir": str(self.out),
+                    "mlflow.source.name": f"ttt train --out {self.out}",
+                },
             )
             self.run_id = run.info.run_id
             log_params(c, self.run_id, self.cfg.flat())

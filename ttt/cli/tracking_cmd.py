@@ -79,6 +79,7 @@ def ui(
         None, "--tracking-uri", help="Default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db."
     ),
     port: int = typer.Option(5000, "--port"),
+    workers: int = typer.Option(1, "--workers", help="Server processes (one is enough locally)."),
 ) -> None:
     """Start the MLflow UI on 127.0.0.1."""
     from ttt.tracking import resolve_uri
@@ -95,6 +96,8 @@ def ui(
         "127.0.0.1",
         "--port",
         str(port),
+        "--workers",
+        str(workers),
     ]
     typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
     os.execv(sys.executable, args)

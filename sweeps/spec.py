@@ -107,7 +107,10 @@ class SweepSpec:
 
     def config(self, point: dict, sample: dict, stage: Stage | None = None) -> Config:
         # The values are parsed already (YAML): they go in as they are, not via strings.
-        return load_config(self.base_source, self.trial_overrides(point, sample, stage))
+        backend = "gpu" if self.resources["gpu"] > 0 else "cpu"  # where its trials run
+        return load_config(
+            self.base_source, self.trial_overrides(point, sample, stage), backend=backend
+        )
 
     def stage(self, name: str | None) -> Stage | None:
         return next((s for s in self.stages if s.name == name), None)

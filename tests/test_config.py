@@ -103,3 +103,23 @@ def test_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for command in ("config", "bench"):
         assert command in out
+
+
+def test_cudnn_is_checked_against_where_the_config_runs(tmp_path):
+    """cuDNN needs a GPU: here (a CPU) that is a config error, but a sweep whose trials
+    take GPUs validates them for the GPU, whatever machine its driver is on."""
+    import yaml
+
+    from sweeps.spec import SpecError, load_spec
+    from ttt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.attention='cudnn': needs a GPU"):
+        load_config("pico", ["model.attention=cudnn"])
+    assert load_config("pico", ["model.attention=cudnn"], backend="gpu").model.attention == "cudnn"
+    spec = {"name": "g", "base": {"config": "pico", "overrides": ["model.attention=cudnn"]}}
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({**spec, "resources": {"gpu": 1}}))
+    assert load_spec(path).points == [{}]
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError, match="trial 0 {}: model.attention='cudnn': needs a GPU"):
+        load_spec(path)

@@ -30,7 +30,7 @@ def test_chunked_swa_with_carried_window_equals_whole_sequence(pico, window, chu
     outs = []
     for start in range(0, seq_len, chunk):
         sl = slice(start, start + chunk)
-        out, (k, v) = attn(x[sl], pos[sl], window, (ck, cv, cpos))
+        out, (k, v) = attn(x[sl], pos[sl], window, cache=(ck, cv, cpos))
         outs.append(out)
         ck, cv, cpos = (
             carry_window(ck, k, 0),

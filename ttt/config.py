@@ -300,10 +300,12 @@ def read_source(source: str | Path | dict | None) -> dict[str, Any]:
 def load_config(
     source: str | Path | dict | None = None,
     overrides: typing.Sequence[str] | typing.Mapping[str, Any] = (),
+    backend: str | None = None,
 ) -> Config:
     """defaults <- preset <- YAML <- overrides, then validate. Overrides are
     `dotted.key=value` strings (the command line) or a mapping of dotted keys to values
-    that are already parsed (a sweep's trial)."""
+    that are already parsed (a sweep's trial). `backend` is where the config will run
+    (`gpu`, `cpu`), when that is not this process."""
     user = read_source(source)
     if isinstance(overrides, typing.Mapping):
         items = overrides.items()
@@ -333,7 +335,7 @@ def load_config(
         }
         built[section] = cls(**kwargs)
     cfg = Config(preset=preset, **built)
-    validate(cfg)
+    validate(cfg, backend)
     return cfg
 
 
@@ -346,7 +348,25 @@ def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
     _need(value in choices, key, value, f"allowed are {', '.join(choices)}")
 
 
-def validate(cfg: Config) -> None:
+def _kernels_exist(cfg: Config, backend: str | None) -> None:
+    """A `cudnn` choice needs a GPU where the config runs: `backend` when the caller
+    knows it (a sweep driver validating GPU trials on a CPU node), else this process's
+    (JAX is started only for such a choice)."""
+    for key, choice in (
+        ("model.attention", cfg.model.attention),
+        ("ttt.chunk_attention", cfg.ttt.chunk_attention),
+    ):
+        if choice != "cudnn":
+            continue
+        if backend is None:
+            import jax
+
+            backend = jax.default_backend()
+        if backend != "gpu":
+            raise ConfigError(f"{key}='cudnn': needs a GPU; allowed here are auto, dense, xla")
+
+
+def validate(cfg: Config, backend: str | None = None) -> None:
     m, t, d, tr = cfg.model, cfg.ttt, cfg.data, cfg.train
     _one_of("model.mixer", m.mixer, MIXERS)
     for name in ("layers", "width", "heads", "mlp", "vocab_size", "window"):
@@ -429,6 +449,7 @@ def validate(cfg: Config) -> None:
     )
     _need(tr.peak_flops >= 0, "train.peak_flops", tr.peak_flops, "must be >= 0")
     _need(tr.max_loss >= 0, "train.max_loss", tr.max_loss, "must be >= 0 (0: 3 x ln(vocab))")
+    _kernels_exist(cfg, backend)
 
 
 __all__ = [

@@ -89,7 +89,7 @@ def correctness() -> list[tuple[str, float, float]]:
         ck = cv = jnp.zeros((96, attn.heads, attn.head_dim))
         cpos, parts = jnp.arange(-96, 0), []
         for s in range(0, 256, 32):
-            o, (k, v) = attn(x[s : s + 32], pos[s : s + 32], 96, (ck, cv, cpos))
+            o, (k, v) = attn(x[s : s + 32], pos[s : s + 32], 96, cache=(ck, cv, cpos))
             parts.append(o)
             ck, cv = carry_window(ck, k, 0), carry_window(cv, v, 0)
             cpos = carry_window(cpos, pos[s : s + 32], 0)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ttt.model.kernels import resolve
 from ttt.model.loop import loss_fn
 from ttt.model.transformer import create_model
 
@@ -23,8 +24,7 @@ def model_nll(cfg, params=None, *, inner, inner_lr=1.0, batch=None, first_order=
     graphdef, p0 = nnx.split(create_model(cfg.model, seed=0))
     params = p0 if params is None else params
     batch = batch or random_batch(jax.random.key(0), 2, cfg.data.seq_len)
-    f = jax.jit(
-        lambda p, b, lr: loss_fn(graphdef, p, b, lr, cfg.ttt, inner=inner, first_order=first_order)
-    )
+    kernels = resolve(cfg, first_order=first_order)
+    f = jax.jit(lambda p, b, lr: loss_fn(graphdef, p, b, lr, cfg.ttt, inner=inner, kernels=kernels))
     loss, nll = f(params, batch, jnp.float32(inner_lr))
     return loss, nll, params

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt.config import ConfigError, ModelConfig
+from ttt.config import ModelConfig
 
 ROPE_THETA = 500_000.0
 NORM_EPS = 1e-6
@@ -112,29 +112,6 @@ def attend_banded(q, k, v, window: int) -> jax.Array:
     return out.reshape(*q.shape[:-3], n * window, *q.shape[-2:])[..., :seq_len, :, :]
 
 
-def attention_kernel(choice: str, q: jax.Array, field: str = "model.attention") -> str:
-    """The kernel for an attention that is differentiated at most once: `dense`, `xla`
-    or `cudnn`.
-
-    `auto` picks cuDNN's flash attention where it applies (GPU, bf16/fp16, head_dim a
-    multiple of 8 up to 128): it never builds the (T x S) score matrix in memory. Its
-    backward pass cannot itself be differentiated, so callers ask only on first-order
-    paths. `field` names the config knob in the error.
-    """
-    gpu = jax.default_backend() == "gpu"
-    if choice == "auto":
-        fits = q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
-        return "cudnn" if gpu and fits and q.shape[-1] <= 128 else "dense"
-    require_kernel(choice, field)
-    return choice
-
-
-def require_kernel(choice: str, field: str) -> None:
-    """A `cudnn` choice off a GPU is a config error, raised before anything is traced."""
-    if choice == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(f"{field}='cudnn': needs a GPU; allowed here are auto, dense, xla")
-
-
 def _fused(q, k, v, kernel: str, **how) -> jax.Array:
     """jax's fused attention on (..., T, H, D) inputs of any number of leading dims."""
     flat = lambda t: t.reshape(-1, *t.shape[-3:])  # noqa: E731
@@ -174,7 +151,6 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d, h = cfg.width, cfg.heads
         self.heads, self.head_dim = h, d // h
-        self.kernel = cfg.attention
         self.wq = nnx.Param(_normal(rngs, (d, d), dtype))
         self.wk = nnx.Param(_normal(rngs, (d, d), dtype))
         self.wv = nnx.Param(_normal(rngs, (d, d), dtype))
@@ -182,9 +158,9 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(self.head_dim, dtype)
         self.k_norm = RMSNorm(self.head_dim, dtype)
 
-    def __call__(self, x, positions, window: int | None, cache=None, cache_kernel="dense"):
-        """x: (..., T, d). cache: (k, v, k_pos) of earlier tokens, or None; `cache_kernel`
-        (a `ttt.chunk_attention` value) attends over it.
+    def __call__(self, x, positions, window: int | None, kernel: str = "dense", cache=None):
+        """x: (..., T, d). cache: (k, v, k_pos) of earlier tokens, or None. `kernel`
+        (dense, xla or cudnn; `ttt.model.kernels`) is this call's attention kernel.
 
         Returns the output and this call's own (k, v), already normed and rotated, so a
         caller can carry them into the next chunk's cache.
@@ -197,13 +173,12 @@ class Attention(nnx.Module):
         q = rope(self.q_norm(q), positions)
         k = rope(self.k_norm(k), positions)
         if cache is None:  # the whole sequence at positions 0..T-1
-            out = attend_sequence(q, k, v, window, attention_kernel(self.kernel, q))
+            out = attend_sequence(q, k, v, window, kernel)
         else:
             ck, cv, cpos = cache
             k_all = jnp.concatenate([ck, k], axis=-3)
             v_all = jnp.concatenate([cv, v], axis=-3)
             k_pos = jnp.concatenate([cpos, positions])
-            kernel = attention_kernel(cache_kernel, q, "ttt.chunk_attention")
             out = attend_cached(q, k_all, v_all, positions, k_pos, window, kernel)
         out = out.reshape(*out.shape[:-2], -1) @ self.wo[...].astype(dt)
         return out, (k, v)
@@ -237,8 +212,8 @@ class Block(nnx.Module):
         self.mlp_pre, self.mlp_post = RMSNorm(d, dtype), RMSNorm(d, dtype)
         self.mlp = MLP(d, cfg.mlp, dtype, rngs)
 
-    def __call__(self, x, positions, window: int | None, cache=None, cache_kernel="dense"):
-        a, kv = self.attn(self.attn_pre(x), positions, window, cache, cache_kernel)
+    def __call__(self, x, positions, window: int | None, kernel: str = "dense", cache=None):
+        a, kv = self.attn(self.attn_pre(x), positions, window, kernel, cache)
         x = x + self.attn_post(a)
         if self.has_prime:
             x = x + self.prime_post(self.prime_mlp(self.prime_pre(x)))

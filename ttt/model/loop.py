@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt.config import TTTConfig
+from ttt.model.kernels import DENSE, Kernels
 from ttt.model.layers import FastParam
 from ttt.model.transformer import TTTModel, scan_blocks
 
@@ -82,14 +83,15 @@ def carry_window(cache: jax.Array, new: jax.Array, axis: int) -> jax.Array:
     return jax.lax.slice_in_dim(both, both.shape[axis] - keep, both.shape[axis], axis=axis)
 
 
-def plain_hidden(model: TTTModel, inputs: jax.Array, remat: bool = False) -> jax.Array:
+def plain_hidden(model: TTTModel, inputs: jax.Array, kernels: Kernels = DENSE) -> jax.Array:
     """Last hidden states (before the final norm) over whole sequences, no inner updates:
     `full`, `swa`, and `ttt_e2e` trained with `meta: false` or evaluated with its
     initial weights."""
     positions = jnp.arange(inputs.shape[-1])
     x = model.embed_tokens(inputs)
-    x = scan_blocks(model.prefix, x, positions, model.window, remat)
-    return scan_blocks(model.suffix, x, positions, model.window, remat)
+    remat = kernels.remat != "none"
+    x = scan_blocks(model.prefix, x, positions, model.window, kernels.sequence, remat)
+    return scan_blocks(model.suffix, x, positions, model.window, kernels.sequence, remat)
 
 
 def cache_plan(n_chunks: int, chunk: int, cache_len: int, phases: int) -> list[tuple[int, int]]:
@@ -133,23 +135,22 @@ def inner_loop_nll(
     mask: jax.Array,
     inner_lr: jax.Array,
     ttt: TTTConfig,
-    remat: str = "none",
-    first_order: bool = False,
+    kernels: Kernels = DENSE,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token NLL (B, T) under test-time training, and each sequence's loss (B,):
-    the mean of its chunk losses. `first_order`: nothing will differentiate through the
-    inner updates, so the chunks' attention may use `ttt.chunk_attention`."""
+    the mean of its chunk losses. The chunks attend with `kernels.chunk`."""
     batch, seq_len = inputs.shape
     chunk, window = ttt.chunk, model.cfg.window
     n_chunks = seq_len // chunk
     cache_len = min(window, seq_len - chunk)  # enough for every query to see its window
     positions = jnp.arange(seq_len)
-    h = scan_blocks(model.prefix, model.embed_tokens(inputs), positions, window, remat == "block")
+    remat = kernels.remat
+    embedded = model.embed_tokens(inputs)
+    h = scan_blocks(model.prefix, embedded, positions, window, kernels.sequence, remat == "block")
 
     graphdef, fast0, slow = nnx.split(model.suffix, FastParam, ...)
     n_layers = model.cfg.ttt_layers
     heads, head_dim = model.cfg.heads, model.cfg.width // model.cfg.heads
-    cache_kernel = ttt.chunk_attention if first_order else "dense"
 
     def chunk_loss(fast, cache, h_c, pos_c, tgt_c, mask_c):
         ck, cv, cpos = cache
@@ -157,7 +158,7 @@ def inner_loop_nll(
         def layer(x, xs):
             lf, ls, k_l, v_l = xs
             block = nnx.merge(graphdef, lf, ls)
-            x, kv = block(x, pos_c, window, (k_l, v_l, cpos), cache_kernel)
+            x, kv = block(x, pos_c, window, kernels.chunk, (k_l, v_l, cpos))
             return x, kv
 
         if remat == "block":
@@ -217,25 +218,21 @@ def sequence_nll(
     ttt: TTTConfig,
     *,
     inner: bool,
-    remat: str = "none",
-    first_order: bool = False,
+    kernels: Kernels = DENSE,
 ) -> tuple[jax.Array, jax.Array]:
     """(loss, per-token NLL of shape (B, T)) for a batch `(inputs, targets, loss_mask)`.
 
     `inner=True` runs test-time training (ttt_e2e only); the loss is then the mean over
     sequences of the mean chunk loss. Otherwise it is the masked mean token NLL.
-    `first_order=True` promises that nothing differentiates the result, so that the inner
-    gradient is the only one taken through the chunks' attention.
+    `kernels` (`ttt.model.kernels.resolve`) carries the attention kernels and remat.
     """
     inputs, targets, mask = batch
     if inner:
         if model.suffix is None:
             raise ValueError("the inner loop needs mixer ttt_e2e")
-        nll, seq_loss = inner_loop_nll(
-            model, inputs, targets, mask, inner_lr, ttt, remat, first_order
-        )
+        nll, seq_loss = inner_loop_nll(model, inputs, targets, mask, inner_lr, ttt, kernels)
         return jnp.mean(seq_loss), nll
-    nll = hidden_nll(model, plain_hidden(model, inputs, remat != "none"), targets)
+    nll = hidden_nll(model, plain_hidden(model, inputs, kernels), targets)
     return masked_mean(nll, mask), nll
 
 
@@ -247,11 +244,8 @@ def loss_fn(
     ttt: TTTConfig,
     *,
     inner: bool,
-    remat="none",
-    first_order=False,
+    kernels: Kernels = DENSE,
 ):
     """The functional form used under `jax.jit`/`jax.grad`: merge happens at trace time only."""
     model = nnx.merge(graphdef, params)
-    return sequence_nll(
-        model, batch, inner_lr, ttt, inner=inner, remat=remat, first_order=first_order
-    )
+    return sequence_nll(model, batch, inner_lr, ttt, inner=inner, kernels=kernels)

@@ -69,14 +69,17 @@ class TTTModel(nnx.Module):
         return x @ self.unembed[...].astype(x.dtype)
 
 
-def scan_blocks(blocks: Block | None, x, positions, window, remat: bool = False):
-    """Apply stacked blocks in order over whole sequences (no cache)."""
+def scan_blocks(
+    blocks: Block | None, x, positions, window, kernel: str = "dense", remat: bool = False
+):
+    """Apply stacked blocks in order over whole sequences (no cache), attending with
+    `kernel`."""
     if blocks is None:
         return x
     graphdef, state = nnx.split(blocks)
 
     def body(h, layer_state):
-        h, _ = nnx.merge(graphdef, layer_state)(h, positions, window)
+        h, _ = nnx.merge(graphdef, layer_state)(h, positions, window, kernel)
         return h, None
 
     if remat:

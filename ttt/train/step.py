@@ -13,7 +13,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ttt.config import Config
-from ttt.model.layers import require_kernel
+from ttt.model.kernels import resolve
 from ttt.model.loop import loss_fn, masked_mean
 from ttt.train.optim import Hyper, inner_lr, optimizer, outer_lr
 
@@ -64,11 +64,11 @@ def make_train_step(cfg: Config, graphdef):
     tx = optimizer(cfg)
     accum = cfg.train.grad_accum
     inner = uses_inner_loop(cfg, training=True)
-    remat = cfg.model.remat
+    kernels = resolve(cfg, first_order=False)  # the outer gradient goes through the chunks
 
     def grads_of(params, batch, eta):
         def f(p):
-            loss, _ = loss_fn(graphdef, p, batch, eta, cfg.ttt, inner=inner, remat=remat)
+            loss, _ = loss_fn(graphdef, p, batch, eta, cfg.ttt, inner=inner, kernels=kernels)
             return loss
 
         return jax.value_and_grad(f)(params)
@@ -105,13 +105,12 @@ def make_eval_step(cfg: Config, graphdef):
     """`eval(params, batch, eta) -> (per-token NLL (B, T), masked mean loss)`; runs the
     inner loop for ttt_e2e whatever `meta` says (test-time training)."""
     inner = uses_inner_loop(cfg, training=False)
-    if inner:  # at start-up, not when the first evaluation is traced after training
-        require_kernel(cfg.ttt.chunk_attention, "ttt.chunk_attention")
+    # Nothing differentiates evaluation, so the chunks may use ttt.chunk_attention.
+    kernels = resolve(cfg, first_order=True)
 
     @jax.jit
     def evaluate(params, batch, eta):
-        # Nothing differentiates evaluation, so the chunks may use ttt.chunk_attention.
-        _, nll = loss_fn(graphdef, params, batch, eta, cfg.ttt, inner=inner, first_order=True)
+        _, nll = loss_fn(graphdef, params, batch, eta, cfg.ttt, inner=inner, kernels=kernels)
         return nll, masked_mean(nll, batch[2])
 
     return evaluate

@@ -420,19 +420,9 @@ class Trainer:
         return self.finish()
 
 
-def run(
-    cfg: Config,
-    out_dir: str | Path,
-    reporter: Reporter | None = None,
-    *,
-    devices=None,
-    stop_at: int | None = None,
-    progress: bool = True,
-) -> RunResult:
+def run(cfg: Config, out_dir: str | Path, reporter: Reporter | None = None, **options):
     """Train (or resume) to `train.steps`, evaluating and checkpointing on the way.
-
-    `stop_at` ends early after that step with a checkpoint (status `stopped`), as a
-    killed run would have; running again continues exactly.
-    """
-    trainer = Trainer(cfg, out_dir, reporter, devices=devices, stop_at=stop_at, progress=progress)
-    return trainer.run()
+    `options` are the Trainer's: `devices`, `progress`, and `stop_at`, which ends early
+    after that step with a checkpoint (status `stopped`), as a killed run would have;
+    running again continues exactly."""
+    return Trainer(cfg, out_dir, reporter, **options).run()

@@ -10,35 +10,21 @@ from conftest import random_batch
 from flax import nnx
 
 from ttt.model import create_model
+from ttt.model.check import chunked_and_whole
 from ttt.model.check import model_nll as _nll
 from ttt.model.layers import Attention
-from ttt.model.loop import cache_plan, carry_window, hidden_nll, plain_hidden, token_nll
+from ttt.model.loop import cache_plan, hidden_nll, plain_hidden, token_nll
 
 
 @pytest.mark.parametrize("window,chunk", [(24, 16), (16, 16), (8, 16), (40, 8)])
 def test_chunked_swa_with_carried_window_equals_whole_sequence(pico, window, chunk):
     cfg = pico(f"model.window={window}")
     attn = Attention(cfg.model, jnp.float32, nnx.Rngs(0))
-    seq_len = 64
-    x = jax.random.normal(jax.random.key(1), (seq_len, cfg.model.width))
-    pos = jnp.arange(seq_len)
-    whole, _ = attn(x, pos, window)
+    x = jax.random.normal(jax.random.key(1), (64, cfg.model.width))
+    chunked, whole = chunked_and_whole(attn, x, window, chunk)
+    np.testing.assert_allclose(chunked, whole, atol=1e-5, rtol=1e-5)
 
-    heads, hd = attn.heads, attn.head_dim
-    ck = cv = jnp.zeros((window, heads, hd))
-    cpos = jnp.arange(-window, 0)
-    outs = []
-    for start in range(0, seq_len, chunk):
-        sl = slice(start, start + chunk)
-        out, (k, v) = attn(x[sl], pos[sl], window, cache=(ck, cv, cpos))
-        outs.append(out)
-        ck, cv, cpos = (
-            carry_window(ck, k, 0),
-            carry_window(cv, v, 0),
-            carry_window(cpos, pos[sl], 0),
-        )
-    np.testing.assert_allclose(jnp.concatenate(outs), whole, atol=1e-5, rtol=1e-5)
-
+    pos = jnp.arange(64)
     # The window matters: dropping the carried keys changes the later chunks.
     alone, _ = attn(x[chunk : 2 * chunk], pos[chunk : 2 * chunk], window)
     assert not np.allclose(alone, whole[chunk : 2 * chunk], atol=1e-4)

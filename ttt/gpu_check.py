@@ -25,9 +25,9 @@ from flax import nnx
 from ttt.bench import bench_one, format_table
 from ttt.config import load_config
 from ttt.model import create_model
-from ttt.model.check import model_nll
+from ttt.model.check import chunked_and_whole, model_nll
 from ttt.model.layers import Attention, attend_sequence
-from ttt.model.loop import carry_window, hidden_nll, token_nll
+from ttt.model.loop import hidden_nll, token_nll
 
 # (mode, preset, mixer, seq_len, batch, extra overrides), most wanted first.
 ROWS = [
@@ -84,16 +84,8 @@ def correctness() -> list[tuple[str, float, float]]:
         cfg = nano()
         attn = Attention(cfg.model, jnp.float32, nnx.Rngs(0))
         x = jax.random.normal(jax.random.key(1), (256, cfg.model.width))
-        pos = jnp.arange(256)
-        whole, _ = attn(x, pos, 96)
-        ck = cv = jnp.zeros((96, attn.heads, attn.head_dim))
-        cpos, parts = jnp.arange(-96, 0), []
-        for s in range(0, 256, 32):
-            o, (k, v) = attn(x[s : s + 32], pos[s : s + 32], 96, cache=(ck, cv, cpos))
-            parts.append(o)
-            ck, cv = carry_window(ck, k, 0), carry_window(cv, v, 0)
-            cpos = carry_window(cpos, pos[s : s + 32], 0)
-        out.append(("chunked swa == whole swa (fp32)", _rel(jnp.concatenate(parts), whole), 1e-5))
+        chunked, whole = chunked_and_whole(attn, x, 96, 32)
+        out.append(("chunked swa == whole swa (fp32)", _rel(chunked, whole), 1e-5))
 
         # ttt_e2e with inner LR 0 equals the same weights without inner updates (fp32).
         plain, params = _nll(cfg, inner=False)

@@ -28,3 +28,25 @@ def model_nll(cfg, params=None, *, inner, inner_lr=1.0, batch=None, first_order=
     f = jax.jit(lambda p, b, lr: loss_fn(graphdef, p, b, lr, cfg.ttt, inner=inner, kernels=kernels))
     loss, nll = f(params, batch, jnp.float32(inner_lr))
     return loss, nll, params
+
+
+def chunked_and_whole(attn, x: jax.Array, window: int, chunk: int):
+    """One attention layer over `x` (T, d) twice: chunk by chunk, each chunk over a
+    carried window of the previous keys and values, and over the whole sequence at once.
+    Sliding-window attention makes the two equal."""
+    from ttt.model.loop import carry_window
+
+    pos = jnp.arange(x.shape[0])
+    whole, _ = attn(x, pos, window)
+    ck = cv = jnp.zeros((window, attn.heads, attn.head_dim), x.dtype)
+    cpos, parts = jnp.arange(-window, 0), []
+    for start in range(0, x.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        out, (k, v) = attn(x[sl], pos[sl], window, cache=(ck, cv, cpos))
+        parts.append(out)
+        ck, cv, cpos = (
+            carry_window(ck, k, 0),
+            carry_window(cv, v, 0),
+            carry_window(cpos, pos[sl], 0),
+        )
+    return jnp.concatenate(parts), whole

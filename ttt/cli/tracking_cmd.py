@@ -21,8 +21,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def light_env() -> None:
+    """MLflow 3 starts a pool of job workers (huey consumers) for GenAI scorer jobs beside
+    every server: seven more processes that training runs never use. Off unless asked."""
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+
+
 def server_args(
-    host: str, port: int, backend_store_uri: str, artifacts_destination: str
+    host: str, port: int, backend_store_uri: str, artifacts_destination: str, workers: int = 1
 ) -> list[str]:
     return [
         sys.executable,
@@ -38,6 +44,8 @@ def server_args(
         "--serve-artifacts",
         "--artifacts-destination",
         artifacts_destination,
+        "--workers",
+        str(workers),
     ]
 
 
@@ -52,6 +60,9 @@ def serve(
     ),
     artifacts_destination: str = typer.Option(
         None, "--artifacts-destination", help="Default ./mlartifacts (or s3://..., gs://...)."
+    ),
+    workers: int = typer.Option(
+        1, "--workers", help="Server processes (one sweep driver writes; one is enough)."
     ),
 ) -> None:
     """Serve tracking and artifacts; point sweeps at it with --tracking-uri http://HOST:PORT."""
@@ -70,7 +81,8 @@ def serve(
         f"MLflow tracking server on http://{host}:{port} (store {backend}, artifacts {artifacts})"
     )
     typer.echo(f"  sweeps: ttt sweep run SPEC --tracking-uri http://{host}:{port}")
-    args = server_args(host, port, backend, artifacts)
+    args = server_args(host, port, backend, artifacts, workers)
+    light_env()
     os.execv(args[0], args)
 
 
@@ -100,4 +112,5 @@ def ui(
         str(workers),
     ]
     typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
+    light_env()
     os.execv(sys.executable, args)

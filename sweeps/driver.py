@@ -390,6 +390,13 @@ def connect_env(address: str, timeout: float = 5.0) -> None:
             "RAY_AUTH_MODE=disabled for a cluster started with auth off"
         )
     os.environ["RAY_AUTH_MODE"] = "token"
+    if "ray._raylet" in sys.modules:
+        # Ray reads its auth mode when it is imported: refresh it, as Ray's own tests do
+        # after changing it (ray._private.authentication_test_utils).
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _init_error(address: str, e: Exception) -> UserError:

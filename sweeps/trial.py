@@ -119,12 +119,15 @@ def trial_main(start: TrialStart, spec: SweepSpec) -> None:
             shutil.copytree(d, run_dir)
     saved = run_dir / "checkpoints"
     start_step = max((int(p.name) for p in saved.iterdir()), default=0) if saved.is_dir() else 0
-    tags = {"node_id": node_id, "start_step": start_step, "provenance": json.dumps(provenance())}
+    tags = {"node_id": node_id, "start_step": start_step}
     sampler = SystemSampler() if spec.system_metrics else None
+    sent = []
 
     def extras() -> dict:
         out = {**tags, "processes": jax.process_count()}
-        tags.pop("provenance", None)  # once per attempt
+        if not sent:  # once per attempt, and only once JAX (and jax.distributed) is up
+            out["provenance"] = json.dumps(provenance())
+            sent.append(True)
         return {**out, **(sampler.read() if sampler else {})}
 
     class TuneReporter(Reporter):

@@ -7,6 +7,7 @@ checkpoint), and the MLflow parent and child runs are found again by their tags.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -218,9 +219,7 @@ def _starts(spec: SweepSpec, stage: Stage, rows: list[dict]) -> list[dict]:
         key = lambda r: r[spec.metric] if spec.mode == "min" else -r[spec.metric]  # noqa: E731
         done = [min(done, key=key)]
     return [
-        TrialStart(
-            **{**TrialStart.of(r["config"]).as_dict(), "init_from": r["checkpoint"].path}
-        ).as_dict()
+        dataclasses.replace(TrialStart.of(r["config"]), init_from=r["checkpoint"].path).as_dict()
         for r in done
     ]
 

@@ -79,11 +79,10 @@ def run(
     if dry_run:
         return
     from sweeps.driver import Rerun, run_sweep
-    from ttt.tracking import announce, check_uri, resolve_uri
+    from ttt.tracking import announce, resolve_uri
 
     uri = resolve_uri(tracking_uri)
-    check_uri(uri)
-    announce(uri)
+    announce(uri)  # run_sweep checks it before anything else
     result = run_sweep(
         spec,
         address=address,

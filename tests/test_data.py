@@ -122,3 +122,76 @@ def test_prepare_cli_bad_source(tmp_path, capsys):
         capsys,
     )
     assert "matches no file" in line
+
+
+def _train_bpe(path, files, vocab=320):
+    """A tiny byte-level BPE trained on `files`, saved as a tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train([str(f) for f in files], trainer)
+    tok.save(str(path))
+    return tok
+
+
+@pytest.mark.slow
+def test_bpe_dataset_trains_and_evaluates(tmp_path, capsys):
+    """A tokenizer.json of the user's, end to end: prepare, train pico, evaluate."""
+    import sysconfig
+    from pathlib import Path
+
+    src = Path(sysconfig.get_paths()["stdlib"]) / "email"
+    files = sorted(src.glob("*.py"))
+    tok = _train_bpe(tmp_path / "tokenizer.json", files)
+    vocab = tok.get_vocab_size()
+    data = tmp_path / "bpe"
+    args = ["data", "prepare", "--source", str(src / "*.py"), "--out", str(data)]
+    assert _cli_ok([*args, "--tokenizer", str(tmp_path / "tokenizer.json")], capsys)
+    meta = json.loads((data / "meta.json").read_text())
+    assert (meta["bos_id"], meta["vocab_size"]) == (0, vocab)
+    # the train split is, in file order, BOS then exactly the tokenizer's ids of each file
+    from ttt.data.prepare import is_val
+
+    first = next(f for f in files if not is_val(f.name))
+    ids = tok.encode(first.read_text(), add_special_tokens=False).ids
+    train = open_split(str(data), "train")
+    np.testing.assert_array_equal(train.window(0, len(ids) + 2), [0, *ids, 0])
+    assert zarr.open_array(str(data / "train")).dtype == np.uint16
+
+    run = tmp_path / "run"
+    shapes = ["data.seq_len=64", "data.batch_size=2", "model.window=24", "model.mixer=swa"]
+    train_args = ["train", "pico", *shapes, f"data.source={data}", "train.steps=2", "-q"]
+    err = _cli_error([*train_args, "--out", str(run)], capsys)
+    assert f"model.vocab_size=258: the dataset {data} has a vocabulary of {vocab}" in err
+    assert _cli_ok([*train_args, f"model.vocab_size={vocab}", "--out", str(run)], capsys)
+    assert json.loads((run / "run.json").read_text())["bos_id"] == 0
+    assert _cli_ok(["eval", str(run), "--max-batches", "1"], capsys)
+
+
+def _cli_ok(args, capsys) -> bool:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 0, err
+    return True
+
+
+def test_tokenizer_is_never_downloaded(tmp_path, capsys):
+    err = _cli_error(
+        ["data", "prepare", "--tokenizer", "meta-llama/Meta-Llama-3-8B", "--out", str(tmp_path)],
+        capsys,
+    )
+    assert "no such local file; nothing is downloaded at run time" in err
+    (tmp_path / "t.json").write_text("{}")
+    err = _cli_error(
+        ["data", "prepare", "--tokenizer", str(tmp_path / "t.json"), "--out", str(tmp_path)],
+        capsys,
+    )
+    assert "not a tokenizers JSON file" in err

@@ -297,6 +297,11 @@ def read_source(source: str | Path | dict | None) -> dict[str, Any]:
     raise ConfigError(f"config {text!r}: not a preset ({', '.join(PRESETS)}) nor a YAML file")
 
 
+def parse_overrides(items: typing.Sequence[str]) -> dict[str, Any]:
+    """`["model.window=128", ...]` -> `{"model.window": 128, ...}` (values parsed as YAML)."""
+    return dict(map(_parse_override, items))
+
+
 def load_config(
     source: str | Path | dict | None = None,
     overrides: typing.Sequence[str] | typing.Mapping[str, Any] = (),
@@ -461,6 +466,7 @@ __all__ = [
     "TTTConfig",
     "TrainConfig",
     "load_config",
+    "parse_overrides",
     "validate",
     "MIXERS",
 ]

@@ -29,6 +29,7 @@ def _register() -> None:
         bench_cmd,
         config_cmd,
         data_cmd,
+        import_cmd,
         plots_cmd,
         sweep_cmd,
         tracking_cmd,
@@ -39,6 +40,7 @@ def _register() -> None:
     app.add_typer(data_cmd.app, name="data")
     app.command("train")(train_cmd.train)
     app.command("eval")(train_cmd.evaluate)
+    app.add_typer(import_cmd.app, name="import")
     app.add_typer(sweep_cmd.app, name="sweep")
     app.command("ui")(tracking_cmd.ui)
     app.command("plots")(plots_cmd.plots)

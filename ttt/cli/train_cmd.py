@@ -89,16 +89,36 @@ def train(
 
 def evaluate(
     run_dir: Path = typer.Argument(
-        ..., metavar="RUN", help="A run directory written by `ttt train`."
+        ..., metavar="RUN", help="A run directory written by `ttt train` or `ttt import`."
     ),
     seq_len: int = typer.Option(None, "--seq-len", help="Evaluate at this context length."),
     max_batches: int = typer.Option(None, "--max-batches", help="Cap on validation batches."),
+    tokens: Path = typer.Option(
+        None,
+        "--tokens",
+        help="Evaluate exactly these token ids (.npy: one sequence, or a 2-D batch).",
+    ),
+    out: Path = typer.Option(
+        None, "--out", help="Parquet file for --tokens' per-token NLL (default RUN/eval/)."
+    ),
 ) -> None:
     """Evaluate with test-time training: mean loss and per-token NLL by position (Parquet)."""
-    from ttt.train.evaluate_run import evaluate_run
+    from ttt.train.evaluate_run import evaluate_run, evaluate_tokens
 
     if max_batches is not None and max_batches < 1:
         raise UserError(f"--max-batches={max_batches}: must be >= 1")
+    if tokens is not None:
+        if seq_len is not None or max_batches is not None:
+            raise UserError("--tokens: fixes the sequences; drop --seq-len and --max-batches")
+        result, path = evaluate_tokens(run_dir, tokens, out)
+        typer.echo(
+            f"loss {result.loss:.6f} (token mean {result.token_loss:.6f}) over "
+            f"{result.nll.shape[0]} sequence(s) of {result.nll.shape[1]} tokens; "
+            f"per-token NLL in {path}"
+        )
+        return
+    if out is not None:
+        raise UserError("--out: only with --tokens")
     result, path = evaluate_run(run_dir, seq_len=seq_len, max_batches=max_batches)
     typer.echo(
         f"eval loss {result.loss:.4f} over {result.sequences} sequences of "

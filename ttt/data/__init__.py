@@ -1,6 +1,17 @@
-"""Byte-level corpora in the reference Zarr layout, and the batch loader."""
+"""Text corpora in the reference Zarr layout (bytes or a tokenizer.json), and the loader."""
 
 from ttt.data.loader import Loader, TokenSplit, open_split
-from ttt.data.prepare import BOS, BYTE_VOCAB, prepare, stdlib_dataset
+from ttt.data.prepare import prepare, stdlib_dataset
+from ttt.data.tokenizer import BYTE_BOS as BOS
+from ttt.data.tokenizer import BYTE_VOCAB, load_tokenizer
 
-__all__ = ["BOS", "BYTE_VOCAB", "Loader", "TokenSplit", "open_split", "prepare", "stdlib_dataset"]
+__all__ = [
+    "BOS",
+    "BYTE_VOCAB",
+    "Loader",
+    "TokenSplit",
+    "load_tokenizer",
+    "open_split",
+    "prepare",
+    "stdlib_dataset",
+]

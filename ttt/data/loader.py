@@ -26,6 +26,20 @@ class TokenSplit:
     bos_id: int
     path: Path
     fingerprint: str
+    vocab_size: int | None = None  # from meta.json; the released datasets have none
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """A model of `vocab_size` can read this split's ids."""
+        if self.vocab_size is not None and self.vocab_size != vocab_size:
+            raise UserError(
+                f"model.vocab_size={vocab_size}: the dataset {self.path.parent} has a vocabulary "
+                f"of {self.vocab_size} (its meta.json); set model.vocab_size={self.vocab_size}"
+            )
+        if self.bos_id >= vocab_size:
+            raise UserError(
+                f"model.vocab_size={vocab_size}: smaller than the BOS id {self.bos_id} of "
+                f"{self.path}; set model.vocab_size to the dataset's vocabulary"
+            )
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -78,7 +92,8 @@ def open_split(source: str, split: str, cache_dir: str = "") -> TokenSplit:
                 f"data.source={source!r}: {path} could not be decoded ({type(e).__name__}: {e})"
             ) from None
     fp = meta.get("fingerprint") or f"{arr.shape[0]}-{arr.dtype}"
-    return TokenSplit(tokens, int(bos), path, str(fp))
+    vocab = meta.get("vocab_size")
+    return TokenSplit(tokens, int(bos), path, str(fp), int(vocab) if vocab else None)
 
 
 class Loader:

@@ -1,4 +1,4 @@
-"""`ttt data prepare`: byte-level tokenisation into the reference Zarr v3 layout.
+"""`ttt data prepare`: tokenisation (bytes, or a tokenizer.json) into the reference Zarr v3 layout.
 
 Layout (shared with the paper's released Llama-3 datasets): `<root>/train` and
 `<root>/val` are flat 1-D token arrays, Blosc-zstd compressed; documents are separated
@@ -20,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ttt.data.tokenizer import TextTokenizer, byte_tokenizer
 from ttt.errors import UserError
 from ttt.paths import cache_root
 
-BOS = 256  # byte-level vocab: 0..255 are bytes, then the specials
-PAD = 257
-BYTE_VOCAB = 258
 VAL_PERCENT = 5  # documents whose path hash falls below this go to val
 CHUNK_TOKENS = 1 << 20
+ENCODE_BATCH = 256  # files handed to the tokenizer at once (it encodes a batch in parallel)
 META = "meta.json"
 
 
@@ -63,8 +62,8 @@ def is_val(name: str) -> bool:
     return int(hashlib.sha256(name.encode()).hexdigest(), 16) % 100 < VAL_PERCENT
 
 
-def fingerprint(files: Iterable[Path], root: Path | None) -> str:
-    h = hashlib.sha256()
+def fingerprint(files: Iterable[Path], root: Path | None, tokenizer: str = "bytes") -> str:
+    h = hashlib.sha256(b"" if tokenizer == "bytes" else tokenizer.encode() + b"\0")
     for p in files:
         h.update(_name(p, root).encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:16]
@@ -92,26 +91,42 @@ def read_meta(root: Path) -> dict | None:
         return None
 
 
-def prepare(source: str, out: Path, force: bool = False, progress: bool = True) -> dict:
-    """Tokenise `source` into `out`; a no-op when `out` already holds the same content."""
+def prepare(
+    source: str,
+    out: Path,
+    force: bool = False,
+    progress: bool = True,
+    tokenizer: TextTokenizer | None = None,
+) -> dict:
+    """Tokenise `source` into `out` (bytes unless a `tokenizer` is given); a no-op when
+    `out` already holds the same content tokenised the same way."""
     from tqdm import tqdm
 
+    tok = tokenizer or byte_tokenizer()
     files, root = resolve_files(source)
     if not files:
         raise UserError(f"--source={source!r}: holds no file")
-    fp = fingerprint(files, root)
+    fp = fingerprint(files, root, tok.digest)
     meta = read_meta(out)
     if not force and meta is not None and meta.get("fingerprint") == fp:
         return meta
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     docs = {"train": 0, "val": 0}
-    for p in tqdm(
-        files, desc=f"tokenising {source}", unit="file", disable=not progress, file=sys.stderr
-    ):
-        split = "val" if is_val(_name(p, root)) else "train"
-        data = np.frombuffer(p.read_bytes(), np.uint8).astype(np.uint16)
-        parts[split].append(np.concatenate([[BOS], data]).astype(np.uint16))
-        docs[split] += 1
+    bar = tqdm(
+        total=len(files),
+        desc=f"tokenising {source}",
+        unit="file",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    for start in range(0, len(files), ENCODE_BATCH):
+        batch = files[start : start + ENCODE_BATCH]
+        for p, ids in zip(batch, tok.encode_batch([p.read_bytes() for p in batch]), strict=True):
+            split = "val" if is_val(_name(p, root)) else "train"
+            parts[split].append(np.concatenate([[tok.bos_id], ids]).astype(tok.dtype))
+            docs[split] += 1
+        bar.update(len(batch))
+    bar.close()
     if docs["val"] == 0 or docs["train"] == 0:  # tiny sources: move one document over
         src, dst = ("train", "val") if docs["val"] == 0 else ("val", "train")
         if docs[src] < 2:
@@ -125,15 +140,15 @@ def prepare(source: str, out: Path, force: bool = False, progress: bool = True) 
     meta = {
         "source": source,
         "fingerprint": fp,
-        "tokenizer": "bytes",
-        "bos_id": BOS,
-        "vocab_size": BYTE_VOCAB,
+        "tokenizer": tok.name,
+        "bos_id": tok.bos_id,
+        "vocab_size": tok.vocab_size,
         "documents": docs,
         "tokens": {},
     }
     for split, arrays in parts.items():
         tokens = np.concatenate(arrays)
-        write_tokens(tmp, split, tokens, BOS)
+        write_tokens(tmp, split, tokens, tok.bos_id)
         meta["tokens"][split] = int(len(tokens))
     (tmp / META).write_text(json.dumps(meta, indent=2))
     if out.exists():

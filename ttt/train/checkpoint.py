@@ -39,17 +39,13 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, params, opt_state, meta: dict) -> Path:
+        """`opt_state` None writes no optimizer state (an imported run: weights only)."""
         if jax.process_count() > 1:
             params, opt_state = _host_copy((params, opt_state))
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
+        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         # Callers hand the directory to others (Ray copies it), so it must be complete.
         self.manager.wait_until_finished()
         return self.directory / str(step)

@@ -1,17 +1,21 @@
-"""`ttt eval RUN_DIR`: reload a run's latest weights and evaluate, possibly at a new T."""
+"""`ttt eval RUN_DIR`: reload a run's latest weights and evaluate, at a new T, or on
+exactly the token ids of a file."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import yaml
 from flax import nnx
 
 from ttt import compile_cache
-from ttt.config import load_config
-from ttt.data.loader import Loader, open_split
+from ttt.config import Config, ConfigError, load_config
+from ttt.data.loader import Loader, TokenSplit, open_split
 from ttt.errors import UserError
 from ttt.model import create_model
 from ttt.train.checkpoint import load_params
@@ -19,41 +23,150 @@ from ttt.train.evaluate import EvalResult, evaluate
 from ttt.train.step import batch_putter, data_mesh, make_eval_step, replicated
 
 
-def evaluate_run(
-    run_dir: str | Path, seq_len: int | None = None, max_batches: int | None = None
-) -> tuple[EvalResult, Path]:
+@dataclass
+class LoadedRun:
+    cfg: Config
+    graphdef: object
+    params: object  # replicated over the data mesh
+    step: int
+    info: dict  # run.json
+
+
+def load_run(run_dir: str | Path, overrides: dict | None = None, **what) -> LoadedRun:
+    """A run's config (with `overrides`), its latest weights, and its run.json. `what`
+    names the flags behind the overrides in errors (`data.seq_len="--seq-len"`)."""
     compile_cache.enable()
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"RUN_DIR={str(run_dir)!r}: no config.yaml there (not a run directory)")
-    overrides = [f"data.seq_len={seq_len}"] if seq_len is not None else []
-    cfg = load_config(yaml.safe_load((run_dir / "config.yaml").read_text()), overrides)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:
+        cfg = load_config(saved, overrides or {})
+    except ConfigError as e:
+        key = str(e).split("=", 1)[0]
+        if key not in (what or {}):
+            raise
+        raise UserError(f"{what[key]}: {e}") from None
     graphdef, params = nnx.split(create_model(cfg.model, seed=cfg.train.seed))
     params, step = load_params(run_dir, params, key="RUN_DIR")
-    mesh = data_mesh()
-    params = jax.device_put(params, replicated(mesh))
-    val = Loader(
-        open_split(cfg.data.source, "val", cfg.data.cache_dir),
-        cfg.data.seq_len,
-        cfg.data.batch_size,
-        shuffle=False,
-        name="--seq-len",
-    )
-    put = batch_putter(mesh)
+    info_path = run_dir / "run.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    params = jax.device_put(params, replicated(data_mesh()))
+    return LoadedRun(cfg, graphdef, params, step, info)
+
+
+def check_bos(run: LoadedRun, split: TokenSplit) -> None:
+    """A dataset whose documents are separated by another BOS than the run's would mask
+    the wrong targets."""
+    bos = run.info.get("bos_id")
+    if bos is not None and bos != split.bos_id:
+        raise UserError(
+            f"data.source={run.cfg.data.source!r}: its BOS id is {split.bos_id}, the run's is "
+            f"{bos} (a dataset of another tokenizer)"
+        )
+
+
+def evaluate_run(
+    run_dir: str | Path, seq_len: int | None = None, max_batches: int | None = None
+) -> tuple[EvalResult, Path]:
+    overrides = {"data.seq_len": seq_len} if seq_len is not None else {}
+    run = load_run(run_dir, overrides, **{"data.seq_len": "--seq-len"})
+    cfg = run.cfg
+    split = open_split(cfg.data.source, "val", cfg.data.cache_dir)
+    split.check_vocab(cfg.model.vocab_size)
+    check_bos(run, split)
+    val = Loader(split, cfg.data.seq_len, cfg.data.batch_size, shuffle=False, name="--seq-len")
     result = evaluate(
-        compile_cache.CachedStep("eval", cfg, make_eval_step(cfg, graphdef)),
-        params,
+        compile_cache.CachedStep("eval", cfg, make_eval_step(cfg, run.graphdef)),
+        run.params,
         val,
         max_batches or cfg.train.eval_batches,
         cfg.ttt.inner_lr,
-        put,
+        batch_putter(data_mesh()),
     )
-    path = result.write_parquet(run_dir / "eval" / f"nll_by_position_T{cfg.data.seq_len}.parquet")
+    path = result.write_parquet(
+        Path(run_dir) / "eval" / f"nll_by_position_T{cfg.data.seq_len}.parquet"
+    )
     summary = {
-        "step": step,
+        "step": run.step,
         "seq_len": cfg.data.seq_len,
         "loss": result.loss,
         "sequences": result.sequences,
     }
     (path.with_suffix(".json")).write_text(json.dumps(summary, indent=2))
     return result, path
+
+
+@dataclass
+class TokensResult:
+    loss: float  # the training objective (for ttt_e2e: mean over sequences of chunk means)
+    token_loss: float  # masked mean NLL over every counted target
+    nll: np.ndarray  # (B, T)
+    targets: np.ndarray  # (B, T)
+    counted: np.ndarray  # (B, T) bool: target is not the BOS
+
+
+def read_tokens(path: str | Path) -> np.ndarray:
+    """(B, T + 1) token ids from a `.npy` file of one sequence or a 2-D batch."""
+    path = Path(path)
+    try:
+        tokens = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--tokens={str(path)!r}: not a readable .npy array ({e})") from None
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise UserError(f"--tokens={str(path)!r}: dtype {tokens.dtype}; token ids are integers")
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise UserError(
+            f"--tokens={str(path)!r}: shape {tokens.shape}; expected (T+1,) or (B, T+1), T >= 1"
+        )
+    return tokens
+
+
+def evaluate_tokens(run_dir: str | Path, tokens_path: str | Path, out: Path | None = None):
+    """Evaluate exactly the given sequences: inputs `tokens[:, :-1]`, targets
+    `tokens[:, 1:]`, a target equal to the run's BOS masked out as in training."""
+    tokens = read_tokens(tokens_path)
+    batch, seq_len = tokens.shape[0], tokens.shape[1] - 1
+    overrides = {"data.seq_len": seq_len, "data.batch_size": batch}
+    run = load_run(run_dir, overrides, **{"data.seq_len": f"--tokens ({seq_len} targets)"})
+    vocab = run.cfg.model.vocab_size
+    if tokens.min() < 0 or tokens.max() >= vocab:
+        raise UserError(
+            f"--tokens={str(tokens_path)!r}: ids span {tokens.min()}..{tokens.max()}, "
+            f"outside the model's vocabulary 0..{vocab - 1}"
+        )
+    bos = run.info.get("bos_id")
+    if bos is None:
+        bos = open_split(run.cfg.data.source, "val", run.cfg.data.cache_dir).bos_id
+    tokens = tokens.astype(np.int32)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    mask = targets != bos
+    step = make_eval_step(run.cfg, run.graphdef)
+    put = batch_putter(data_mesh())
+    nll, loss = step(run.params, put((inputs, targets, mask)), jnp.float32(run.cfg.ttt.inner_lr))
+    nll = np.asarray(nll, np.float64)
+    token_loss = float((nll * mask).sum() / max(mask.sum(), 1))
+    result = TokensResult(float(loss), token_loss, nll, targets, mask)
+    out = out or Path(run_dir) / "eval" / f"tokens_{Path(tokens_path).stem}.parquet"
+    _write_tokens(result, out)
+    return result, out
+
+
+def _write_tokens(result: TokensResult, path: Path) -> None:
+    import polars as pl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    b, t = result.nll.shape
+    pl.DataFrame(
+        {
+            "sequence": np.repeat(np.arange(b, dtype=np.int64), t),
+            "position": np.tile(np.arange(t, dtype=np.int64), b),
+            "token": result.targets.reshape(-1).astype(np.int64),
+            "nll": result.nll.reshape(-1),
+            "counted": result.counted.reshape(-1),
+        }
+    ).write_parquet(path)
+    summary = {"loss": result.loss, "token_loss": result.token_loss, "sequences": b, "seq_len": t}
+    path.with_suffix(".json").write_text(json.dumps(summary, indent=2))

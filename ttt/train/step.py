@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ttt.config import Config
 from ttt.model.kernels import resolve
-from ttt.model.loop import loss_fn, masked_mean
+from ttt.model.loop import loss_fn
 from ttt.train.optim import Hyper, inner_lr, optimizer, outer_lr
 
 
@@ -102,16 +102,17 @@ def make_train_step(cfg: Config, graphdef):
 
 
 def make_eval_step(cfg: Config, graphdef):
-    """`eval(params, batch, eta) -> (per-token NLL (B, T), masked mean loss)`; runs the
-    inner loop for ttt_e2e whatever `meta` says (test-time training)."""
+    """`eval(params, batch, eta) -> (per-token NLL (B, T), loss)`; runs the inner loop for
+    ttt_e2e whatever `meta` says (test-time training). The loss is the training objective:
+    with the inner loop, the mean over sequences of each one's mean chunk loss."""
     inner = uses_inner_loop(cfg, training=False)
     # Nothing differentiates evaluation, so the chunks may use ttt.chunk_attention.
     kernels = resolve(cfg, first_order=True)
 
     @jax.jit
     def evaluate(params, batch, eta):
-        _, nll = loss_fn(graphdef, params, batch, eta, cfg.ttt, inner=inner, kernels=kernels)
-        return nll, masked_mean(nll, batch[2])
+        loss, nll = loss_fn(graphdef, params, batch, eta, cfg.ttt, inner=inner, kernels=kernels)
+        return nll, loss
 
     return evaluate
 

@@ -64,11 +64,14 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
 
 
-def _check_vocab(cfg: Config, bos_id: int, path: Path) -> None:
-    if bos_id >= cfg.model.vocab_size:
+def _check_init_bos(init_from: str, split) -> None:
+    """The run we start from was trained (or imported) with the same BOS id."""
+    info = Path(init_from).expanduser() / "run.json"
+    bos = json.loads(info.read_text()).get("bos_id") if info.is_file() else None
+    if bos is not None and bos != split.bos_id:
         raise UserError(
-            f"model.vocab_size={cfg.model.vocab_size}: smaller than the BOS id {bos_id} of "
-            f"{path}; set model.vocab_size to the dataset's vocabulary"
+            f"train.init_from={init_from!r}: its BOS id is {bos}, the dataset {split.path.parent} "
+            f"uses {split.bos_id} (a dataset of another tokenizer)"
         )
 
 
@@ -82,6 +85,12 @@ def _check_run_dir(out: Path, cfg: Config) -> None:
     saved = out / "config.yaml"
     if not saved.exists():
         return
+    info = out / "run.json"
+    if info.exists() and json.loads(info.read_text()).get("status") == "imported":
+        raise UserError(
+            f"--out={str(out)!r} holds an imported checkpoint, which has no optimizer state to "
+            f"resume; fine-tune it into a new run: train.init_from={out} --out NEW"
+        )
     old = load_config(yaml.safe_load(saved.read_text())).flat()
     diff = [k for k, v in cfg.flat().items() if old.get(k) != v and k != "train.steps"]
     if cfg.train.steps < old["train.steps"]:
@@ -196,7 +205,9 @@ class Trainer:
             )
         train_split = open_split(cfg.data.source, "train", cfg.data.cache_dir)
         val_split = open_split(cfg.data.source, "val", cfg.data.cache_dir)
-        _check_vocab(cfg, train_split.bos_id, train_split.path)
+        train_split.check_vocab(cfg.model.vocab_size)
+        if tr.init_from:
+            _check_init_bos(tr.init_from, train_split)
         self.loader = Loader(train_split, cfg.data.seq_len, cfg.data.batch_size, seed=tr.seed)
         self.val = Loader(val_split, cfg.data.seq_len, cfg.data.batch_size, shuffle=False)
 

@@ -266,6 +266,24 @@ def _curves(t):
     return fig
 
 
+def _evaluated_context_length(t):
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    lines(ax, t, "data.seq_len", group="model")
+    ref = paper("fig9_loss_by_context.csv").filter(pl.col("method").is_in(list(PAPER_METHOD)))
+    for m, g in ref.group_by("method"):
+        paper_markers(
+            ax, g["context"], g["loss"], f"paper 3B: {PAPER_METHOD[m[0]]}", PAPER_METHOD[m[0]]
+        )
+    context_axis(ax, [*t["data.seq_len"].to_list(), *ref["context"].to_list()])
+    ax.set(
+        xlabel="context length (tokens)",
+        ylabel="eval loss (nats/token)",
+        title="Evaluated runs: loss by context length",
+    )
+    ax.legend(fontsize=7)
+    return fig
+
+
 @dataclass(frozen=True)
 class Figure:
     """One paper figure: the recipe that builds its tidy table from tracked runs, the
@@ -286,6 +304,12 @@ FIGURES: dict[str, Figure] = {
             recipes.context_length,
             _context_length,
             "sweeps/context_scaling.yaml (or sweeps/small_scale.yaml on a CPU)",
+        ),
+        Figure(
+            "eval_context_length",
+            recipes.evaluated_context_length,
+            _evaluated_context_length,
+            "ttt eval RUN --seq-len T --seq-len 2T ... --tracking-uri URI -e evals",
         ),
         Figure(
             "fig1_prefill_latency",

@@ -51,6 +51,13 @@ class Data:
             self._cache["bench"] = runs(self.tracking_uri, self.experiments, role="bench")
         return self._cache["bench"]
 
+    @property
+    def evals(self) -> pl.DataFrame:
+        """`ttt eval --tracking-uri` runs: one per (evaluated run, context length)."""
+        if "evals" not in self._cache:
+            self._cache["evals"] = with_method(runs(self.tracking_uri, self.experiments, "eval"))
+        return self._cache["evals"]
+
     def history(self, run_ids, keys=("loss",)) -> pl.DataFrame:
         return metric_history(self.tracking_uri, list(run_ids), list(keys))
 
@@ -179,6 +186,23 @@ def context_length(data: Data):
         "method", "data.seq_len", "delta", "delta_min", "delta_max"
     )
     return table.join(delta, on=["method", "data.seq_len"], how="left")
+
+
+def evaluated_context_length(data: Data):
+    """Loss against context length of evaluated runs: `ttt eval RUN --seq-len T
+    --tracking-uri` or a `task: eval` sweep (e.g. over imported released models). One
+    line per evaluated run (`model`: its directory's name)."""
+    frame = finished(data.evals)
+    if frame.is_empty() or "data.seq_len" not in frame.columns:
+        return None
+    names = [
+        pl.col(c).cast(pl.String).str.strip_chars_end("/").str.split("/").list.last()
+        for c in ("eval.run", "train.init_from")
+        if c in frame.columns
+    ]
+    frame = frame.with_columns(pl.coalesce(names).alias("model"))
+    table = aggregate(frame, ["model", "method", "data.seq_len"])
+    return table if table["data.seq_len"].n_unique() >= 2 else None
 
 
 def window(data: Data):

@@ -156,7 +156,9 @@ def spec_like(tracking_uri: str, spec, seeds=(0,), loss=model_loss) -> list[str]
             sample = {} if seed is None else {"train.seed": seed}
             flat = spec.config(point, sample).flat()
             first.append((point, sample, loss(flat, flat["train.seed"])))
-            fake.append(FakeRun(spec.name, flat, final={"final_eval_loss": first[-1][2]}))
+            role = "eval" if spec.task == "eval" else "trial"  # as the sweep's callback tags
+            final = {"final_eval_loss": first[-1][2]}
+            fake.append(FakeRun(spec.name, flat, final=final, role=role))
     for stage in spec.stages:
         starts = first if stage.start_from == "each" else [min(first, key=lambda t: t[2])]
         for i, (point, sample, _) in enumerate(starts):

@@ -240,6 +240,18 @@ def print_monitoring(context, tracking_uri: str) -> None:
     )
 
 
+def _check_init_from(spec: SweepSpec) -> None:
+    """Every local run a trial starts from (or, with `task: eval`, evaluates) holds
+    checkpoints, before Ray starts (`--dry-run` lists trials without this check)."""
+    for point in spec.points:
+        init = spec.config(point, {}).train.init_from
+        if init and "://" not in init and not (Path(init) / "checkpoints").is_dir():
+            raise UserError(
+                f"{spec.path}: train.init_from={init!r}: not a run directory with checkpoints "
+                "(`ttt import reference` or `ttt train` writes one)"
+            )
+
+
 def run_sweep(
     spec: SweepSpec,
     address: str | None = None,
@@ -252,6 +264,7 @@ def run_sweep(
 
     tracking_uri = resolve_uri(tracking_uri)
     check_uri(tracking_uri)
+    _check_init_from(spec)
     if address is not None:
         connect_env(address)
     storage = storage_root(storage_path, spec)
@@ -309,7 +322,8 @@ def run_sweep(
             "sample": {k: _domain(kind, args) for k, (kind, args) in spec.random.items()},
         }
         params_of = functools.partial(flat_params, spec)
-        cb = MlflowSweepCallback(tracking_uri, spec.name, parent_id, "main", params_of)
+        role = "eval" if spec.task == "eval" else "trial"
+        cb = MlflowSweepCallback(tracking_uri, spec.name, parent_id, "main", params_of, role)
         grid = _tuner(spec, spec.name, space, cb, storage, max_steps, rerun).fit()
         result.stages.append(StageResult("main", _rows(grid, spec)))
         for stage in spec.stages:

@@ -38,7 +38,12 @@ TOP_KEYS = {
     "stages",
     "storage_path",
     "system_metrics",
+    "task",
 }
+# train: each trial trains. eval: each trial evaluates the weights of its
+# `train.init_from` (a trained or imported run) on `data.source`'s validation split at
+# `data.seq_len`, over `train.eval_batches` batches, and trains nothing.
+TASKS = ("train", "eval")
 
 
 class SpecError(UserError):
@@ -79,6 +84,7 @@ class SweepSpec:
     stages: list[Stage] = field(default_factory=list)
     storage_path: str = ""
     system_metrics: bool = True  # MLflow's CPU/memory/GPU metrics, sampled in each trial
+    task: str = "train"  # or eval (TASKS)
     raw: dict = field(default_factory=dict)
     cli_overrides: tuple[str, ...] = ()
 
@@ -461,14 +467,34 @@ def _stages(path: str, raw: dict, cli: dict) -> list[Stage]:
             Stage(
                 name=name,
                 start_from=start_from,
-                overrides={
-                    **_overrides(path, f"stages[{i}].overrides", st.get("overrides")),
-                    **cli.get(name, {}),
-                },
+                overrides=_absolute(
+                    {
+                        **_overrides(path, f"stages[{i}].overrides", st.get("overrides")),
+                        **cli.get(name, {}),
+                    }
+                ),
                 steps=_int(path, f"stages[{i}].steps", st["steps"], 1) if "steps" in st else None,
             )
         )
     return stages
+
+
+def _task(path: str, raw: dict) -> str:
+    task = raw.get("task", "train")
+    if task not in TASKS:
+        raise _err(path, "task", f"{task!r}; allowed are {', '.join(TASKS)}")
+    if task == "eval":
+        clashes = {
+            "stages": bool(raw.get("stages")),
+            "scheduler": raw.get("scheduler", "fifo") not in ("fifo", {"type": "fifo"}),
+            "search_alg": raw.get("search_alg", "basic") != "basic",
+        }
+        for key, clash in clashes.items():
+            if clash:
+                raise _err(path, key, "not with task: eval (each trial is one evaluation)")
+        if raw.get("metric", "eval_loss") != "eval_loss":
+            raise _err(path, "metric", "task: eval reports eval_loss only")
+    return task
 
 
 def _schedule(path: str, raw: dict) -> dict:
@@ -496,6 +522,7 @@ def load_spec(
     cli = _cli_overrides(path, overrides, raw)
     base_source, base_over = _base(path, raw, cli)
     points, random, gridded = _points(path, raw, cli)
+    base_over, points = _absolute(base_over), [_absolute(p) for p in points]
     metric, mode = _objective(path, raw)
     stop_steps, stop_time_s = _stop(path, raw)
     spec = SweepSpec(
@@ -520,6 +547,7 @@ def load_spec(
         stages=_stages(path, raw, cli),
         storage_path=str(raw.get("storage_path", "") or ""),
         system_metrics=_bool(path, "system_metrics", raw.get("system_metrics", True)),
+        task=_task(path, raw),
         raw=raw,
         cli_overrides=tuple(overrides),
     )
@@ -547,6 +575,12 @@ def _validate_points(spec: SweepSpec) -> None:
                     raise SpecError(f"{spec.path}: {where}: {e}") from None
                 _check_split(spec, cfg, where)
                 _check_source(spec, cfg, where)
+                if spec.task == "eval" and not cfg.train.init_from:
+                    raise SpecError(
+                        f"{spec.path}: {where}: task: eval evaluates train.init_from's weights; "
+                        "set train.init_from to a run directory (`ttt import reference` or "
+                        "`ttt train` writes one)"
+                    )
 
 
 def _check_split(spec: SweepSpec, cfg: Config, where: str) -> None:
@@ -572,6 +606,20 @@ def _check_source(spec: SweepSpec, cfg: Config, where: str) -> None:
             f"it: ttt sweep run {spec.path} data.source=DIR, or STAGE.data.source=DIR for a "
             "stage; `ttt data prepare --out DIR` makes one)"
         )
+
+
+PATH_KEYS = ("data.source", "train.init_from")
+
+
+def _absolute(over: dict) -> dict:
+    """Local paths made absolute where the spec is loaded: Tune runs each trial in its
+    own working directory, where a relative path would point elsewhere."""
+    out = dict(over)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value not in ("", "stdlib") and "://" not in value:
+            out[key] = str(Path(value).expanduser().absolute())
+    return out
 
 
 def _short(point: dict) -> str:

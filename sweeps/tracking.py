@@ -36,8 +36,17 @@ class MlflowSweepCallback(Callback):
     """Logs every trial of one sweep stage. Picklable (Tune stores it with the run config):
     the client and caches are rebuilt after a restore."""
 
-    def __init__(self, tracking_uri: str, sweep: str, parent_run_id: str, stage: str, params_of):
+    def __init__(
+        self,
+        tracking_uri: str,
+        sweep: str,
+        parent_run_id: str,
+        stage: str,
+        params_of,
+        role: str = "trial",
+    ):
         self.tracking_uri, self.sweep, self.stage = tracking_uri, sweep, stage
+        self.role = role  # trial, or eval for a `task: eval` sweep
         self.parent_run_id = parent_run_id
         self.params_of = params_of  # trial.config -> flat config dict
         self._reset()
@@ -93,7 +102,7 @@ class MlflowSweepCallback(Callback):
                 tags={
                     **tags,
                     "mlflow.parentRunId": self.parent_run_id,
-                    "ttt.role": "trial",
+                    "ttt.role": self.role,
                     "mlflow.source.name": f"ttt sweep run ({self.sweep}, stage {self.stage})",
                 },
             )

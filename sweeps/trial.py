@@ -89,6 +89,25 @@ def _start_peers(start: TrialStart, spec: SweepSpec) -> tuple[str, list]:
     return coordinator, refs
 
 
+def _evaluate(cfg, run_dir: Path, extras: dict) -> None:
+    """A `task: eval` trial: evaluate `train.init_from`'s weights, report once, with the
+    per-position NLL in the checkpoint (as a training trial's final report has it)."""
+    from ray import tune
+
+    from ttt.train.evaluate_run import evaluate_weights, load_weights
+
+    run = load_weights(cfg, cfg.train.init_from, key="train.init_from")
+    result, summary = evaluate_weights(run, run_dir / "eval" / "nll_by_position.parquet")
+    report = {"eval_loss": result.loss, "step": summary["step"], "outcome": "finished", **extras}
+    stage = Path(tempfile.mkdtemp(prefix="eval-"))
+    try:
+        (stage / FINAL).write_text(json.dumps(report))
+        shutil.copytree(run_dir / "eval", stage / "eval")
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(stage))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def trial_main(start: TrialStart, spec: SweepSpec) -> None:
     _jax_env(spec.resources["gpu"])
     import jax
@@ -147,6 +166,9 @@ def trial_main(start: TrialStart, spec: SweepSpec) -> None:
     try:
         if (run_dir / FINAL).exists():
             tune.report(json.loads((run_dir / FINAL).read_text()))
+            return
+        if spec.task == "eval":
+            _evaluate(cfg, run_dir, {**extras(), "node_id": node_id})
             return
         peers = []
         if spec.resources["nodes"] > 1:

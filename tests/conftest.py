@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 # Tests run on the CPU of a 2-core machine; keep XLA from grabbing every thread pool.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -94,3 +95,24 @@ def train_cfg(corpus):
         return load_config("pico", [*base, *overrides])
 
     return make
+
+
+REFERENCE_FIXTURE = Path(__file__).parent / "fixtures" / "reference-tiny-e2e"
+# Not in the reference checkpoint: the reference ran with these (its README.md).
+REFERENCE_KNOBS = ["model.window=64", "ttt.chunk=32", "ttt.inner_lr=1.0", "ttt.inner_clip=1.0"]
+
+
+@pytest.fixture(scope="session")
+def reference_data(tmp_path_factory):
+    """Random documents in the reference checkpoint's vocabulary (256, BOS 0)."""
+    import numpy as np
+
+    from ttt.data.prepare import write_tokens
+
+    data = tmp_path_factory.mktemp("reference-data")
+    tokens = np.random.default_rng(0).integers(1, 256, 4000).astype(np.uint16)
+    tokens[::300] = 0
+    for split in ("train", "val"):
+        write_tokens(data, split, tokens, bos_id=0)
+    (data / "meta.json").write_text('{"bos_id": 0, "vocab_size": 256}')
+    return data

@@ -285,6 +285,14 @@ SPEC_FIGURES = {
         {"ttt_e2e": {K, 2 * K, 4 * K, 8 * K}, "full": {None}, "swa": {None}},
     ),
     "inner_lr": ("inner_lr_meta", "ttt.inner_lr", {"ttt_e2e": {0.1, 0.3, 1.0, 3.0, 10.0}}),
+    "released_eval": (
+        "eval_context_length",
+        "data.seq_len",
+        {
+            f"ttt-e2e-{s}-books": {8 * K, 16 * K, 32 * K, 64 * K, 128 * K}
+            for s in ("125m", "1b", "3b")
+        },
+    ),
     "quickstart": (
         "fig4_window",
         "model.window",
@@ -313,10 +321,11 @@ def test_each_spec_draws_its_figure_from_its_own_runs(stem, tmp_path, capsys):
     assert exc.value.code == 0
     assert f"{figure}: {out / figure}.png" in capsys.readouterr().out
     table = pl.read_parquet(out / f"{figure}.parquet")
-    line = ["method", "model.ttt_layers"] if figure == "fig4_ttt_layers" else ["method"]
+    line = {"fig4_ttt_layers": ["method", "model.ttt_layers"], "eval_context_length": ["model"]}
+    line = line.get(figure, ["method"])
     got: dict = {}
     for row in table.iter_rows(named=True):
-        key = tuple(row[k] for k in line) if len(line) > 1 else row["method"]
+        key = tuple(row[k] for k in line) if len(line) > 1 else row[line[0]]
         got.setdefault(key, set()).add(row[x])
     assert got == expected
     assert table["runs"].min() == 2  # both seeds in every point: min/max bands

@@ -6,16 +6,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from conftest import REFERENCE_FIXTURE as FIXTURE
+from conftest import REFERENCE_KNOBS as RUN_KNOBS
 from flax import nnx
 
 from ttt.cli import main
 from ttt.config import load_config
 from ttt.model import create_model, reference
 from ttt.train.importer import import_reference, read_weights, write_reference_checkpoint
-
-FIXTURE = Path(__file__).parent / "fixtures" / "reference-tiny-e2e"
-# Not in the checkpoint: the reference ran with these (fixtures/.../README.md).
-RUN_KNOBS = ["model.window=64", "ttt.chunk=32", "ttt.inner_lr=1.0", "ttt.inner_clip=1.0"]
 
 
 def _run(args, capsys):
@@ -148,3 +146,25 @@ def test_eval_tokens_errors(tmp_path, capsys):
         assert code == 2 and len(err.splitlines()) == 1 and message in err, (name, err)
     code, _, err = _run(["eval", str(run), "--tokens", str(tmp_path / "nope.npy")], capsys)
     assert code == 2 and "not a readable .npy array" in err, err
+
+
+def test_evaluations_are_tracked_and_drawn_by_context(tmp_path, capsys, reference_data):
+    """`ttt eval RUN --seq-len ... --tracking-uri` logs one MLflow run per length, a second
+    evaluation of the same length updates it, and the figure draws one line per run."""
+    from analysis.figures import FIGURES
+    from analysis.recipes import Data
+
+    data = reference_data
+    run = tmp_path / "imported"
+    import_reference(str(FIXTURE), run, None, [*RUN_KNOBS, f"data.source={data}"], bos_id=0)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    base = ["eval", str(run), "--max-batches", "1", "--batch-size", "1", "--tracking-uri", uri]
+    code, out, err = _run([*base, "--seq-len", "64", "--seq-len", "128"], capsys)
+    assert code == 0, err
+    assert _run([*base, "--seq-len", "64"], capsys)[0] == 0
+    table = FIGURES["eval_context_length"].recipe(Data(uri, ["evals"]))
+    assert table["data.seq_len"].to_list() == [64, 128]
+    assert table["runs"].to_list() == [1, 1] and table["model"].unique().to_list() == ["imported"]
+    summary = pl.read_json(run / "eval" / "nll_by_position_T128.json").row(0, named=True)
+    assert table["mean"][1] == pytest.approx(summary["loss"])
+    FIGURES["eval_context_length"].draw(table)

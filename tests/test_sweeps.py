@@ -16,6 +16,7 @@ import yaml
 from conftest import PICO_SWEEP, data_overrides, write_sweep_spec
 
 from sweeps.spec import load_spec
+from ttt.errors import UserError
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -312,6 +313,48 @@ def test_failing_and_diverging_trials(tmp_path, corpus, ray_cluster):
     assert by["finished"].info.status == "FINISHED"
 
 
+def test_eval_sweep_over_an_imported_checkpoint(tmp_path, reference_data, ray_cluster):
+    """`task: eval`: each trial evaluates an imported run at its length, is tracked as an
+    eval run, and the loss-by-context figure draws from the sweep's own runs."""
+    from conftest import REFERENCE_FIXTURE, REFERENCE_KNOBS
+
+    from analysis.figures import FIGURES
+    from analysis.recipes import Data
+    from sweeps.driver import run_sweep
+    from ttt.train.importer import import_reference
+
+    run = tmp_path / "tiny-e2e"
+    knobs = [*REFERENCE_KNOBS, f"data.source={reference_data}"]
+    import_reference(str(REFERENCE_FIXTURE), run, None, knobs, bos_id=0)
+
+    def spec(name: str, init_from) -> Path:
+        search = {"train.init_from": str(init_from), "data.seq_len": {"grid": [64, 128]}}
+        fields = {"name": "evals", "task": "eval", "search": search, "max_failures": 0}
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump({**fields, "base": {"config": str(run / "config.yaml")}}))
+        return path
+
+    path = spec("eval.yaml", run)
+    with pytest.raises(UserError, match="not a run directory with checkpoints"):
+        missing = load_spec(spec("missing.yaml", tmp_path / "nope"))
+        run_sweep(missing, tracking_uri=f"sqlite:///{tmp_path / 'x.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_sweep(load_spec(path), tracking_uri=uri, storage_path=str(tmp_path / "ray"))
+    assert [r["outcome"] for r in result.stages[0].rows] == ["finished", "finished"]
+    c, _, _ = mlflow_runs(uri, "evals")
+    evals = c.search_runs(
+        [c.get_experiment_by_name("evals").experiment_id], "tags.`ttt.role` = 'eval'"
+    )
+    assert len(evals) == 2 and all(r.data.params["train.steps"] for r in evals)
+    table = FIGURES["eval_context_length"].recipe(Data(uri, ["evals"]))
+    assert table["data.seq_len"].to_list() == [64, 128] and table["model"][0] == "tiny-e2e"
+    # the same weights, length and batches as `ttt eval`: the same loss
+    from ttt.train.evaluate_run import evaluate_run
+
+    direct, _, _ = evaluate_run(run, 128, batch_size=None)
+    assert table["mean"][1] == pytest.approx(direct.loss, rel=1e-6)
+
+
 BAD_SPECS = [
     ({"name": "x", "serach": {}}, "serach"),
     ({"name": "x", "search": {"model.windw": {"grid": [1]}}}, "search.model.windw"),
@@ -335,6 +378,9 @@ BAD_SPECS = [
     ),
     ({"name": "x", "search_alg": "optuna", "search": {"train.lr": {"grid": [1, 2]}}}, "search_alg"),
     ({"name": "x", "system_metrics": "yes"}, "system_metrics"),
+    ({"name": "x", "task": "evaluate"}, "task: 'evaluate'; allowed are train, eval"),
+    ({"name": "x", "task": "eval"}, "task: eval evaluates train.init_from's weights"),
+    ({"name": "x", "task": "eval", "stages": [{"name": "s"}]}, "stages: not with task: eval"),
 ]
 
 

@@ -279,3 +279,35 @@ class MlflowReporter:
             if eval_loss is not None:
                 self.c.log_metric(self.run_id, "final_eval_loss", float(eval_loss))
         finish(self.c, self.run_id, outcome, message)
+
+
+def log_evaluation(uri: str, experiment: str, run_dir: Path, summary: dict, parquet: Path):
+    """One MLflow run per (evaluated run, context length), tagged `ttt.role=eval`: the
+    evaluated run's config with `data.seq_len` at the length evaluated, the loss as
+    `final_eval_loss`, and the per-position NLL. Evaluating the same pair again updates
+    that run instead of adding a duplicate."""
+    import yaml
+
+    from ttt.config import load_config
+
+    run_dir = Path(run_dir).absolute()
+    seq_len = summary["seq_len"]
+    cfg = load_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    c = client(uri)
+    exp = ensure_experiment(c, experiment, uri)
+    key = {"ttt.eval_of": str(run_dir), "ttt.seq_len": str(seq_len)}
+    found = find_run(c, exp, key)
+    if found is not None:
+        run_id = found.info.run_id
+        c.update_run(run_id, status="RUNNING")
+    else:
+        source = f"ttt eval {run_dir} --seq-len {seq_len}"
+        tags = {**key, "ttt.role": "eval", "mlflow.source.name": source, **provenance()}
+        run_id = c.create_run(exp, run_name=f"{run_dir.name} T={seq_len}", tags=tags).info.run_id
+        params = {**cfg.flat(), "data.seq_len": seq_len, "eval.run": run_dir.name}
+        log_params(c, run_id, {**params, "eval.checkpoint_step": summary["step"]})
+    log_metrics(c, run_id, {"eval_loss": summary["loss"]}, summary["step"])
+    c.log_metric(run_id, "final_eval_loss", float(summary["loss"]))
+    c.log_artifact(run_id, str(parquet), artifact_path="eval")
+    finish(c, run_id, "finished")
+    return run_id

@@ -91,8 +91,13 @@ def evaluate(
     run_dir: Path = typer.Argument(
         ..., metavar="RUN", help="A run directory written by `ttt train` or `ttt import`."
     ),
-    seq_len: int = typer.Option(None, "--seq-len", help="Evaluate at this context length."),
+    seq_len: list[int] = typer.Option(
+        None, "--seq-len", help="Evaluate at this context length (repeat for several)."
+    ),
     max_batches: int = typer.Option(None, "--max-batches", help="Cap on validation batches."),
+    batch_size: int = typer.Option(
+        None, "--batch-size", help="Sequences per batch (default the run's data.batch_size)."
+    ),
     tokens: Path = typer.Option(
         None,
         "--tokens",
@@ -101,15 +106,29 @@ def evaluate(
     out: Path = typer.Option(
         None, "--out", help="Parquet file for --tokens' per-token NLL (default RUN/eval/)."
     ),
+    tracking_uri: str = typer.Option(
+        None,
+        "--tracking-uri",
+        help="Log each length's loss and NLL to MLflow here (or set MLFLOW_TRACKING_URI).",
+    ),
+    experiment: str = typer.Option("evals", "--experiment", "-e", help="MLflow experiment."),
 ) -> None:
     """Evaluate with test-time training: mean loss and per-token NLL by position (Parquet)."""
+    import os
+
     from ttt.train.evaluate_run import evaluate_run, evaluate_tokens
 
-    if max_batches is not None and max_batches < 1:
-        raise UserError(f"--max-batches={max_batches}: must be >= 1")
+    for flag, value in (("--max-batches", max_batches), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag}={value}: must be >= 1")
+    for t in seq_len or []:
+        if t < 1:
+            raise UserError(f"--seq-len={t}: must be >= 1")
     if tokens is not None:
-        if seq_len is not None or max_batches is not None:
-            raise UserError("--tokens: fixes the sequences; drop --seq-len and --max-batches")
+        if seq_len or max_batches is not None or batch_size is not None:
+            raise UserError(
+                "--tokens: fixes the sequences; drop --seq-len, --max-batches and --batch-size"
+            )
         result, path = evaluate_tokens(run_dir, tokens, out)
         typer.echo(
             f"loss {result.loss:.6f} (token mean {result.token_loss:.6f}) over "
@@ -119,8 +138,19 @@ def evaluate(
         return
     if out is not None:
         raise UserError("--out: only with --tokens")
-    result, path = evaluate_run(run_dir, seq_len=seq_len, max_batches=max_batches)
-    typer.echo(
-        f"eval loss {result.loss:.4f} over {result.sequences} sequences of "
-        f"{result.seq_len} tokens; per-position NLL in {path}"
-    )
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        from ttt.tracking import announce, check_uri
+
+        check_uri(uri)
+        announce(uri)
+    for t in seq_len or [None]:
+        result, path, summary = evaluate_run(run_dir, t, max_batches, batch_size)
+        typer.echo(
+            f"eval loss {result.loss:.4f} over {result.sequences} sequences of "
+            f"{result.seq_len} tokens; per-position NLL in {path}"
+        )
+        if uri:
+            from ttt.tracking import log_evaluation
+
+            log_evaluation(uri, experiment, run_dir, summary, path)

@@ -29,27 +29,32 @@ class LoadedRun:
     graphdef: object
     params: object  # replicated over the data mesh
     step: int
-    info: dict  # run.json
+    info: dict  # run.json of the run the weights come from
 
 
-def load_run(run_dir: str | Path, overrides: dict | None = None, **what) -> LoadedRun:
-    """A run's config (with `overrides`), its latest weights, and its run.json. `what`
-    names the flags behind the overrides in errors (`data.seq_len="--seq-len"`)."""
-    compile_cache.enable()
+def run_config(run_dir: str | Path, overrides: dict | None = None, **what) -> Config:
+    """A run's saved config with `overrides`. `what` names the flags behind the
+    overrides in errors (`data.seq_len="--seq-len"`)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"RUN_DIR={str(run_dir)!r}: no config.yaml there (not a run directory)")
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     try:
-        cfg = load_config(saved, overrides or {})
+        return load_config(saved, overrides or {})
     except ConfigError as e:
         key = str(e).split("=", 1)[0]
         if key not in (what or {}):
             raise
         raise UserError(f"{what[key]}: {e}") from None
+
+
+def load_weights(cfg: Config, weights_dir: str | Path, key: str = "RUN_DIR") -> LoadedRun:
+    """The latest weights of `weights_dir` (a run of ours, trained or imported), shaped
+    by `cfg`, and that run's run.json."""
+    compile_cache.enable()
     graphdef, params = nnx.split(create_model(cfg.model, seed=cfg.train.seed))
-    params, step = load_params(run_dir, params, key="RUN_DIR")
-    info_path = run_dir / "run.json"
+    params, step = load_params(weights_dir, params, key=key)
+    info_path = Path(weights_dir).expanduser() / "run.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     params = jax.device_put(params, replicated(data_mesh()))
     return LoadedRun(cfg, graphdef, params, step, info)
@@ -66,11 +71,11 @@ def check_bos(run: LoadedRun, split: TokenSplit) -> None:
         )
 
 
-def evaluate_run(
-    run_dir: str | Path, seq_len: int | None = None, max_batches: int | None = None
-) -> tuple[EvalResult, Path]:
-    overrides = {"data.seq_len": seq_len} if seq_len is not None else {}
-    run = load_run(run_dir, overrides, **{"data.seq_len": "--seq-len"})
+def evaluate_weights(
+    run: LoadedRun, out: Path, max_batches: int | None = None
+) -> tuple[EvalResult, dict]:
+    """Evaluate loaded weights on the validation split of `run.cfg`'s dataset; writes the
+    per-position NLL to `out` (Parquet) and its summary beside it (JSON)."""
     cfg = run.cfg
     split = open_split(cfg.data.source, "val", cfg.data.cache_dir)
     split.check_vocab(cfg.model.vocab_size)
@@ -84,17 +89,34 @@ def evaluate_run(
         cfg.ttt.inner_lr,
         batch_putter(data_mesh()),
     )
-    path = result.write_parquet(
-        Path(run_dir) / "eval" / f"nll_by_position_T{cfg.data.seq_len}.parquet"
-    )
+    result.write_parquet(out)
     summary = {
         "step": run.step,
         "seq_len": cfg.data.seq_len,
         "loss": result.loss,
         "sequences": result.sequences,
     }
-    (path.with_suffix(".json")).write_text(json.dumps(summary, indent=2))
-    return result, path
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    return result, summary
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    seq_len: int | None = None,
+    max_batches: int | None = None,
+    batch_size: int | None = None,
+) -> tuple[EvalResult, Path, dict]:
+    """(result, per-position NLL Parquet, summary) of the run's latest weights on the
+    validation split of its dataset."""
+    overrides = {"data.seq_len": seq_len} if seq_len is not None else {}
+    if batch_size is not None:  # evaluation takes no gradient to accumulate
+        overrides.update({"data.batch_size": batch_size, "train.grad_accum": 1})
+    flags = {"data.seq_len": "--seq-len", "data.batch_size": "--batch-size"}
+    cfg = run_config(run_dir, overrides, **flags)
+    run = load_weights(cfg, run_dir)
+    path = Path(run_dir) / "eval" / f"nll_by_position_T{cfg.data.seq_len}.parquet"
+    result, summary = evaluate_weights(run, path, max_batches)
+    return result, path, summary
 
 
 @dataclass
@@ -129,8 +151,9 @@ def evaluate_tokens(run_dir: str | Path, tokens_path: str | Path, out: Path | No
     `tokens[:, 1:]`, a target equal to the run's BOS masked out as in training."""
     tokens = read_tokens(tokens_path)
     batch, seq_len = tokens.shape[0], tokens.shape[1] - 1
-    overrides = {"data.seq_len": seq_len, "data.batch_size": batch}
-    run = load_run(run_dir, overrides, **{"data.seq_len": f"--tokens ({seq_len} targets)"})
+    overrides = {"data.seq_len": seq_len, "data.batch_size": batch, "train.grad_accum": 1}
+    cfg = run_config(run_dir, overrides, **{"data.seq_len": f"--tokens ({seq_len} targets)"})
+    run = load_weights(cfg, run_dir)
     vocab = run.cfg.model.vocab_size
     if tokens.min() < 0 or tokens.max() >= vocab:
         raise UserError(

@@ -168,3 +168,15 @@ def test_evaluations_are_tracked_and_drawn_by_context(tmp_path, capsys, referenc
     summary = pl.read_json(run / "eval" / "nll_by_position_T128.json").row(0, named=True)
     assert table["mean"][1] == pytest.approx(summary["loss"])
     FIGURES["eval_context_length"].draw(table)
+
+
+@pytest.mark.slow
+def test_import_benchmark_measures_a_fresh_process(tmp_path):
+    """`ttt bench import`: the import's own peak (VmHWM of the child, not its parent's
+    size carried over fork) against an interpreter that only loads the code."""
+    from ttt.bench import bench_import
+
+    r = bench_import(load_config("pico", ["model.ttt_layers=2"]), tmp_path)
+    assert r["peak_rss_mb"] > r["baseline_rss_mb"] > 50
+    assert r["import_mb"] == pytest.approx(r["peak_rss_mb"] - r["baseline_rss_mb"], abs=0.2)
+    assert (tmp_path / "run" / "checkpoints").is_dir()

@@ -167,3 +167,59 @@ def bench_compile_cache(cfg: Config, cache_dir) -> dict:
         "warm_lr_only_s": times[1],
         "ratio": times[1] / times[0],
     }
+
+
+# Runs in a fresh interpreter: the `ttt` command line given as argv (or only the
+# imports, with none), then its own peak resident memory on stderr's last line. VmHWM,
+# not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child would report
+# its parent's size.
+_PEAK_RSS = """
+import sys
+try:
+    import flax.nnx, orbax.checkpoint, ttt.cli, ttt.train.importer
+    if len(sys.argv) > 1:
+        ttt.cli.main(sys.argv[1:])
+finally:
+    status = open("/proc/self/status").read().split("VmHWM:")[1].split()
+    print(int(status[0]) / 1024, file=sys.stderr)
+"""
+
+
+def _peak_rss_mb(argv: list[str]) -> float:
+    """Peak resident memory (MB) of a fresh process running `ttt ARGV` (argv empty: one
+    that only imports the code)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, *argv], capture_output=True, text=True)
+    lines = done.stderr.strip().splitlines()
+    if done.returncode != 0:
+        raise RuntimeError(f"ttt {' '.join(argv)} failed: {lines[-2:] if lines else ''}")
+    return float(lines[-1])
+
+
+def bench_import(cfg, workdir) -> dict:
+    """Write a reference-format checkpoint of `cfg`'s shapes (random weights), then import
+    it in a fresh process; its peak RSS against the weights' size and against a process
+    that only imports the same code."""
+    from ttt.model import reference
+    from ttt.model.params import param_counts
+    from ttt.train.importer import write_reference_checkpoint
+
+    _, state = nnx.split(create_model(cfg.model))
+    weights = reference.from_ours(state.to_pure_dict())
+    size_mb = sum(x.nbytes for x in jax.tree.leaves(weights)) / 2**20
+    ckpt = write_reference_checkpoint(workdir / "ref", 1, weights)
+    del weights, state
+    argv = ["import", "reference", str(ckpt), "--out", str(workdir / "run"), "--bos-id", "0"]
+    argv += [f"{k}={v}" for k, v in cfg.flat().items() if k.startswith("model.")]
+    peak, baseline = _peak_rss_mb(argv), _peak_rss_mb([])
+    return {
+        "preset": cfg.preset,
+        "params": param_counts(cfg.model)["total"],
+        "weights_mb": round(size_mb, 1),
+        "peak_rss_mb": round(peak, 1),
+        "baseline_rss_mb": round(baseline, 1),
+        "import_mb": round(peak - baseline, 1),
+        "import_over_weights": round((peak - baseline) / size_mb, 2),
+    }

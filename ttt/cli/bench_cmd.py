@@ -132,3 +132,23 @@ def analysis_bench(
     with tempfile.TemporaryDirectory() as d:
         r = bench_analysis(Path(d), runs, steps, metrics)
     typer.echo(json.dumps(r, indent=2))
+
+
+@app.command("import")
+def import_bench(
+    args: list[str] = typer.Argument(
+        None, metavar="[PRESET] [dotted.key=value ...]", help="Shapes to import (default pico)."
+    ),
+) -> None:
+    """Peak host memory of `ttt import reference` on a random checkpoint of these shapes,
+    against the weights' size and an interpreter that only imports the same code."""
+    import tempfile
+
+    from ttt.bench import bench_import
+    from ttt.config import load_config
+
+    source, overrides = split_source(args or [])
+    cfg = load_config(source, [*overrides, "model.mixer=ttt_e2e"])
+    with tempfile.TemporaryDirectory() as d:
+        r = bench_import(cfg, Path(d))
+    typer.echo(json.dumps(r, indent=2))

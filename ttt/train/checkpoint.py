@@ -25,7 +25,9 @@ def _host_copy(tree):
 class Checkpoints:
     """`<run>/checkpoints/<step>/{params,opt_state,meta}`, keeping the last `keep`."""
 
-    def __init__(self, run_dir: Path, keep: int = 2):
+    def __init__(self, run_dir: Path, keep: int = 2, concurrent_gb: int | None = None):
+        """`concurrent_gb` caps the bytes Orbax serialises at once (an import holds the
+        whole model in host memory and should not hold a second copy in flight)."""
         self.directory = Path(run_dir).absolute() / "checkpoints"
         self.directory.mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False)
@@ -33,7 +35,16 @@ class Checkpoints:
             options.multiprocessing_options = ocp.options.MultiprocessingOptions(
                 primary_host=0, active_processes={0}
             )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = None
+        if concurrent_gb is not None:
+            limits = dict(save_concurrent_gb=concurrent_gb, restore_concurrent_gb=concurrent_gb)
+            handlers = {
+                "params": ocp.StandardCheckpointHandler(**limits),
+                "meta": ocp.JsonCheckpointHandler(),
+            }
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=handlers
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -61,7 +61,8 @@ def read_weights(ckpt: str, step: int | None = None) -> tuple[dict, int]:
     item = directory / str(step) / ITEM
     if not item.is_dir():
         raise UserError(f"CKPT={ckpt!r}: step {step} has no {ITEM} item")
-    checkpointer = ocp.PyTreeCheckpointer()
+    # At most 1 GB read at once: the read buffers are not a second copy of the model.
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1))
     tree = checkpointer.metadata(item).item_metadata.tree
     # NumPy on the host, in the stored dtype: no device copy, no float64 detour.
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
@@ -117,6 +118,7 @@ def import_reference(
 ) -> tuple[Config, int]:
     """Write RUN (`config.yaml`, `run.json`, `checkpoints/<step>/`) from a reference
     checkpoint; returns the config and the step."""
+    import jax
     from flax import nnx
 
     from ttt.model import abstract_model
@@ -130,6 +132,10 @@ def import_reference(
     n_prefix, n_suffix = split_layers(cfg.model)
     pure = reference.to_ours(weights, n_prefix, n_suffix, np.dtype(cfg.model.param_dtype))
     del weights  # `pure` holds views of the same buffers
+    # Host jax.Arrays share the NumPy buffers (no copy on the CPU backend), and Orbax
+    # saves them with about one model's worth in flight where NumPy leaves cost two.
+    cpu = jax.devices("cpu")[0]
+    pure = jax.tree.map(lambda x: jax.device_put(x, cpu), pure)
     _, state = nnx.split(abstract_model(cfg.model))
     _check_shapes(state.to_pure_dict(), pure)
     if not 0 <= bos_id < cfg.model.vocab_size:
@@ -139,7 +145,7 @@ def import_reference(
     state.replace_by_pure_dict(pure)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        ckpts = Checkpoints(out, keep=1)
+        ckpts = Checkpoints(out, keep=1, concurrent_gb=1)
         meta = {"position": 0, "imported_from": str(ckpt), "reference_step": step}
         ckpts.save(step, state, None, meta)
         ckpts.close()

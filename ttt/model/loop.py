@@ -23,7 +23,7 @@ from flax import nnx
 from ttt.config import TTTConfig
 from ttt.model.kernels import DENSE, Kernels
 from ttt.model.layers import FastParam
-from ttt.model.transformer import TTTModel, scan_blocks
+from ttt.model.transformer import TTTModel, scan_blocks, scan_cached
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -128,6 +128,43 @@ def cache_plan(n_chunks: int, chunk: int, cache_len: int, phases: int) -> list[t
     return runs[::-1]
 
 
+class Suffix:
+    """The TTT blocks with their slow weights fixed: a forward over some positions given
+    the fast (prime-MLP) weights and each layer's KV cache, and the inner update on one
+    chunk. The inner loop and decoding (`ttt.model.decode`) share it."""
+
+    def __init__(self, model: TTTModel, graphdef, slow, kernels: Kernels = DENSE):
+        self.model, self.graphdef, self.slow, self.kernels = model, graphdef, slow, kernels
+
+    def forward(self, fast, cache, h, positions, kernel: str | None = None):
+        """h: (n, d) at `positions` (n,); cache: per-layer (k, v) of earlier tokens and
+        their positions. Returns the last hidden states and each layer's new (k, v)."""
+        return scan_cached(
+            self.graphdef,
+            (fast, self.slow),
+            h,
+            positions,
+            cache,
+            self.model.cfg.window,
+            kernel or self.kernels.chunk,
+            self.kernels.remat == "block",
+        )
+
+    def chunk_loss(self, fast, cache, h, positions, targets, mask):
+        x, kv = self.forward(fast, cache, h, positions)
+        nll = hidden_nll(self.model, x, targets)
+        return masked_mean(nll, mask), (nll, kv)
+
+    def update(self, fast, cache, h, positions, targets, mask, inner_lr, ttt: TTTConfig):
+        """One inner step on a chunk: its loss and NLL with `fast` (before the update, so
+        prediction stays causal), then `fast - inner_lr * clip(grad)`."""
+        grad_fn = jax.value_and_grad(self.chunk_loss, has_aux=True)
+        (loss, (nll, kv)), g = grad_fn(fast, cache, h, positions, targets, mask)
+        g = clip_by_global_norm(g, ttt.inner_clip)
+        fast = jax.tree.map(lambda w, gw: w - (inner_lr * gw).astype(w.dtype), fast, g)
+        return fast, loss, nll, kv
+
+
 def inner_loop_nll(
     model: TTTModel,
     inputs: jax.Array,
@@ -138,42 +175,54 @@ def inner_loop_nll(
     kernels: Kernels = DENSE,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token NLL (B, T) under test-time training, and each sequence's loss (B,):
-    the mean of its chunk losses. The chunks attend with `kernels.chunk`."""
-    batch, seq_len = inputs.shape
+    the mean of its chunk losses. The prefix blocks run once over the whole sequences;
+    the chunks attend with `kernels.chunk`."""
+    positions = jnp.arange(inputs.shape[-1])
+    h = scan_blocks(
+        model.prefix,
+        model.embed_tokens(inputs),
+        positions,
+        model.cfg.window,
+        kernels.sequence,
+        kernels.remat == "block",
+    )
+    return suffix_loop(model, h, targets, mask, inner_lr, ttt, kernels)
+
+
+def suffix_loop(
+    model: TTTModel,
+    h: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array,
+    inner_lr: jax.Array,
+    ttt: TTTConfig,
+    kernels: Kernels = DENSE,
+    final_state: bool = False,
+):
+    """The suffix blocks chunk by chunk over the prefix's outputs `h` (B, T, d), from the
+    initial fast weights and an empty KV cache: per-token NLL (B, T) and each sequence's
+    mean chunk loss (B,). With `final_state`, also each sequence's state after its last
+    chunk (fast weights, KV cache and its positions): what decoding continues from."""
+    batch, seq_len = targets.shape
     chunk, window = ttt.chunk, model.cfg.window
     n_chunks = seq_len // chunk
-    cache_len = min(window, seq_len - chunk)  # enough for every query to see its window
+    # Enough for every query to see its window; a decoder continuing after the last
+    # chunk needs a whole window.
+    cache_len = window if final_state else min(window, seq_len - chunk)
     positions = jnp.arange(seq_len)
     remat = kernels.remat
-    embedded = model.embed_tokens(inputs)
-    h = scan_blocks(model.prefix, embedded, positions, window, kernels.sequence, remat == "block")
 
     graphdef, fast0, slow = nnx.split(model.suffix, FastParam, ...)
     n_layers = model.cfg.ttt_layers
     heads, head_dim = model.cfg.heads, model.cfg.width // model.cfg.heads
-
-    def chunk_loss(fast, cache, h_c, pos_c, tgt_c, mask_c):
-        ck, cv, cpos = cache
-
-        def layer(x, xs):
-            lf, ls, k_l, v_l = xs
-            block = nnx.merge(graphdef, lf, ls)
-            x, kv = block(x, pos_c, window, kernels.chunk, (k_l, v_l, cpos))
-            return x, kv
-
-        if remat == "block":
-            layer = jax.checkpoint(layer)
-        x, (k_new, v_new) = jax.lax.scan(layer, h_c, (fast, slow, ck, cv))
-        nll = hidden_nll(model, x, tgt_c)
-        return masked_mean(nll, mask_c), (nll, k_new, v_new)
+    suffix = Suffix(model, graphdef, slow, kernels)
 
     def step(carry, xs):
         fast, ck, cv, cpos = carry
         h_c, pos_c, tgt_c, mask_c = xs
-        grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
-        (loss, (nll, k_new, v_new)), g = grad_fn(fast, (ck, cv, cpos), h_c, pos_c, tgt_c, mask_c)
-        g = clip_by_global_norm(g, ttt.inner_clip)
-        fast = jax.tree.map(lambda w, gw: w - (inner_lr * gw).astype(w.dtype), fast, g)
+        fast, loss, nll, (k_new, v_new) = suffix.update(
+            fast, (ck, cv, cpos), h_c, pos_c, tgt_c, mask_c, inner_lr, ttt
+        )
         ck, cv = carry_window(ck, k_new, axis=1), carry_window(cv, v_new, axis=1)
         cpos = carry_window(cpos, pos_c, axis=0)
         return (fast, ck, cv, cpos), (loss, nll)
@@ -206,7 +255,8 @@ def inner_loop_nll(
             losses.append(l_run)
             nll.append(nll_run)
             start += count
-        return jnp.concatenate(nll).reshape(seq_len), jnp.mean(jnp.concatenate(losses))
+        out = jnp.concatenate(nll).reshape(seq_len), jnp.mean(jnp.concatenate(losses))
+        return (*out, carry) if final_state else out
 
     return jax.vmap(one_sequence)(h, targets, mask)
 

@@ -70,22 +70,50 @@ class TTTModel(nnx.Module):
 
 
 def scan_blocks(
-    blocks: Block | None, x, positions, window, kernel: str = "dense", remat: bool = False
+    blocks: Block | None,
+    x,
+    positions,
+    window,
+    kernel: str = "dense",
+    remat: bool = False,
+    keep: int = 0,
 ):
     """Apply stacked blocks in order over whole sequences (no cache), attending with
-    `kernel`."""
+    `kernel`. With `keep` > 0, also each layer's keys and values of the last `keep`
+    positions, front-padded with zeros when there are fewer (a decoder's KV cache)."""
     if blocks is None:
         return x
     graphdef, state = nnx.split(blocks)
 
+    def last(t):  # (..., T, H, D) -> (..., keep, H, D)
+        pad = keep - t.shape[-3]
+        if pad > 0:
+            return jnp.pad(t, [(0, 0)] * (t.ndim - 3) + [(pad, 0), (0, 0), (0, 0)])
+        return t[..., t.shape[-3] - keep :, :, :]
+
     def body(h, layer_state):
-        h, _ = nnx.merge(graphdef, layer_state)(h, positions, window, kernel)
-        return h, None
+        h, kv = nnx.merge(graphdef, layer_state)(h, positions, window, kernel)
+        return h, (jax.tree.map(last, kv) if keep else None)
 
     if remat:
         body = jax.checkpoint(body)
-    x, _ = jax.lax.scan(body, x, state)
-    return x
+    x, kv = jax.lax.scan(body, x, state)
+    return (x, kv) if keep else x
+
+
+def scan_cached(graphdef, states: tuple, h, positions, cache, window, kernel="dense", remat=False):
+    """Apply stacked blocks (`graphdef` merged with the layer slices of `states`) to `h`
+    at `positions`, each layer attending over its KV cache `(k, v, k_pos)` too (k, v
+    stacked on the layer axis). Returns the output and each layer's new (k, v)."""
+    ck, cv, cpos = cache
+
+    def layer(x, xs):
+        *parts, k_l, v_l = xs
+        return nnx.merge(graphdef, *parts)(x, positions, window, kernel, (k_l, v_l, cpos))
+
+    if remat:
+        layer = jax.checkpoint(layer)
+    return jax.lax.scan(layer, h, (*states, ck, cv))
 
 
 def create_model(cfg: ModelConfig, seed: int = 0) -> TTTModel:

@@ -1,0 +1,298 @@
+"""Decoding: prefill a prompt, then one token at a time, for every mixer.
+
+Every attention layer keeps a KV cache of fixed size, so each step compiles once:
+`full` keeps every position (prompt + new tokens), `swa` and all layers of `ttt_e2e` the
+last `window`. `ttt_e2e` keeps learning while it generates: it buffers the current
+chunk's inputs and prefix outputs, and as soon as the token after the chunk is known
+(that chunk's last target) it runs the same inner step as training and evaluation
+(`Suffix.update`, from the suffix KV cache as it was at the chunk's start). Every later
+position then sees the updated fast weights, exactly as in `ttt eval`, which a
+teacher-forced decode reproduces (tests/test_decode.py).
+
+One sequence at a time. The prompt's complete chunks are prefilled in parallel (the
+inner loop of evaluation); the rest of the prompt, up to one chunk, goes token by token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ttt.config import Config
+from ttt.model.kernels import Kernels, resolve
+from ttt.model.layers import FastParam
+from ttt.model.loop import Suffix, carry_window, hidden_nll, suffix_loop
+from ttt.model.transformer import TTTModel, scan_blocks, scan_cached
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Cache:
+    """Keys and values of the last `size` positions, per layer: (layers, size, H, D);
+    `pos` (size,) their positions, -1 for an empty slot (masked)."""
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+
+    @classmethod
+    def empty(cls, layers: int, size: int, heads: int, head_dim: int, dtype) -> Cache:
+        zeros = jnp.zeros((layers, size, heads, head_dim), dtype)
+        return cls(zeros, zeros, jnp.full((size,), -1, jnp.int32))
+
+    def push(self, k, v, pos) -> Cache:
+        """Append new positions, dropping the oldest."""
+        return Cache(
+            carry_window(self.k, k, axis=1),
+            carry_window(self.v, v, axis=1),
+            carry_window(self.pos, pos.astype(jnp.int32), axis=0),
+        )
+
+    @property
+    def triple(self):
+        return self.k, self.v, self.pos
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class State:
+    prefix: Cache | None
+    suffix: Cache | None  # live cache of the TTT layers
+    start: Cache | None  # the TTT layers' cache as it was when the current chunk began
+    fast: dict | None  # the prime-MLP weights, as updated so far
+    chunk_h: jax.Array | None  # (chunk, d): prefix outputs of the current chunk
+    chunk_in: jax.Array | None  # (chunk,): its input tokens
+    filled: jax.Array | None = None  # positions of the current chunk seen so far
+
+
+class Decoder:
+    """`prefill(params, prompt)` then `feed(params, state, token, t)` per position.
+
+    `max_len` bounds prompt + generated tokens (it sizes `full`'s cache). The steps are
+    jitted once per shape: one token step, one chunk update, one prefill per prompt
+    length (in whole chunks)."""
+
+    def __init__(self, cfg: Config, graphdef, max_len: int, bos_id: int, kernels: Kernels = None):
+        self.cfg, self.graphdef, self.max_len, self.bos = cfg, graphdef, max_len, bos_id
+        self.kernels = kernels or resolve(cfg, first_order=True)
+        m = cfg.model
+        self.ttt = m.mixer == "ttt_e2e"
+        self.chunk = cfg.ttt.chunk if self.ttt else 1
+        self.window = None if m.mixer == "full" else m.window
+        self.prefix_size = max_len if self.window is None else self.window
+        self.heads, self.head_dim = m.heads, m.width // m.heads
+        self._feed = jax.jit(self._feed_fn)
+        self._prefill = jax.jit(self._prefill_fn)
+
+    # -- pieces -------------------------------------------------------------------------
+
+    def _model(self, params) -> TTTModel:
+        return nnx.merge(self.graphdef, params)
+
+    def _suffix(self, model: TTTModel) -> Suffix:
+        graphdef, _, slow = nnx.split(model.suffix, FastParam, ...)
+        return Suffix(model, graphdef, slow, self.kernels)
+
+    def _cache(self, model, layers: int, size: int) -> Cache:
+        dtype = model.embed_tokens(jnp.zeros((1,), jnp.int32)).dtype
+        return Cache.empty(layers, size, self.heads, self.head_dim, dtype)
+
+    def empty(self, params) -> State:
+        model = self._model(params)
+        n_prefix = self.cfg.model.layers - (self.cfg.model.ttt_layers if self.ttt else 0)
+        prefix = self._cache(model, n_prefix, self.prefix_size) if n_prefix else None
+        if not self.ttt:
+            return State(prefix, None, None, None, None, None, None)
+        suffix = self._cache(model, self.cfg.model.ttt_layers, self.window)
+        fast = nnx.state(model.suffix, FastParam)
+        chunk_h = jnp.zeros((self.chunk, self.cfg.model.width), suffix.k.dtype)
+        chunk_in = jnp.zeros((self.chunk,), jnp.int32)
+        return State(prefix, suffix, suffix, fast, chunk_h, chunk_in, jnp.int32(0))
+
+    def _step_fn(self, params, state: State, token, t):
+        """Position t: its logits (vocab,), with its keys and values cached."""
+        model = self._model(params)
+        pos = t[None]
+        x = model.embed_tokens(token[None])
+        prefix, suffix, chunk_h, chunk_in = (
+            state.prefix,
+            state.suffix,
+            state.chunk_h,
+            state.chunk_in,
+        )
+        if prefix is not None:
+            graphdef, layers = nnx.split(model.prefix)
+            x, (k, v) = scan_cached(graphdef, (layers,), x, pos, prefix.triple, self.window)
+            prefix = prefix.push(k, v, pos)
+        if self.ttt:
+            i = t % self.chunk
+            chunk_h = jax.lax.dynamic_update_slice(chunk_h, x.astype(chunk_h.dtype), (i, 0))
+            chunk_in = chunk_in.at[i].set(token)
+            x, (k, v) = self._suffix(model).forward(state.fast, suffix.triple, x, pos, "dense")
+            suffix = suffix.push(k, v, pos)
+        logits = model.logits(x)[0].astype(jnp.float32)
+        filled = state.filled + 1 if self.ttt else None
+        return State(prefix, suffix, state.start, state.fast, chunk_h, chunk_in, filled), logits
+
+    def _update_fn(self, params, state: State, token, t):
+        """The inner step on the chunk that ends before position t, whose last target is
+        `token` (the token at t)."""
+        model = self._model(params)
+        targets = jnp.concatenate([state.chunk_in[1:], token[None]])
+        positions = t - self.chunk + jnp.arange(self.chunk)
+        fast, _, _, _ = self._suffix(model).update(
+            state.fast,
+            state.start.triple,
+            state.chunk_h,
+            positions,
+            targets,
+            targets != self.bos,
+            jnp.float32(self.cfg.ttt.inner_lr),
+            self.cfg.ttt,
+        )
+        return State(
+            state.prefix,
+            state.suffix,
+            state.suffix,
+            fast,
+            state.chunk_h,
+            state.chunk_in,
+            0 * state.filled,
+        )
+
+    def _feed_fn(self, params, state: State, token, t):
+        """Position t's token: first the inner step on the chunk it completes (when the
+        buffer holds a whole chunk), then its logits."""
+        if self.ttt:
+            state = jax.lax.cond(
+                state.filled == self.chunk,
+                lambda s: self._update_fn(params, s, token, t),
+                lambda s: s,
+                state,
+            )
+        return self._step_fn(params, state, token, t)
+
+    def _prefill_fn(self, params, tokens):
+        """The first L positions of a prompt at once (L a multiple of the chunk), with
+        the token after them as the last target. Returns the state at position L and
+        the per-token NLL of those L targets."""
+        model = self._model(params)
+        inputs, targets = tokens[:-1], tokens[1:]
+        n = inputs.shape[0]
+        positions = jnp.arange(n)
+        x = model.embed_tokens(inputs)
+        state = self.empty(params)
+        prefix = state.prefix
+        if prefix is not None:
+            x, (k, v) = scan_blocks(
+                model.prefix,
+                x,
+                positions,
+                self.window,
+                self.kernels.sequence,
+                keep=self.prefix_size,
+            )
+            pos = jnp.arange(n - self.prefix_size, n)
+            prefix = Cache(k, v, jnp.where(pos >= 0, pos, -1).astype(jnp.int32))
+        if not self.ttt:
+            nll = hidden_nll(model, x, targets)
+            return State(prefix, None, None, None, None, None, None), nll
+        mask = targets != self.bos
+        nll, _, (fast, ck, cv, cpos) = suffix_loop(
+            model,
+            x[None],
+            targets[None],
+            mask[None],
+            jnp.float32(self.cfg.ttt.inner_lr),
+            self.cfg.ttt,
+            self.kernels,
+            final_state=True,
+        )
+        suffix = state.suffix.push(ck[0], cv[0], cpos[0])
+        fast = jax.tree.map(lambda w: w[0], fast)
+        return State(
+            prefix, suffix, suffix, fast, state.chunk_h, state.chunk_in, state.filled
+        ), nll[0]
+
+    # -- driving ------------------------------------------------------------------------
+
+    def prefill(self, params, prompt) -> tuple[State, np.ndarray, int]:
+        """(state, NLL of the prefilled targets, positions prefilled). All but the prompt's
+        last 1..chunk tokens go in at once (whole chunks whose last target is known); the
+        caller feeds the rest with `feed`."""
+        prompt = np.asarray(prompt, np.int32)
+        if len(prompt) > self.max_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens > max_len {self.max_len}")
+        n = (len(prompt) - 1) // self.chunk * self.chunk
+        if n == 0:
+            return self.empty(params), np.zeros(0), 0
+        state, nll = self._prefill(params, jnp.asarray(prompt[: n + 1]))
+        return state, np.asarray(nll), n
+
+    def feed(self, params, state: State, token: int, t: int) -> tuple[State, jax.Array]:
+        """Position t's token: the inner step on the chunk it completes (ttt_e2e), then
+        the logits at t (vocab,)."""
+        return self._feed(params, state, jnp.int32(token), jnp.int32(t))
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; otherwise from softmax(logits / temperature), kept to the
+    smallest set of most likely tokens whose probability reaches `top_p`."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.searchsorted(np.cumsum(p[order]), top_p) + 1  # reach top_p, at least one
+    kept = order[:keep]
+    return int(rng.choice(kept, p=p[kept] / p[kept].sum()))
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # the new tokens
+    prompt_nll: np.ndarray  # NLL of each prompt token after the first, as `ttt eval` gives
+    seconds_per_token: float  # decode only (after the first new token)
+
+
+def generate(
+    decoder: Decoder,
+    params,
+    prompt,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: tuple[int, ...] = (),
+) -> Generation:
+    """Continue `prompt` by up to `max_new_tokens`, stopping after a token in `stop`."""
+    import time
+
+    prompt = [int(t) for t in prompt]
+    rng = np.random.default_rng(seed)
+    state, nll, done = decoder.prefill(params, prompt)
+    nll = list(nll)
+    logits = None
+    for t in range(done, len(prompt)):  # the prompt's last tokens, one at a time
+        if logits is not None:
+            nll.append(float(-jax.nn.log_softmax(logits)[prompt[t]]))
+        state, logits = decoder.feed(params, state, prompt[t], t)
+    new, start = [], None
+    for t in range(len(prompt), len(prompt) + max_new_tokens):
+        token = sample(np.asarray(logits), temperature, top_p, rng)
+        new.append(token)
+        if token in stop or t + 1 >= decoder.max_len:
+            break
+        if start is None:
+            start = time.perf_counter()
+        state, logits = decoder.feed(params, state, token, t)
+    jax.block_until_ready(logits)
+    steps = max(len(new) - 1, 1)
+    per_token = (time.perf_counter() - start) / steps if start is not None else float("nan")
+    return Generation(new, np.asarray(nll), per_token)

@@ -114,3 +114,37 @@ def test_top_p_keeps_the_smallest_likely_set():
     assert picks == {0, 1}  # 0.5 + 0.3 reaches 0.7
     assert sample(logits, 0.0, 0.7, rng) == 0
     assert {sample(logits, 1.0, 1.0, rng) for _ in range(400)} == {0, 1, 2, 3}
+
+
+def test_generate_cli(tmp_path, corpus, capsys):
+    """`ttt generate` on a run (written here as an import of fresh pico weights): text
+    in, text out, one line of stats; usage mistakes are one line."""
+    from ttt.cli import main
+    from ttt.model import reference
+    from ttt.train.importer import import_reference, write_reference_checkpoint
+
+    cfg = load_config("pico", ["model.ttt_layers=2"])
+    _, state = nnx.split(create_model(cfg.model))
+    write_reference_checkpoint(tmp_path / "ref", 1, reference.from_ours(state.to_pure_dict()))
+    run = tmp_path / "run"
+    import_reference(str(tmp_path / "ref"), run, None, [f"data.source={corpus}"], bos_id=BOS)
+    (tmp_path / "p.txt").write_text("def main():\n    return")
+
+    def cli(*args):
+        with pytest.raises(SystemExit) as exc:
+            main(["generate", str(run), *args])
+        out = capsys.readouterr()
+        return exc.value.code, out.out, out.err.strip()
+
+    code, out, err = cli("--prompt-file", str(tmp_path / "p.txt"), "--max-new-tokens", "5")
+    assert code == 0, err
+    assert "new tokens after a prompt of 23" in err  # BOS + 22 bytes
+    for args, message in [
+        (["--prompt-file", str(tmp_path / "no.txt")], "no such file"),
+        (["--prompt-file", str(tmp_path / "p.txt"), "--top-p", "0"], "--top-p=0.0"),
+        (["--prompt-file", str(tmp_path / "p.txt"), "--max-new-tokens", "0"], "must be >= 1"),
+        (["--prompt-file", str(tmp_path / "p.txt"), "--tokenizer", "x/y"], "no such local file"),
+        (["--max-new-tokens", "3"], "Missing option '--prompt-file'"),
+    ]:
+        code, _, err = cli(*args)
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err

@@ -29,6 +29,7 @@ def _register() -> None:
         bench_cmd,
         config_cmd,
         data_cmd,
+        generate_cmd,
         import_cmd,
         plots_cmd,
         sweep_cmd,
@@ -41,6 +42,7 @@ def _register() -> None:
     app.command("train")(train_cmd.train)
     app.command("eval")(train_cmd.evaluate)
     app.add_typer(import_cmd.app, name="import")
+    app.command("generate")(generate_cmd.generate)
     app.add_typer(sweep_cmd.app, name="sweep")
     app.command("ui")(tracking_cmd.ui)
     app.command("plots")(plots_cmd.plots)

@@ -24,6 +24,10 @@ class TextTokenizer:
     vocab_size: int
     digest: str  # enters the dataset's fingerprint: another tokenizer, another dataset
     encode_batch: Callable[[list[bytes]], list[np.ndarray]]
+    decode: Callable[[list[int]], str]
+
+    def encode(self, text: str) -> list[int]:
+        return [int(i) for i in self.encode_batch([text.encode()])[0]]
 
     @property
     def dtype(self):
@@ -34,7 +38,10 @@ def byte_tokenizer() -> TextTokenizer:
     def encode(docs):
         return [np.frombuffer(d, np.uint8).astype(np.uint16) for d in docs]
 
-    return TextTokenizer("bytes", BYTE_BOS, BYTE_VOCAB, "bytes", encode)
+    def decode(ids):  # the specials (BOS, PAD) are not text
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    return TextTokenizer("bytes", BYTE_BOS, BYTE_VOCAB, "bytes", encode, decode)
 
 
 def load_tokenizer(spec: str | None, bos_token: str | None = None) -> TextTokenizer:

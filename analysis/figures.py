@@ -229,7 +229,7 @@ def _inner_lr_meta(t):
     return fig
 
 
-def _latency(title: str, paper_csv: str | None):
+def _latency(title: str, paper_csv: str | None, ylabel: str = "seconds per 1K tokens"):
     def f(t):
         fig, ax = plt.subplots(figsize=(6, 4))
         t = t.with_columns((pl.col("method") + " " + pl.col("preset")).alias("label"))
@@ -246,7 +246,7 @@ def _latency(title: str, paper_csv: str | None):
                 )
             vals += ref["context"].to_list()
         context_axis(ax, vals)
-        ax.set(xlabel="context length (tokens)", ylabel="seconds per 1K tokens", title=title)
+        ax.set(xlabel="context length (tokens)", ylabel=ylabel, title=title)
         ax.legend(fontsize=7)
         return fig
 
@@ -316,6 +316,12 @@ FIGURES: dict[str, Figure] = {
             lambda d: recipes.latency(d, "prefill"),
             _latency("Prefill latency", "latency_h100_3b.csv"),
             "ttt bench prefill PRESET data.seq_len=T --tracking-uri URI",
+        ),
+        Figure(
+            "decode_latency",
+            lambda d: recipes.latency(d, "decode"),
+            _latency("Decode latency", None, "ms per generated token"),
+            "ttt bench decode PRESET --contexts 1024,4096,16384 --tracking-uri URI",
         ),
         Figure(
             "fig8_train_latency",

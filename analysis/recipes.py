@@ -329,18 +329,23 @@ def inner_lr_meta(data: Data):
 
 
 def latency(data: Data, mode: str):
-    """Fig 1 right (prefill) / Fig 8 (train): seconds per 1K tokens against context length,
-    from `ttt bench ... --tracking-uri` runs."""
+    """Fig 1 right (prefill) / Fig 8 (train): seconds per 1K tokens against context length;
+    decode: milliseconds per generated token against the context before it. From `ttt
+    bench ... --tracking-uri` runs."""
     bench = data.bench()
     if bench.is_empty() or "mode" not in bench.columns:
         return None
     frame = bench.filter(pl.col("mode") == mode)
     if frame.is_empty():
         return None
-    frame = frame.with_columns(
-        (pl.col("step_s") / (pl.col("seq_len") * pl.col("batch") / 1024)).alias("s_per_1k")
+    if mode == "decode":
+        value = (pl.col("step_s") * 1000).alias("ms_per_token")
+    else:
+        value = (pl.col("step_s") / (pl.col("seq_len") * pl.col("batch") / 1024)).alias("s_per_1k")
+    frame = frame.with_columns(value)
+    return aggregate(frame, ["mixer", "preset", "seq_len"], value.meta.output_name()).rename(
+        {"mixer": "method"}
     )
-    return aggregate(frame, ["mixer", "preset", "seq_len"], "s_per_1k").rename({"mixer": "method"})
 
 
 def curves(data: Data):

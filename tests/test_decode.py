@@ -148,3 +148,48 @@ def test_generate_cli(tmp_path, corpus, capsys):
     ]:
         code, _, err = cli(*args)
         assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def step_flops(mixer: str, max_len: int) -> float:
+    cfg, model, _ = setup(mixer)
+    graphdef, params = nnx.split(model)
+    dec = Decoder(cfg, graphdef, max_len=max_len, bos_id=BOS)
+    state = dec.empty(params)
+    compiled = dec._feed.lower(params, state, jnp.int32(1), jnp.int32(0)).compile()
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_token_step_cost_is_flat_in_context():
+    """XLA's own count of a token step's FLOPs: the same after 64 or 2048 tokens for swa
+    and ttt_e2e (window-sized caches), growing with the context for full attention."""
+    for mixer in ("swa", "ttt_e2e"):
+        assert step_flops(mixer, 64) == step_flops(mixer, 2048), mixer
+    assert step_flops("full", 2048) > 2 * step_flops("full", 64)
+
+
+def test_decode_bench_rows_feed_the_decode_latency_figure(tmp_path, capsys):
+    import polars as pl
+
+    from analysis.figures import build_all
+    from ttt.cli import main
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["bench", "decode", "pico", "--contexts", "32,48", "--tokens", "2"]
+    args += ["--mixers", "full,ttt_e2e"]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "ttt.chunk=16", "--tracking-uri", uri])
+    assert exc.value.code == 0
+    assert "logged 4 rows" in capsys.readouterr().out
+    written, _ = build_all(uri, tmp_path / "figs", only=["decode_latency"])
+    table = pl.read_parquet(written["decode_latency"][-1])
+    assert sorted(table["method"].unique()) == ["full", "ttt_e2e"]
+    assert sorted(table["seq_len"].unique()) == [32, 48]
+    for bad, message in [
+        (["--contexts", "a,b"], "--contexts='a,b'"),
+        (["--tokens", "0"], "--tokens=0"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", "decode", "pico", *bad])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and message in err, err

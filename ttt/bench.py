@@ -120,6 +120,53 @@ def bench_one(cfg: Config, mode: str, steps: int = 5, warmup: int = 1) -> BenchR
     )
 
 
+def bench_decode(cfg: Config, tokens: int = 64, warmup: int = 4) -> BenchRow:
+    """One token at a time after a random prompt of `data.seq_len` tokens: the mean
+    latency per generated token over `tokens` steps (a ttt_e2e inner step every
+    `ttt.chunk` of them is included, so time at least one chunk's worth), and min/max
+    single-token latencies. `compile_s` is the prefill's and the token step's compile."""
+    from ttt.model.decode import Decoder
+
+    graphdef, params = nnx.split(create_model(cfg.model, seed=cfg.train.seed))
+    context = cfg.data.seq_len
+    prompt = jax.random.randint(jax.random.key(0), (context,), 0, cfg.model.vocab_size)
+    decoder = Decoder(cfg, graphdef, context + warmup + tokens + 1, bos_id=-1)
+    t0 = time.perf_counter()
+    state, _, done = decoder.prefill(params, prompt)
+    for t in range(done, context):  # the prompt's tail, one at a time (compiles the step)
+        state, logits = decoder.feed(params, state, int(prompt[t]), t)
+    jax.block_until_ready(logits)
+    compile_s = time.perf_counter() - t0
+    times, t = [], context
+    for i in range(warmup + tokens):
+        start = time.perf_counter()
+        state, logits = decoder.feed(params, state, int(jnp.argmax(logits)), t)
+        jax.block_until_ready(logits)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        t += 1
+    mean = statistics.fmean(times)
+    return BenchRow(
+        mode="decode",
+        preset=cfg.preset,
+        mixer=cfg.model.mixer,
+        seq_len=context,
+        batch=1,
+        step_s=mean,
+        step_s_min=min(times),
+        step_s_max=max(times),
+        tokens_per_s=1 / mean,
+        compile_s=compile_s,
+        mfu=None,
+        peak_mem_gb=None,
+        device=jax.local_devices()[0].device_kind,
+        remat=cfg.model.remat,
+        attention=cfg.model.attention,
+        cache_phases=cfg.ttt.cache_phases,
+        chunk_attention=cfg.ttt.chunk_attention,
+    )
+
+
 def format_table(rows: list[BenchRow]) -> str:
     head = (
         f"{'mode':7} {'preset':6} {'mixer':8} {'T':>7} {'B':>3} {'step s':>9} {'min..max':>17} "

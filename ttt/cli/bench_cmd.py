@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ttt.cli.config_cmd import split_source
+from ttt.errors import UserError
 
 app = typer.Typer(help="Measure step time, tokens/s, MFU and compile time.", no_args_is_help=True)
 
@@ -22,17 +23,14 @@ def _run(
     tracking_uri: str | None = None,
 ):
     from ttt.bench import bench_one, format_table
-    from ttt.config import MIXERS, ConfigError, load_config
+    from ttt.config import ConfigError, load_config
 
     source, overrides = split_source(args or [])
     if tracking_uri:  # before minutes of measuring, not after
         from ttt.tracking import check_uri
 
         check_uri(tracking_uri)
-    names = [m.strip() for m in mixers.split(",") if m.strip()]
-    for name in names:
-        if name not in MIXERS:
-            raise ConfigError(f"--mixers: {name!r} is not a mixer; allowed are {', '.join(MIXERS)}")
+    names = _mixer_names(mixers)
     if steps < 1:
         raise ConfigError(f"--steps={steps}: must be >= 1")
     configs = [load_config(source, [*overrides, f"model.mixer={m}"]) for m in names]
@@ -40,7 +38,23 @@ def _run(
     for cfg in configs:  # validate all before compiling any
         rows.append(bench_one(cfg, mode, steps=steps, warmup=warmup))
         typer.echo(f"  {cfg.model.mixer}: {rows[-1].step_s:.4f} s/step", err=True)
-    typer.echo(format_table(rows))
+    _emit(rows, format_table(rows), out, tracking_uri)
+    return rows
+
+
+def _mixer_names(mixers: str) -> list[str]:
+    from ttt.config import MIXERS, ConfigError
+
+    names = [m.strip() for m in mixers.split(",") if m.strip()]
+    for name in names:
+        if name not in MIXERS:
+            raise ConfigError(f"--mixers: {name!r} is not a mixer; allowed are {', '.join(MIXERS)}")
+    return names
+
+
+def _emit(rows, table: str, out: Path | None, tracking_uri: str | None) -> None:
+    """The table on stdout; the rows as JSON (`--json`) and in MLflow (`--tracking-uri`)."""
+    typer.echo(table)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps([r.as_dict() for r in rows], indent=2))
@@ -50,7 +64,6 @@ def _run(
 
         log_bench_rows(tracking_uri, [r.as_dict() for r in rows])
         typer.echo(f"logged {len(rows)} rows to {tracking_uri} (experiment 'bench')")
-    return rows
 
 
 _ARGS = typer.Argument(
@@ -90,6 +103,50 @@ app.command("prefill")(
         "prefill", "Time the loss over a sequence with the inner loop and no outer gradient."
     )
 )
+
+
+@app.command("decode")
+def decode(
+    args: list[str] = _ARGS,
+    mixers: str = _MIXERS,
+    contexts: str = typer.Option(
+        "256,1024,4096", "--contexts", help="Comma-separated prompt lengths (tokens)."
+    ),
+    tokens: int = typer.Option(64, "--tokens", help="Timed tokens per row (mean reported)."),
+    out: Path = _OUT,
+    tracking_uri: str = _URI,
+) -> None:
+    """Latency per generated token against context length, each mixer, in one run."""
+    from ttt.bench import bench_decode, format_table
+    from ttt.config import load_config
+
+    source, overrides = split_source(args or [])
+    try:
+        lengths = [int(c) for c in contexts.split(",") if c.strip()]
+    except ValueError:
+        raise UserError(f"--contexts={contexts!r}: expected comma-separated integers") from None
+    if not lengths or min(lengths) < 1:
+        raise UserError(f"--contexts={contexts!r}: expected positive lengths")
+    if tokens < 1:
+        raise UserError(f"--tokens={tokens}: must be >= 1")
+    names = _mixer_names(mixers)
+    if tracking_uri:
+        from ttt.tracking import check_uri
+
+        check_uri(tracking_uri)
+    configs = [
+        load_config(source, [*overrides, f"model.mixer={m}", f"data.seq_len={n}"])
+        for m in names
+        for n in lengths
+    ]
+    rows = []
+    for cfg in configs:  # all validated before the first is measured
+        rows.append(bench_decode(cfg, tokens))
+        typer.echo(
+            f"  {cfg.model.mixer} T={cfg.data.seq_len}: {1000 * rows[-1].step_s:.2f} ms/token",
+            err=True,
+        )
+    _emit(rows, format_table(rows), out, tracking_uri)
 
 
 @app.command("cache")

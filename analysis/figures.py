@@ -284,6 +284,23 @@ def _evaluated_context_length(t):
     return fig
 
 
+def _niah(t):
+    tasks = sorted(t["niah.task"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    ref = paper("table2_niah.csv")
+    for ax, task in zip(axes[0], tasks, strict=True):
+        g = t.filter(pl.col("niah.task") == task)
+        lines(ax, g, "data.seq_len")
+        r = ref.filter(pl.col("task") == task)
+        for m, rg in r.group_by("method"):
+            name = PAPER_METHOD.get(m[0], m[0])
+            paper_markers(ax, rg["context"], rg["accuracy"], f"paper 3B: {name}", name)
+        context_axis(ax, [*g["data.seq_len"].to_list(), *r["context"].to_list()])
+        ax.set(xlabel="context length (tokens)", ylabel="accuracy", title=task, ylim=(-0.05, 1.05))
+        ax.legend(fontsize=6)
+    return fig
+
+
 @dataclass(frozen=True)
 class Figure:
     """One paper figure: the recipe that builds its tidy table from tracked runs, the
@@ -316,6 +333,12 @@ FIGURES: dict[str, Figure] = {
             lambda d: recipes.latency(d, "prefill"),
             _latency("Prefill latency", "latency_h100_3b.csv"),
             "ttt bench prefill PRESET data.seq_len=T --tracking-uri URI",
+        ),
+        Figure(
+            "table2_niah",
+            recipes.niah,
+            _niah,
+            "ttt eval RUN --task niah --seq-len T ... --tracking-uri URI",
         ),
         Figure(
             "decode_latency",

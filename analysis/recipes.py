@@ -205,6 +205,16 @@ def evaluated_context_length(data: Data):
     return table if table["data.seq_len"].n_unique() >= 2 else None
 
 
+def niah(data: Data):
+    """Table 2: needle-in-a-haystack accuracy against context length, per task and method
+    (`ttt eval RUN --task niah --tracking-uri` runs)."""
+    frame = with_method(runs(data.tracking_uri, data.experiments, "niah"))
+    frame = finished(frame, "niah_accuracy")
+    if frame.is_empty():
+        return None
+    return aggregate(frame, ["niah.task", "method", "data.seq_len"], "niah_accuracy")
+
+
 def window(data: Data):
     """Fig 4 left: loss against the window k (full attention as a reference line)."""
     table = _sweep_figure(data, "model.window", methods=["swa", "ttt_e2e"])

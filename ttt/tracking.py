@@ -286,28 +286,69 @@ def log_evaluation(uri: str, experiment: str, run_dir: Path, summary: dict, parq
     evaluated run's config with `data.seq_len` at the length evaluated, the loss as
     `final_eval_loss`, and the per-position NLL. Evaluating the same pair again updates
     that run instead of adding a duplicate."""
+    seq_len = summary["seq_len"]
+    return _log_result(
+        uri,
+        experiment,
+        run_dir,
+        role="eval",
+        key={"ttt.seq_len": str(seq_len)},
+        params={"data.seq_len": seq_len, "eval.checkpoint_step": summary["step"]},
+        metrics={"final_eval_loss": summary["loss"]},
+        artifact=parquet,
+        source=f"ttt eval {Path(run_dir).absolute()} --seq-len {seq_len}",
+        step=summary["step"],
+    )
+
+
+def log_niah(uri: str, experiment: str, run_dir: Path, accuracy, parquet: Path) -> list[str]:
+    """One MLflow run per (evaluated run, NIAH task, context length), tagged
+    `ttt.role=niah`, with `niah_accuracy` and every sample's output (Parquet)."""
+    ids = []
+    for row in accuracy.iter_rows(named=True):
+        task, seq_len = row["task"], row["seq_len"]
+        ids.append(
+            _log_result(
+                uri,
+                experiment,
+                run_dir,
+                role="niah",
+                key={"ttt.seq_len": str(seq_len), "ttt.niah_task": task},
+                params={"data.seq_len": seq_len, "niah.task": task, "niah.samples": row["samples"]},
+                metrics={"niah_accuracy": row["accuracy"]},
+                artifact=parquet,
+                source=f"ttt eval {Path(run_dir).absolute()} --task niah --seq-len {seq_len}",
+            )
+        )
+    return ids
+
+
+def _log_result(
+    uri, experiment, run_dir, *, role, key, params, metrics, artifact, source, step=0
+) -> str:
+    """An evaluation of a run as an MLflow run (role `eval` or `niah`), found again by
+    the evaluated run's path and `key` so that a repeat updates it."""
     import yaml
 
     from ttt.config import load_config
 
     run_dir = Path(run_dir).absolute()
-    seq_len = summary["seq_len"]
     cfg = load_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
     c = client(uri)
     exp = ensure_experiment(c, experiment, uri)
-    key = {"ttt.eval_of": str(run_dir), "ttt.seq_len": str(seq_len)}
+    key = {"ttt.eval_of": str(run_dir), "ttt.role": role, **key}
     found = find_run(c, exp, key)
     if found is not None:
         run_id = found.info.run_id
         c.update_run(run_id, status="RUNNING")
     else:
-        source = f"ttt eval {run_dir} --seq-len {seq_len}"
-        tags = {**key, "ttt.role": "eval", "mlflow.source.name": source, **provenance()}
-        run_id = c.create_run(exp, run_name=f"{run_dir.name} T={seq_len}", tags=tags).info.run_id
-        params = {**cfg.flat(), "data.seq_len": seq_len, "eval.run": run_dir.name}
-        log_params(c, run_id, {**params, "eval.checkpoint_step": summary["step"]})
-    log_metrics(c, run_id, {"eval_loss": summary["loss"]}, summary["step"])
-    c.log_metric(run_id, "final_eval_loss", float(summary["loss"]))
-    c.log_artifact(run_id, str(parquet), artifact_path="eval")
+        name = f"{run_dir.name} " + " ".join(v for k, v in key.items() if k.startswith("ttt.n"))
+        name = f"{name.strip()} T={key['ttt.seq_len']}"
+        tags = {**key, "mlflow.source.name": source, **provenance()}
+        run_id = c.create_run(exp, run_name=name, tags=tags).info.run_id
+        log_params(c, run_id, {**cfg.flat(), "eval.run": run_dir.name, **params})
+    for name, value in metrics.items():
+        c.log_metric(run_id, name, float(value), step=step)
+    c.log_artifact(run_id, str(artifact), artifact_path="eval")
     finish(c, run_id, "finished")
     return run_id

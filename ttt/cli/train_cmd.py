@@ -112,9 +112,27 @@ def evaluate(
         help="Log each length's loss and NLL to MLflow here (or set MLFLOW_TRACKING_URI).",
     ),
     experiment: str = typer.Option("evals", "--experiment", "-e", help="MLflow experiment."),
+    task: str = typer.Option("loss", "--task", help="loss, or niah (needle in a haystack)."),
+    niah_tasks: str = typer.Option(
+        "niah1,niah2,niah3", "--niah-tasks", help="RULER single-needle tasks (--task niah)."
+    ),
+    depths: str = typer.Option(
+        "0,0.25,0.5,0.75,1", "--depths", help="Needle depths in [0, 1] (--task niah)."
+    ),
+    samples: int = typer.Option(1, "--samples", help="Prompts per task, length and depth."),
+    tokenizer: str = typer.Option(
+        None, "--tokenizer", help="tokenizer.json for --task niah (default: the dataset's)."
+    ),
 ) -> None:
-    """Evaluate with test-time training: mean loss and per-token NLL by position (Parquet)."""
+    """Evaluate with test-time training: mean loss and per-token NLL by position (Parquet),
+    or needle-in-a-haystack accuracy (--task niah)."""
     import os
+
+    if task not in ("loss", "niah"):
+        raise UserError(f"--task={task!r}: allowed are loss, niah")
+    if task == "niah":
+        _niah(run_dir, seq_len, niah_tasks, depths, samples, tokenizer, tracking_uri, experiment)
+        return
 
     from ttt.train.evaluate_run import evaluate_run, evaluate_tokens
 
@@ -154,3 +172,37 @@ def evaluate(
             from ttt.tracking import log_evaluation
 
             log_evaluation(uri, experiment, run_dir, summary, path)
+
+
+def _niah(run_dir, seq_len, niah_tasks, depths, samples, tokenizer, tracking_uri, experiment):
+    import os
+
+    from ttt.niah import accuracy, run_niah
+
+    if not seq_len:
+        raise UserError("--task niah: give the context lengths with --seq-len (repeatable)")
+    if samples < 1:
+        raise UserError(f"--samples={samples}: must be >= 1")
+    try:
+        fractions = [float(d) for d in depths.split(",") if d.strip()]
+    except ValueError:
+        raise UserError(f"--depths={depths!r}: expected comma-separated fractions") from None
+    tasks = [t.strip() for t in niah_tasks.split(",") if t.strip()]
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        from ttt.tracking import announce, check_uri
+
+        check_uri(uri)
+        announce(uri)
+    frame, path = run_niah(run_dir, tasks, list(seq_len), fractions, samples, tokenizer)
+    table = accuracy(frame)
+    for row in table.iter_rows(named=True):
+        typer.echo(
+            f"{row['task']} T={row['seq_len']}: accuracy {row['accuracy']:.2f} "
+            f"({row['samples']} prompts)"
+        )
+    typer.echo(f"every prompt's output in {path}")
+    if uri:
+        from ttt.tracking import log_niah
+
+        log_niah(uri, experiment, run_dir, table, path)

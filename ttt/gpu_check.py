@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ttt.bench import bench_one, format_table
+from ttt.bench import bench_decode, bench_one, format_table
 from ttt.config import load_config
 from ttt.model import create_model
 from ttt.model.check import chunked_and_whole, model_nll
@@ -52,6 +52,12 @@ ROWS = [
     ("train", "125m", "full", 8192, 8, ("model.attention=dense",)),
     ("train", "125m", "ttt_e2e", 8192, 8, ("ttt.cache_phases=3",)),
     ("prefill", "125m", "ttt_e2e", 32768, 1, ("ttt.cache_phases=2",)),
+    # decode: mean latency per generated token after a prompt of T (batch 1)
+    ("decode", "125m", "full", 32768, 1, ()),
+    ("decode", "125m", "swa", 32768, 1, ()),
+    ("decode", "125m", "ttt_e2e", 32768, 1, ()),
+    ("decode", "125m", "full", 8192, 1, ()),
+    ("decode", "125m", "ttt_e2e", 8192, 1, ()),
 ]
 
 
@@ -177,6 +183,7 @@ def main() -> None:
     a = ap.parse_args()
     smoke = [("train", "pico", m, 128, 2, ()) for m in ("full", "ttt_e2e")]
     smoke.append(("prefill", "pico", "ttt_e2e", 128, 2, ("ttt.chunk_attention=xla",)))
+    smoke.append(("decode", "pico", "ttt_e2e", 128, 1, ()))
     rows_todo = smoke if a.smoke else ROWS
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -200,7 +207,10 @@ def main() -> None:
         )
         label = f"[{i}] {mode} {preset} {mixer} T={t} B={b} {' '.join(extra)}"
         try:
-            row = bench_one(cfg, mode, steps=5, warmup=1)
+            if mode == "decode":
+                row = bench_decode(cfg, tokens=2 * cfg.ttt.chunk)
+            else:
+                row = bench_one(cfg, mode, steps=5, warmup=1)
             rows.append(row)
             records.append({"index": i, "extra": list(extra), **row.as_dict()})
             print(

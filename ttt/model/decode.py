@@ -26,7 +26,7 @@ from ttt.config import Config
 from ttt.model.kernels import Kernels, resolve
 from ttt.model.layers import FastParam
 from ttt.model.loop import Suffix, carry_window, hidden_nll, suffix_loop
-from ttt.model.transformer import TTTModel, scan_blocks, scan_cached
+from ttt.model.transformer import TTTModel, scan_blocks, scan_cached, split_layers
 
 
 @jax.tree_util.register_dataclass
@@ -72,11 +72,13 @@ class State:
 class Decoder:
     """`prefill(params, prompt)` then `feed(params, state, token, t)` per position.
 
-    `max_len` bounds prompt + generated tokens (it sizes `full`'s cache). The steps are
-    jitted once per shape: one token step, one chunk update, one prefill per prompt
-    length (in whole chunks)."""
+    `max_len` bounds prompt + generated tokens (it sizes `full`'s cache). Each is jitted
+    once per shape: the token step (with the chunk update inside it, under `lax.cond`) and
+    the prefill, per prompt length in whole chunks."""
 
-    def __init__(self, cfg: Config, graphdef, max_len: int, bos_id: int, kernels: Kernels = None):
+    def __init__(
+        self, cfg: Config, graphdef, max_len: int, bos_id: int, kernels: Kernels | None = None
+    ):
         self.cfg, self.graphdef, self.max_len, self.bos = cfg, graphdef, max_len, bos_id
         self.kernels = kernels or resolve(cfg, first_order=True)
         m = cfg.model
@@ -103,11 +105,11 @@ class Decoder:
 
     def empty(self, params) -> State:
         model = self._model(params)
-        n_prefix = self.cfg.model.layers - (self.cfg.model.ttt_layers if self.ttt else 0)
+        n_prefix, n_suffix = split_layers(self.cfg.model)
         prefix = self._cache(model, n_prefix, self.prefix_size) if n_prefix else None
         if not self.ttt:
             return State(prefix, None, None, None, None, None, None)
-        suffix = self._cache(model, self.cfg.model.ttt_layers, self.window)
+        suffix = self._cache(model, n_suffix, self.window)
         fast = nnx.state(model.suffix, FastParam)
         chunk_h = jnp.zeros((self.chunk, self.cfg.model.width), suffix.k.dtype)
         chunk_in = jnp.zeros((self.chunk,), jnp.int32)

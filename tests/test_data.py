@@ -163,6 +163,9 @@ def test_bpe_dataset_trains_and_evaluates(tmp_path, capsys):
     ids = tok.encode(first.read_text(), add_special_tokens=False).ids
     train = open_split(str(data), "train")
     np.testing.assert_array_equal(train.window(0, len(ids) + 2), [0, *ids, 0])
+    from ttt.data import load_tokenizer
+
+    assert load_tokenizer(str(tmp_path / "tokenizer.json")).decode(ids) == first.read_text()
     assert zarr.open_array(str(data / "train")).dtype == np.uint16
 
     run = tmp_path / "run"

@@ -76,6 +76,5 @@ def load_tokenizer(spec: str | None, bos_token: str | None = None) -> TextTokeni
         return [np.asarray(e.ids, np.uint32) for e in encoded]
 
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return TextTokenizer(
-        str(path), int(bos), tok.get_vocab_size(with_added_tokens=True), digest, encode
-    )
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    return TextTokenizer(str(path), int(bos), vocab, digest, encode, lambda ids: tok.decode(ids))

@@ -176,14 +176,14 @@ def test_decode_bench_rows_feed_the_decode_latency_figure(tmp_path, capsys):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["bench", "decode", "pico", "--contexts", "32,48", "--tokens", "2"]
-    args += ["--mixers", "full,ttt_e2e"]
+    args += ["--mixers", "full,swa"]
     with pytest.raises(SystemExit) as exc:
         main([*args, "ttt.chunk=16", "--tracking-uri", uri])
     assert exc.value.code == 0
     assert "logged 4 rows" in capsys.readouterr().out
     written, _ = build_all(uri, tmp_path / "figs", only=["decode_latency"])
     table = pl.read_parquet(written["decode_latency"][-1])
-    assert sorted(table["method"].unique()) == ["full", "ttt_e2e"]
+    assert sorted(table["method"].unique()) == ["full", "swa"]
     assert sorted(table["seq_len"].unique()) == [32, 48]
     for bad, message in [
         (["--contexts", "a,b"], "--contexts='a,b'"),

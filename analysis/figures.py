@@ -102,14 +102,19 @@ def draw(name: str, table: pl.DataFrame):
     return FIGURES[name].draw(table)
 
 
+def _paper_loss_by_context(ax) -> pl.DataFrame:
+    """The paper's 3B loss by context length (Fig 9) as markers on `ax`; returns it."""
+    ref = paper("fig9_loss_by_context.csv").filter(pl.col("method").is_in(list(PAPER_METHOD)))
+    for m, g in ref.group_by("method"):
+        name = PAPER_METHOD[m[0]]
+        paper_markers(ax, g["context"], g["loss"], f"paper 3B: {name}", name)
+    return ref
+
+
 def _context_length(t):
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     lines(a, t, "data.seq_len")
-    ref = paper("fig9_loss_by_context.csv").filter(pl.col("method").is_in(list(PAPER_METHOD)))
-    for m, g in ref.group_by("method"):
-        paper_markers(
-            a, g["context"], g["loss"], f"paper 3B: {PAPER_METHOD[m[0]]}", PAPER_METHOD[m[0]]
-        )
+    ref = _paper_loss_by_context(a)
     context_axis(a, [*t["data.seq_len"].to_list(), *ref["context"].to_list()])
     a.set(xlabel="context length (tokens)", ylabel="eval loss (nats/token)", title="Loss")
     d = t.filter(pl.col("delta").is_not_null())
@@ -269,11 +274,7 @@ def _curves(t):
 def _evaluated_context_length(t):
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     lines(ax, t, "data.seq_len", group="model")
-    ref = paper("fig9_loss_by_context.csv").filter(pl.col("method").is_in(list(PAPER_METHOD)))
-    for m, g in ref.group_by("method"):
-        paper_markers(
-            ax, g["context"], g["loss"], f"paper 3B: {PAPER_METHOD[m[0]]}", PAPER_METHOD[m[0]]
-        )
+    ref = _paper_loss_by_context(ax)
     context_axis(ax, [*t["data.seq_len"].to_list(), *ref["context"].to_list()])
     ax.set(
         xlabel="context length (tokens)",

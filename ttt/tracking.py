@@ -53,6 +53,16 @@ def resolve_uri(flag: str | None) -> str:
     return flag or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
+def optional_uri(flag: str | None) -> str | None:
+    """For commands tracked only when asked: the flag, else MLflow's environment variable,
+    else None. A store given is checked and announced before any work starts."""
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        check_uri(uri)
+        announce(uri)
+    return uri
+
+
 def check_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, in one line, when a tracking server does not answer."""
     parsed = urlparse(uri)

@@ -9,6 +9,7 @@ import typer
 
 from ttt.cli.config_cmd import split_source
 from ttt.errors import UserError
+from ttt.tracking import optional_uri
 
 
 def default_out(cfg) -> Path:
@@ -42,19 +43,12 @@ def train(
     ),
 ) -> None:
     """Train a model; running again with the same --out resumes from its last checkpoint."""
-    import os
-
     from ttt.config import load_config
     from ttt.train import run
 
     source, overrides = split_source(args)
     cfg = load_config(source, overrides)
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        from ttt.tracking import announce, check_uri
-
-        check_uri(uri)
-        announce(uri)
+    uri = optional_uri(tracking_uri)
     if coordinator:
         from ttt.train.distributed import initialize
 
@@ -126,8 +120,6 @@ def evaluate(
 ) -> None:
     """Evaluate with test-time training: mean loss and per-token NLL by position (Parquet),
     or needle-in-a-haystack accuracy (--task niah)."""
-    import os
-
     if task not in ("loss", "niah"):
         raise UserError(f"--task={task!r}: allowed are loss, niah")
     if task == "niah":
@@ -156,12 +148,7 @@ def evaluate(
         return
     if out is not None:
         raise UserError("--out: only with --tokens")
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        from ttt.tracking import announce, check_uri
-
-        check_uri(uri)
-        announce(uri)
+    uri = optional_uri(tracking_uri)
     for t in seq_len or [None]:
         result, path, summary = evaluate_run(run_dir, t, max_batches, batch_size)
         typer.echo(
@@ -175,8 +162,6 @@ def evaluate(
 
 
 def _niah(run_dir, seq_len, niah_tasks, depths, samples, tokenizer, tracking_uri, experiment):
-    import os
-
     from ttt.niah import accuracy, run_niah
 
     if not seq_len:
@@ -188,12 +173,7 @@ def _niah(run_dir, seq_len, niah_tasks, depths, samples, tokenizer, tracking_uri
     except ValueError:
         raise UserError(f"--depths={depths!r}: expected comma-separated fractions") from None
     tasks = [t.strip() for t in niah_tasks.split(",") if t.strip()]
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        from ttt.tracking import announce, check_uri
-
-        check_uri(uri)
-        announce(uri)
+    uri = optional_uri(tracking_uri)
     frame, path = run_niah(run_dir, tasks, list(seq_len), fractions, samples, tokenizer)
     table = accuracy(frame)
     for row in table.iter_rows(named=True):

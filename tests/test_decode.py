@@ -62,6 +62,9 @@ def test_teacher_forced_decoding_equals_eval(mixer):
     for prompt_len in (1, 16, 17, 40):
         got = teacher_forced(cfg, model, tokens, prompt_len, dec)
         np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"prompt of {prompt_len}")
+        # reading the prompt alone gives the NLL of its own tokens
+        _, _, read = dec.read(nnx.split(model)[1], tokens[:prompt_len])
+        np.testing.assert_allclose(read, want[: prompt_len - 1], atol=2e-5)
 
 
 def test_decoding_keeps_learning():

@@ -132,9 +132,7 @@ def bench_decode(cfg: Config, tokens: int = 64, warmup: int = 4) -> BenchRow:
     prompt = jax.random.randint(jax.random.key(0), (context,), 0, cfg.model.vocab_size)
     decoder = Decoder(cfg, graphdef, context + warmup + tokens + 1, bos_id=-1)
     t0 = time.perf_counter()
-    state, _, done = decoder.prefill(params, prompt)
-    for t in range(done, context):  # the prompt's tail, one at a time (compiles the step)
-        state, logits = decoder.feed(params, state, int(prompt[t]), t)
+    state, logits, _ = decoder.read(params, prompt)  # compiles the prefill and the step
     jax.block_until_ready(logits)
     compile_s = time.perf_counter() - t0
     times, t = [], context

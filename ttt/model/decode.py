@@ -235,6 +235,19 @@ class Decoder:
         state, nll = self._prefill(params, jnp.asarray(prompt[: n + 1]))
         return state, np.asarray(nll), n
 
+    def read(self, params, prompt) -> tuple[State, jax.Array, np.ndarray]:
+        """The whole prompt: its whole chunks prefilled, the rest fed one at a time.
+        Returns the state after it, the logits at its last position, and the NLL of each
+        prompt token after the first (what `ttt eval` gives for them)."""
+        prompt = [int(t) for t in prompt]
+        state, nll, done = self.prefill(params, prompt)
+        nll, logits = list(nll), None
+        for t in range(done, len(prompt)):
+            if logits is not None:
+                nll.append(float(-jax.nn.log_softmax(logits)[prompt[t]]))
+            state, logits = self.feed(params, state, prompt[t], t)
+        return state, logits, np.asarray(nll)
+
     def feed(self, params, state: State, token: int, t: int) -> tuple[State, jax.Array]:
         """Position t's token: the inner step on the chunk it completes (ttt_e2e), then
         the logits at t (vocab,)."""
@@ -276,15 +289,8 @@ def generate(
     """Continue `prompt` by up to `max_new_tokens`, stopping after a token in `stop`."""
     import time
 
-    prompt = [int(t) for t in prompt]
     rng = np.random.default_rng(seed)
-    state, nll, done = decoder.prefill(params, prompt)
-    nll = list(nll)
-    logits = None
-    for t in range(done, len(prompt)):  # the prompt's last tokens, one at a time
-        if logits is not None:
-            nll.append(float(-jax.nn.log_softmax(logits)[prompt[t]]))
-        state, logits = decoder.feed(params, state, prompt[t], t)
+    state, logits, nll = decoder.read(params, prompt)
     new, start = [], None
     for t in range(len(prompt), len(prompt) + max_new_tokens):
         token = sample(np.asarray(logits), temperature, top_p, rng)
@@ -297,4 +303,4 @@ def generate(
     jax.block_until_ready(logits)
     steps = max(len(new) - 1, 1)
     per_token = (time.perf_counter() - start) / steps if start is not None else float("nan")
-    return Generation(new, np.asarray(nll), per_token)
+    return Generation(new, nll, per_token)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +10,16 @@ from ttt.data.tokenizer import TextTokenizer, load_tokenizer
 from ttt.errors import UserError
 
 
-def run_tokenizer(cfg, info: dict, spec: str | None = None) -> TextTokenizer:
-    """`spec` (a tokenizer.json, or bytes) if given, else the one that prepared the run's
-    dataset (its meta.json). Its BOS must be the run's."""
+def open_run(run_dir: Path, spec: str | None = None):
+    """(config, run.json, tokenizer) of a run that is to read and write text: `spec` (a
+    tokenizer.json, or bytes) if given, else the one that prepared the run's dataset (its
+    meta.json). The tokenizer's BOS must be the run's."""
     from ttt.data.loader import dataset_root
     from ttt.data.prepare import read_meta
+    from ttt.train.checkpoint import read_run_info
+    from ttt.train.evaluate_run import run_config
+
+    cfg, info = run_config(run_dir), read_run_info(run_dir)
 
     if spec is None:
         try:
@@ -32,7 +36,7 @@ def run_tokenizer(cfg, info: dict, spec: str | None = None) -> TextTokenizer:
     bos = info.get("bos_id", tok.bos_id)
     if tok.bos_id != bos:
         raise UserError(f"--tokenizer={spec!r}: its BOS id is {tok.bos_id}, the run's is {bos}")
-    return tok
+    return cfg, info, tok
 
 
 def read_prompt(path: Path, tok: TextTokenizer, bos: bool) -> list[int]:
@@ -61,12 +65,9 @@ def generate_from_run(
 ):
     """(text, Generation, prompt ids)."""
     from ttt.model.decode import Decoder, generate
-    from ttt.train.evaluate_run import load_weights, run_config
+    from ttt.train.evaluate_run import load_weights
 
-    cfg = run_config(run_dir)
-    info_path = Path(run_dir) / "run.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    tok = run_tokenizer(cfg, info, tokenizer)
+    cfg, _, tok = open_run(run_dir, tokenizer)
     prompt = read_prompt(prompt_file, tok, bos)
     vocab = cfg.model.vocab_size
     if max(prompt) >= vocab or min(prompt) < 0:

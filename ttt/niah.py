@@ -71,10 +71,9 @@ def make_sample(
     essay: np.ndarray | None,
     seed: int = 0,
 ) -> Sample:
-    """One prompt of exactly `seq_len` tokens. `essay`: token ids of real text (niah2/3),
-    of which a window is the haystack."""
-    if task not in TASKS:
-        raise UserError(f"--niah-tasks: {task!r} is not a task; allowed are {', '.join(TASKS)}")
+    """One prompt of exactly `seq_len` tokens. `task` is one of TASKS (`run_niah` checks
+    the user's); `essay`: token ids of real text (niah2/3), of which a window is the
+    haystack."""
     rng = np.random.default_rng([seed, TASKS.index(task), seq_len, int(depth * 1000), index])
     key, value = str(rng.choice(WORDS)), _value(task, rng)
     instruction, needle, question = (t.format(key=key, value=value) for t in _texts(task))
@@ -128,15 +127,14 @@ def run_niah(
 ):
     """Every task x length x depth x sample on the run's weights; returns the rows
     (a Polars frame) and writes them to RUN/eval/niah.parquet."""
-    import json
     from pathlib import Path
 
     import polars as pl
 
     from ttt.data.loader import open_split
-    from ttt.generate import run_tokenizer
+    from ttt.generate import open_run
     from ttt.model.decode import Decoder, generate
-    from ttt.train.evaluate_run import load_weights, run_config
+    from ttt.train.evaluate_run import load_weights
 
     for task in tasks:
         if task not in TASKS:
@@ -145,10 +143,7 @@ def run_niah(
         if not 0 <= d <= 1:
             raise UserError(f"--depths: {d} is not a fraction in [0, 1]")
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
-    info_path = run_dir / "run.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    tok = run_tokenizer(cfg, info, tokenizer)
+    cfg, _, tok = open_run(run_dir, tokenizer)
     essay = None
     if any(t != "niah1" for t in tasks):
         essay = open_split(cfg.data.source, "val", cfg.data.cache_dir).tokens

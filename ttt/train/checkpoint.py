@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -25,9 +26,7 @@ def _host_copy(tree):
 class Checkpoints:
     """`<run>/checkpoints/<step>/{params,opt_state,meta}`, keeping the last `keep`."""
 
-    def __init__(self, run_dir: Path, keep: int = 2, concurrent_gb: int | None = None):
-        """`concurrent_gb` caps the bytes Orbax serialises at once (an import holds the
-        whole model in host memory and should not hold a second copy in flight)."""
+    def __init__(self, run_dir: Path, keep: int = 2):
         self.directory = Path(run_dir).absolute() / "checkpoints"
         self.directory.mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False)
@@ -35,16 +34,7 @@ class Checkpoints:
             options.multiprocessing_options = ocp.options.MultiprocessingOptions(
                 primary_host=0, active_processes={0}
             )
-        handlers = None
-        if concurrent_gb is not None:
-            limits = dict(save_concurrent_gb=concurrent_gb, restore_concurrent_gb=concurrent_gb)
-            handlers = {
-                "params": ocp.StandardCheckpointHandler(**limits),
-                "meta": ocp.JsonCheckpointHandler(),
-            }
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=handlers
-        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -79,6 +69,12 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def read_run_info(run_dir: str | Path) -> dict:
+    """A run directory's run.json (status, step, BOS id, ...); {} where there is none."""
+    path = Path(run_dir).expanduser() / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_params(run_dir: str | Path, params, key: str = "train.init_from"):

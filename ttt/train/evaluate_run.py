@@ -18,7 +18,7 @@ from ttt.config import Config, ConfigError, load_config
 from ttt.data.loader import Loader, TokenSplit, open_split
 from ttt.errors import UserError
 from ttt.model import create_model
-from ttt.train.checkpoint import load_params
+from ttt.train.checkpoint import load_params, read_run_info
 from ttt.train.evaluate import EvalResult, evaluate
 from ttt.train.step import batch_putter, data_mesh, make_eval_step, replicated
 
@@ -54,8 +54,7 @@ def load_weights(cfg: Config, weights_dir: str | Path, key: str = "RUN_DIR") -> 
     compile_cache.enable()
     graphdef, params = nnx.split(create_model(cfg.model, seed=cfg.train.seed))
     params, step = load_params(weights_dir, params, key=key)
-    info_path = Path(weights_dir).expanduser() / "run.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = read_run_info(weights_dir)
     params = jax.device_put(params, replicated(data_mesh()))
     return LoadedRun(cfg, graphdef, params, step, info)
 

@@ -61,8 +61,7 @@ def read_weights(ckpt: str, step: int | None = None) -> tuple[dict, int]:
     item = directory / str(step) / ITEM
     if not item.is_dir():
         raise UserError(f"CKPT={ckpt!r}: step {step} has no {ITEM} item")
-    # At most 1 GB read at once: the read buffers are not a second copy of the model.
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1))
+    checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(item).item_metadata.tree
     # NumPy on the host, in the stored dtype: no device copy, no float64 detour.
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
@@ -96,8 +95,9 @@ def import_config(
             "MLPs (h.prime_storage), so it is not a ttt_e2e model; give model.mixer=full or swa"
         )
     base = load_config(preset, given) if preset else None
+    have = base.flat() if base else given  # what the user asked for, key by key
     for key, value in found.items():
-        mine = base.flat()[key] if base else given.get(key, value)
+        mine = have.get(key, value)
         if mine != value:
             origin = f"preset {preset}" if base and key not in given else "override"
             raise ConfigError(f"{key}={mine!r} ({origin}): the checkpoint's weights have {value!r}")
@@ -145,7 +145,7 @@ def import_reference(
     state.replace_by_pure_dict(pure)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        ckpts = Checkpoints(out, keep=1, concurrent_gb=1)
+        ckpts = Checkpoints(out, keep=1)
         meta = {"position": 0, "imported_from": str(ckpt), "reference_step": step}
         ckpts.save(step, state, None, meta)
         ckpts.close()

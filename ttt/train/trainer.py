@@ -25,7 +25,7 @@ from ttt.config import Config, load_config
 from ttt.data.loader import Loader, open_split
 from ttt.errors import UserError
 from ttt.model import create_model
-from ttt.train.checkpoint import Checkpoints, load_params
+from ttt.train.checkpoint import Checkpoints, load_params, read_run_info
 from ttt.train.evaluate import EvalResult, evaluate
 from ttt.train.flops import flops_per_token, peak_flops
 from ttt.train.optim import hyper
@@ -66,8 +66,7 @@ class RunResult:
 
 def _check_init_bos(init_from: str, split) -> None:
     """The run we start from was trained (or imported) with the same BOS id."""
-    info = Path(init_from).expanduser() / "run.json"
-    bos = json.loads(info.read_text()).get("bos_id") if info.is_file() else None
+    bos = read_run_info(init_from).get("bos_id")
     if bos is not None and bos != split.bos_id:
         raise UserError(
             f"train.init_from={init_from!r}: its BOS id is {bos}, the dataset {split.path.parent} "
@@ -85,8 +84,7 @@ def _check_run_dir(out: Path, cfg: Config) -> None:
     saved = out / "config.yaml"
     if not saved.exists():
         return
-    info = out / "run.json"
-    if info.exists() and json.loads(info.read_text()).get("status") == "imported":
+    if read_run_info(out).get("status") == "imported":
         raise UserError(
             f"--out={str(out)!r} holds an imported checkpoint, which has no optimizer state to "
             f"resume; fine-tune it into a new run: train.init_from={out} --out NEW"
@@ -244,7 +242,7 @@ class Trainer:
         self.start = start
 
         run_json = out / "run.json"
-        self.previous = json.loads(run_json.read_text()) if run_json.exists() else {}
+        self.previous = read_run_info(out)
         self.run_info = {
             "status": "running",
             "step": start,

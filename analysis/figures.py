@@ -435,3 +435,30 @@ def build_all(
         table.write_parquet(table_path)
         written[name] = [*paths, table_path]
     return written, missing
+
+
+def nll_artifacts(parquet: Path, out: Path, method: str) -> list[Path]:
+    """One run's per-position NLL as the MLflow UI can show it: Fig 6's drawing as a PNG,
+    and its log-binned table (four bins per octave) as CSV, which the UI previews."""
+    nll = pl.read_parquet(parquet).select("position", "nll").with_columns(method=pl.lit(method))
+    table = recipes.nll_by_token_index(nll)
+    out.mkdir(parents=True, exist_ok=True)
+    fig = _token_index(table)
+    fig.axes[0].set_title(f"{method}: NLL by token index (bold: log-binned)")
+    fig.tight_layout()
+    png = out / f"{parquet.stem}.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    binned = (
+        table.group_by("bin", maintain_order=True)
+        .agg(
+            pl.col("position").min().alias("first_position"),
+            pl.col("position").max().alias("last_position"),
+            pl.col("mean").mean().alias("nll_nats_per_token"),
+        )
+        .sort("bin")
+        .drop("bin")
+    )
+    csv = out / f"{parquet.stem}_binned.csv"
+    binned.write_csv(csv, float_precision=5)
+    return [png, csv]

@@ -304,9 +304,14 @@ def token_index(data: Data):
     nll = data.nll(frame["run_id"].to_list())
     if nll.is_empty():
         return None
-    joined = nll.join(frame.select("run_id", "method"), on="run_id")
+    return nll_by_token_index(nll.join(frame.select("run_id", "method"), on="run_id"))
+
+
+def nll_by_token_index(nll: pl.DataFrame) -> pl.DataFrame:
+    """Per (method, position): mean, min and max NLL over runs and sequences, and the
+    log-binned mean the figure draws. Also the table of one run's NLL artifact."""
     table = (
-        joined.group_by(["method", "position"])
+        nll.group_by(["method", "position"])
         .agg(
             pl.col("nll").mean().alias("mean"),
             pl.col("nll").min().alias("min"),

@@ -10,14 +10,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sweeps.cluster import token_auth
 from sweeps.spec import Stage, SweepSpec, TrialStart
 from sweeps.tracking import MlflowSweepCallback, client, ensure_experiment, find_run
+from sweeps.trial import TrialNamed
 from ttt.errors import UserError
-from ttt.tracking import check_uri, resolve_uri
+from ttt.tracking import check_uri, resolve_uri, run_link
 
 DEFAULT_STORAGE = "ray_results"
 
@@ -32,6 +36,9 @@ def trial_entry(config: dict, spec: SweepSpec) -> None:
     from sweeps.trial import trial_main
 
     trial_main(TrialStart.of(config), spec)
+
+
+trial_entry.__mixins__ = (TrialNamed,)  # Tune builds the trial's actor class on these
 
 
 @dataclass
@@ -189,6 +196,34 @@ def _tuner(
     )
 
 
+def _on_sigint(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _on_sigterm(signum, frame):
+    # `ttt sweep stop`, or Ray stopping the job: stop as on Ctrl-C (Ray blocks SIGINT in
+    # the processes it starts, hence the unblock).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.raise_signal(signal.SIGINT)
+
+
+def _fit(tuner):
+    """`tuner.fit()`, raising KeyboardInterrupt when it was stopped by a signal. Tune ends
+    a stopped run gracefully (state saved, trials resumable) and returns as if it were
+    done; its handler hands SIGINT back to the previous one when it fires, which is how
+    a stop is told from the end."""
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        signal.signal(signal.SIGINT, _on_sigint)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    grid = tuner.fit()
+    if main:
+        if signal.getsignal(signal.SIGINT) is _on_sigint:
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, _on_sigint)  # Tune leaves its handler installed
+    return grid
+
+
 def _rows(results, spec: SweepSpec) -> list[dict]:
     rows = []
     for r in results:
@@ -224,7 +259,7 @@ def _starts(spec: SweepSpec, stage: Stage, rows: list[dict]) -> list[dict]:
     ]
 
 
-def print_monitoring(context, tracking_uri: str) -> None:
+def print_monitoring(context, tracking_uri: str, experiment_id: str) -> None:
     url = getattr(context, "dashboard_url", None)
     if url:
         print(f"Ray dashboard: http://{url}", file=sys.stderr)
@@ -234,10 +269,8 @@ def print_monitoring(context, tracking_uri: str) -> None:
             "'Authorization: Bearer <token>'",
             file=sys.stderr,
         )
-    print(
-        f"MLflow: ttt ui --tracking-uri {tracking_uri}   (serves http://127.0.0.1:5000)",
-        file=sys.stderr,
-    )
+    serve = "" if tracking_uri.startswith("http") else f" (ttt ui --tracking-uri {tracking_uri})"
+    print(f"MLflow runs: {run_link(tracking_uri, experiment_id)}{serve}", file=sys.stderr)
 
 
 def _check_init_from(spec: SweepSpec) -> None:
@@ -300,14 +333,15 @@ def run_sweep(
             {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if address is None else {}
         )
         try:
-            context = ray.init(address=address, log_to_driver=True, **kwargs)
+            # "local": a cluster of its own, never one that `ray start` left running here
+            context = ray.init(address=address or "local", log_to_driver=True, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             if address is None:
                 raise
             raise _init_error(address, e) from None
     else:
         context = ray.get_runtime_context()
-    print_monitoring(context, tracking_uri)
+    print_monitoring(context, tracking_uri, exp_id)
 
     result = SweepResult(spec, parent_id, tracking_uri)
     status = "FAILED"
@@ -324,7 +358,7 @@ def run_sweep(
         params_of = functools.partial(flat_params, spec)
         role = "eval" if spec.task == "eval" else "trial"
         cb = MlflowSweepCallback(tracking_uri, spec.name, parent_id, "main", params_of, role)
-        grid = _tuner(spec, spec.name, space, cb, storage, max_steps, rerun).fit()
+        grid = _fit(_tuner(spec, spec.name, space, cb, storage, max_steps, rerun))
         result.stages.append(StageResult("main", _rows(grid, spec)))
         for stage in spec.stages:
             starts = _starts(spec, stage, result.stages[0].rows)  # every stage extends the first
@@ -335,7 +369,7 @@ def run_sweep(
             cb = MlflowSweepCallback(tracking_uri, spec.name, parent_id, stage.name, params_of)
             steps = stage.steps or max_steps
             stage_name = f"{spec.name}-{stage.name}"
-            grid = _tuner(spec, stage_name, space, cb, storage, steps, rerun).fit()
+            grid = _fit(_tuner(spec, stage_name, space, cb, storage, steps, rerun))
             result.stages.append(StageResult(stage.name, _rows(grid, spec)))
         _log_best(c, exp_id, parent_id, spec, result.stages[-1].rows)
         status = "FINISHED"
@@ -360,7 +394,7 @@ def _log_best(c, exp_id: str, parent_id: str, spec: SweepSpec, rows: list[dict])
     run = find_run(c, exp_id, {"ttt.trial_id": best["trial"]}) if best["trial"] else None
     if run is not None:
         c.set_tag(parent_id, "ttt.best_run_id", run.info.run_id)
-        c.set_tag(parent_id, "ttt.best_run", f"#/experiments/{exp_id}/runs/{run.info.run_id}")
+        c.set_tag(parent_id, "ttt.best_run", run_link(c.tracking_uri, exp_id, run.info.run_id))
 
 
 def _same_sweep(spec: SweepSpec, parent) -> None:
@@ -402,14 +436,7 @@ def connect_env(address: str, timeout: float = 5.0) -> None:
             "node `ray get-auth-token` prints it) or copy its ~/.ray/auth_token, or set "
             "RAY_AUTH_MODE=disabled for a cluster started with auth off"
         )
-    os.environ["RAY_AUTH_MODE"] = "token"
-    if "ray._raylet" in sys.modules:
-        # Ray reads its auth mode when it is imported: refresh it, as Ray's own tests do
-        # after changing it (ray._private.authentication_test_utils).
-        from ray._raylet import AuthenticationTokenLoader, Config
-
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
+    token_auth()
 
 
 def _init_error(address: str, e: Exception) -> UserError:

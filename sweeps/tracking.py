@@ -29,6 +29,8 @@ from ttt.tracking import (  # noqa: F401  (re-exported: the sweep's view of the 
     log_eval_artifacts,
     log_metrics,
     log_params,
+    run_link,
+    run_tags,
 )
 
 
@@ -100,10 +102,9 @@ class MlflowSweepCallback(Callback):
                 exp,
                 run_name=str(trial),
                 tags={
+                    **run_tags(self.role, f"ttt sweep run ({self.sweep}, stage {self.stage})"),
                     **tags,
                     "mlflow.parentRunId": self.parent_run_id,
-                    "ttt.role": self.role,
-                    "mlflow.source.name": f"ttt sweep run ({self.sweep}, stage {self.stage})",
                 },
             )
             run_id = run.info.run_id
@@ -114,7 +115,10 @@ class MlflowSweepCallback(Callback):
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.client.set_tag(self.run_id(trial), "ttt.trial_name", str(trial))
+        run_id = self.run_id(trial)
+        self.client.set_tag(run_id, "ttt.trial_name", str(trial))
+        link = run_link(self.tracking_uri, self.experiment_id(), run_id)
+        print(f"trial {trial} (Ray trial {trial.trial_id}): MLflow {link}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.run_id(trial)
@@ -126,9 +130,15 @@ class MlflowSweepCallback(Callback):
         if run_id in self._done or step <= self._last_step.get(run_id, 0):
             return  # already logged before the driver restarted
         self._last_step[run_id] = max(step, self._last_step.get(run_id, 0))
+        eval_step = result.get("eval_step")
+        if eval_step is not None and eval_step != step:  # an evaluation made before `step`
+            log_metrics(self.client, run_id, {"eval_loss": result["eval_loss"]}, eval_step)
+            result = {k: v for k, v in result.items() if k != "eval_loss"}
         log_metrics(self.client, run_id, result, step)
         if result.get("node_id"):
             self.client.set_tag(run_id, "ttt.node_id", result["node_id"])
+            if result.get("node_ip"):
+                self.client.set_tag(run_id, "ttt.node_ip", result["node_ip"])
             seen = self._nodes.setdefault(run_id, [])
             if result["node_id"] not in seen:  # every node the trial ran on, in order
                 seen.append(result["node_id"])

@@ -108,6 +108,55 @@ def _evaluate(cfg, run_dir: Path, extras: dict) -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+class Progress:
+    """Each report as one line in the trial's log (the driver's, the Ray job's and the
+    dashboard's logs show it, under the trial's name) and as Ray gauges tagged with the
+    trial (the dashboard's Metrics view shows them when Prometheus is set up)."""
+
+    KEYS = ("step", "loss", "eval_loss", "tokens_per_s")
+
+    def __init__(self, trial: str, experiment: str, steps: int):
+        from ray.util.metrics import Gauge
+
+        self.trial, self.steps = trial, steps
+        self.tags = {"trial": trial, "sweep": experiment}
+        self.gauges = {
+            k: Gauge(f"ttt_trial_{k}", description=UNITS[k], tag_keys=("trial", "sweep"))
+            for k in self.KEYS
+        }
+
+    def show(self, result: dict) -> None:
+        for k, gauge in self.gauges.items():
+            if isinstance(result.get(k), (int, float)):
+                gauge.set(float(result[k]), tags=self.tags)
+        parts = [f"step {result['step']}/{self.steps}"]
+        if "loss" in result:
+            parts.append(f"loss {result['loss']:.4f}")
+        if "eval_loss" in result:
+            parts.append(f"eval_loss {result['eval_loss']:.4f}")
+        if "tokens_per_s" in result:
+            parts.append(f"{result['tokens_per_s']:.0f} tok/s")
+        print("  ".join(parts), flush=True)  # Ray prefixes it with the trial's name
+
+
+UNITS = {
+    "step": "optimizer steps done",
+    "loss": "training loss, nats per token",
+    "eval_loss": "validation loss, nats per token",
+    "tokens_per_s": "training tokens per second",
+}
+
+
+class TrialNamed:
+    """Mixin for Tune's function-trainable actor: its repr, which Ray shows as the actor's
+    name in the dashboard and as the prefix of its log lines, is the trial's name instead
+    of the function's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._name = f"trial {self.trial_name}"
+
+
 def trial_main(start: TrialStart, spec: SweepSpec) -> None:
     _jax_env(spec.resources["gpu"])
     import jax
@@ -138,7 +187,7 @@ def trial_main(start: TrialStart, spec: SweepSpec) -> None:
             shutil.copytree(d, run_dir)
     saved = run_dir / "checkpoints"
     start_step = max((int(p.name) for p in saved.iterdir()), default=0) if saved.is_dir() else 0
-    tags = {"node_id": node_id, "start_step": start_step}
+    tags = {"node_id": node_id, "node_ip": ray.util.get_node_ip_address(), "start_step": start_step}
     sampler = SystemSampler() if spec.system_metrics else None
     sent = []
 
@@ -149,12 +198,25 @@ def trial_main(start: TrialStart, spec: SweepSpec) -> None:
             sent.append(True)
         return {**out, **(sampler.read() if sampler else {})}
 
+    progress = Progress(ctx.get_trial_name(), ctx.get_experiment_name(), cfg.train.steps)
+
     class TuneReporter(Reporter):
+        pending: dict = {}  # an evaluation rides on the next report, with its own step
+
+        def report(self, step, values) -> dict:
+            result = {**self.pending, **values, "step": step, **extras()}
+            self.pending = {}
+            progress.show(result)
+            return result
+
+        def evaluation(self, step, result):
+            self.pending = {"eval_loss": result.loss, "eval_step": step}
+
         def metrics(self, step, values):
-            tune.report({**values, "step": step, **extras()})
+            tune.report(self.report(step, values))
 
         def checkpoint(self, step, directory, values, final=False):
-            result = {**values, "step": step, **extras()}
+            result = self.report(step, values)
             if final:
                 result["outcome"] = "finished"
             stage_dir = _stage_checkpoint(run_dir, step, result if final else None)

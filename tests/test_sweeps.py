@@ -188,7 +188,9 @@ def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster, capsys):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["ttt.swept"] == "model.mixer, train.lr"
     assert parent.data.tags["ttt.best_run_id"] == ext[0].info.run_id  # the last stage's best
-    assert parent.data.tags["ttt.best_run"].endswith(f"/runs/{ext[0].info.run_id}")
+    assert parent.data.tags["ttt.best_run"].endswith(
+        f"/runs/{ext[0].info.run_id}?workflowType=machine_learning"
+    )
     assert parent.data.tags["mlflow.source.name"].startswith("ttt sweep run ")
     assert [a.path for a in c.list_artifacts(parent.info.run_id, "spec")] == ["spec/e2e.yaml"]
     seen = set()

@@ -34,6 +34,7 @@ METRIC_KEYS = (
     "flops_per_token",
 )
 SYSTEM_PREFIX = "system/"  # MLflow's UI shows these in its "System metrics" tab
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 OUTCOME_STATUS = {
     "finished": "FINISHED",
     "diverged": "FAILED",
@@ -102,7 +103,8 @@ def ensure_experiment(c, name: str, tracking_uri: str) -> str:
     if tracking_uri.startswith("sqlite:"):  # artifacts beside the database
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         location = (db.parent / DEFAULT_ARTIFACTS).absolute().as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    # Opens on the runs table, not MLflow 3's GenAI traces page.
+    return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
 
 
 def find_run(c, experiment_id: str, tags: dict[str, str]):
@@ -137,8 +139,65 @@ def log_metrics(c, run_id: str, values: dict, step: int) -> None:
 
 
 def log_eval_artifacts(c, run_id: str, run_dir: Path) -> None:
-    for f in sorted((Path(run_dir) / "eval").glob("*.parquet")):
-        c.log_artifact(run_id, str(f), artifact_path="eval")
+    """The per-position NLL (Parquet, what `ttt plots` reads), and beside it what the UI
+    can show: a PNG of it and a log-binned CSV table."""
+    import tempfile
+
+    from analysis.figures import nll_artifacts
+
+    files = sorted((Path(run_dir) / "eval").glob("*.parquet"))
+    if not files:
+        return
+    params = c.get_run(run_id).data.params
+    method = params.get("model.mixer", "run")
+    if method == "ttt_e2e" and params.get("ttt.meta") == "False":
+        method = "ttt_e2e (meta off)"
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in files:
+            c.log_artifact(run_id, str(f), artifact_path="eval")
+            for extra in nll_artifacts(f, Path(tmp), method):
+                c.log_artifact(run_id, str(extra), artifact_path="eval")
+
+
+# The run description (the UI's "Description" box): what each metric is, with its unit.
+DESCRIPTION = """**Metrics** (x axis: optimizer step)
+- `loss`: training loss, nats per token (mean next-token cross-entropy of the outer objective)
+- `eval_loss`, `final_eval_loss`: validation loss, nats per token
+- `grad_norm`: global L2 norm of the outer gradient (before clipping)
+- `lr`: outer learning rate; `inner_lr`: inner (test-time) learning rate, per step
+- `tokens_per_s`: training throughput, tokens per second (all devices)
+- `flops_per_token`: model FLOPs per token; `mfu`: fraction of the devices' peak FLOP/s
+- `system/...`: host CPU (%), memory (GB) and device memory (GB)
+
+**Artifacts**: `eval/nll_by_position.*`: validation NLL by token position (nats per token):
+Parquet (all positions), PNG and a log-binned CSV.
+"""
+
+
+def run_tags(role: str, source: str, **tags: str) -> dict[str, str]:
+    """Tags every run this project creates: its role, the command as Source, and the
+    description with units."""
+    return {
+        "ttt.role": role,
+        "mlflow.source.name": source,
+        "mlflow.note.content": DESCRIPTION,
+        **tags,
+    }
+
+
+def ui_base(tracking_uri: str, port: int = 5000) -> str:
+    """Where a user sees these runs: the server itself, or what `ttt ui` serves."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return f"http://127.0.0.1:{port}"
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A UI link in model-training mode (MLflow 3 opens on GenAI traces otherwise): the
+    runs list of an experiment, or one run."""
+    path = f"#/experiments/{experiment_id}"
+    path += f"/runs/{run_id}" if run_id else "/runs"
+    return f"{ui_base(tracking_uri)}/{path}?workflowType=machine_learning"
 
 
 def finish(c, run_id: str, outcome: str, message: str = "") -> None:
@@ -247,11 +306,9 @@ class MlflowReporter:
             run = c.create_run(
                 exp,
                 run_name=self.out.name,
-                tags={
-                    "ttt.role": "run",
-                    "ttt.run_dir": str(self.out),
-                    "mlflow.source.name": f"ttt train --out {self.out}",
-                },
+                tags=run_tags(
+                    "run", f"ttt train --out {self.out}", **{"ttt.run_dir": str(self.out)}
+                ),
             )
             self.run_id = run.info.run_id
             log_params(c, self.run_id, self.cfg.flat())
@@ -354,7 +411,7 @@ def _log_result(
     else:
         name = f"{run_dir.name} " + " ".join(v for k, v in key.items() if k.startswith("ttt.n"))
         name = f"{name.strip()} T={key['ttt.seq_len']}"
-        tags = {**key, "mlflow.source.name": source, **provenance()}
+        tags = {**run_tags(role, source), **key, **provenance()}
         run_id = c.create_run(exp, run_name=name, tags=tags).info.run_id
         log_params(c, run_id, {**cfg.flat(), "eval.run": run_dir.name, **params})
     for name, value in metrics.items():

@@ -52,7 +52,10 @@ def run(
     ),
     name: str = typer.Option(None, "--name", help="Run the spec under another sweep name."),
     address: str = typer.Option(
-        None, "--address", help="An existing Ray cluster HOST:PORT (default: start one)."
+        None,
+        "--address",
+        help="An existing Ray cluster HOST:PORT (default: this machine's local cluster, "
+        "started if none runs).",
     ),
     tracking_uri: str = typer.Option(
         None, "--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)."
@@ -67,15 +70,33 @@ def run(
     restart_errored: bool = typer.Option(
         False, "--restart-errored", help="On resume, start errored trials again from scratch."
     ),
+    foreground: bool = typer.Option(
+        False,
+        "--foreground",
+        help="Drive the sweep from this process, not as a Ray job (it ends with the terminal).",
+    ),
+    detach: bool = typer.Option(
+        False, "--detach", help="Submit the sweep's Ray job and return without following it."
+    ),
+    keep_cluster: bool = typer.Option(
+        False,
+        "--keep-cluster",
+        help="Keep the local Ray cluster (and its dashboard) up after the sweep ends.",
+    ),
 ) -> None:
-    """Run (or resume) a sweep. Re-running the same command resumes it."""
+    """Run (or resume) a sweep as a Ray job named after it, and follow its log. Re-running
+    the same command resumes it (or follows it, while it runs)."""
+    import os
+
     from sweeps.spec import load_spec
     from ttt.errors import UserError
 
     if resume_errored and restart_errored:
         raise UserError("--resume-errored and --restart-errored: give one of them")
     spec = load_spec(spec_path, overrides or [], name)
-    typer.echo(dry_run_table(spec))
+    in_job = bool(os.environ.get("TTT_SWEEP_JOB"))
+    if not in_job:  # a job's log starts where its submitter's output ended
+        typer.echo(dry_run_table(spec))
     if dry_run:
         return
     from sweeps.driver import Rerun, run_sweep
@@ -83,12 +104,17 @@ def run(
 
     uri = resolve_uri(tracking_uri)
     announce(uri)  # run_sweep checks it before anything else
+    rerun = Rerun(resume_errored, restart_errored)
+    import ray
+
+    if not (foreground or ray.is_initialized()):  # a notebook's or test's Ray: in-process
+        raise typer.Exit(
+            _run_as_job(
+                spec, spec_path, overrides, uri, storage_path, address, rerun, detach, keep_cluster
+            )
+        )
     result = run_sweep(
-        spec,
-        address=address,
-        tracking_uri=uri,
-        storage_path=storage_path,
-        rerun=Rerun(resume_errored, restart_errored),
+        spec, address=address, tracking_uri=uri, storage_path=storage_path, rerun=rerun
     )
     for stage in result.stages:
         counts = Counter(r["outcome"] for r in stage.rows)
@@ -100,6 +126,79 @@ def run(
             best = (min if spec.mode == "min" else max)(done, key=lambda r: r[spec.metric])
             typer.echo(f"  best {spec.metric} {best[spec.metric]:.4f}: {best['config']}")
     typer.echo(f"MLflow parent run {result.parent_run_id} in {result.tracking_uri}")
+
+
+def _run_as_job(spec, spec_path, overrides, uri, storage_path, address, rerun, detach, keep):
+    """Submit the sweep to the local (or given) cluster and follow it; the exit code."""
+    from sweeps import job
+    from sweeps.cluster import local_cluster
+    from sweeps.driver import _check_init_from, storage_root
+    from ttt.tracking import check_uri
+
+    check_uri(uri)  # what the job would fail on first, said here in seconds
+    _check_init_from(spec)
+    if address:
+        cluster = job.cluster_at(address)
+    else:
+        cluster, started = local_cluster(keep=keep)
+        if started:
+            typer.echo(f"started a local Ray cluster (127.0.0.1 only): {cluster.gcs}", err=True)
+    client = cluster.client()
+    same = job.running(client, spec.name)
+    if same:
+        job_id = same[0].submission_id
+        typer.echo(f"sweep {spec.name} is already running as Ray job {job_id}: following it")
+    else:
+        argv = [str(Path(spec_path).absolute()), *(overrides or []), "--name", spec.name]
+        argv += ["--tracking-uri", uri, "--storage-path", storage_root(storage_path, spec)]
+        argv += ["--address", cluster.gcs]
+        argv += ["--resume-errored"] * rerun.resume_errored
+        argv += ["--restart-errored"] * rerun.restart_errored
+        job_id = job.submit(cluster, spec.name, argv, local=not address)
+    typer.echo(f"Ray job {job_id}: {cluster.dashboard}/#/jobs/{job_id}", err=True)
+    typer.echo(f"  stop it with: ttt sweep stop {spec.name}", err=True)
+    if detach:
+        return 0
+    return job.follow(cluster, job_id)
+
+
+@app.command("stop")
+def stop(
+    name: str = typer.Argument(..., metavar="NAME", help="Sweep name."),
+    address: str = typer.Option(
+        None, "--address", help="The Ray cluster HOST:PORT it runs on (default: the local one)."
+    ),
+) -> None:
+    """Stop a running sweep: its trials stop, their MLflow runs are marked KILLED, and
+    running it again resumes it."""
+    from sweeps.job import stop as stop_sweep
+
+    for job_id in stop_sweep(name, address):
+        typer.echo(f"stopped sweep {name} (Ray job {job_id}); `ttt sweep run` resumes it")
+
+
+@app.command("cluster")
+def cluster(
+    down: bool = typer.Option(False, "--down", help="Stop the local Ray cluster."),
+) -> None:
+    """The local Ray cluster that sweeps run on: its address, dashboard and sweeps."""
+    from sweeps.cluster import find_local, stop_local
+    from sweeps.job import SWEEP_KEY
+
+    found = find_local()
+    if found is None:
+        typer.echo("no local Ray cluster is running (`ttt sweep run` starts one)")
+        return
+    if down:
+        stop_local()
+        typer.echo(f"stopped the local Ray cluster {found.gcs}")
+        return
+    keep = "kept up" if found.keep else "stops when no sweep has run for a while"
+    typer.echo(f"local Ray cluster {found.gcs} ({keep}); dashboard {found.dashboard}")
+    for j in found.client().list_jobs():
+        sweep = (j.metadata or {}).get(SWEEP_KEY)
+        if sweep:
+            typer.echo(f"  {j.submission_id}  {j.status.value}  sweep {sweep}")
 
 
 def _storage(storage_path: str | None) -> Path:

@@ -111,6 +111,7 @@ def ui(
         "--workers",
         str(workers),
     ]
-    typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port}")
+    link = f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning"
+    typer.echo(f"MLflow UI for {uri} at {link}")
     light_env()
     os.execv(sys.executable, args)

@@ -372,7 +372,9 @@ class Trainer:
             # Read the previous step's metrics while this one runs; all of them at a sync.
             while len(pending) > (0 if sync else 1):
                 s, m = pending.pop(0)
-                values = {k: float(v) for k, v in jax.device_get(m).items()}
+                # str() of a float32 is its shortest repr: an lr of 0.3 is logged as 0.3,
+                # not float64(float32(0.3)) = 0.30000001192092896.
+                values = {k: float(str(v)) for k, v in jax.device_get(m).items()}
                 now = time.perf_counter()
                 values["tokens_per_s"] = tokens_per_step / max(now - t_last, 1e-9)
                 values["flops_per_token"] = flops

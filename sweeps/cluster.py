@@ -1,0 +1,222 @@
+"""The local Ray cluster that `ttt sweep run` submits sweeps to, as Ray jobs.
+
+One such cluster per machine and user, shared by every sweep started there: a keeper
+process (`python -m sweeps.cluster DIR`) runs `ray start --head --block` and stops it
+when no sweep has been running for a while, unless a sweep asked to keep it
+(`--keep-cluster`). Every Ray service of it listens on 127.0.0.1 only, on ports chosen
+free at start, and other machines cannot join it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ttt.errors import UserError
+
+IDLE_S = 20  # with no job running this long (and none asked to keep it), the cluster stops
+FIRST_JOB_S = 180  # a cluster that never got a job stops after this
+# A stopped sweep's driver gets SIGINT (what Tune stops on) and this long to mark its
+# MLflow runs and save Tune's state before Ray kills it.
+STOP_ENV = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": "90"}
+
+
+def cluster_dir() -> Path:
+    """Ray's temp dir for this cluster (short: Ray's socket paths must fit in 107 bytes)."""
+    return Path(os.environ.get("TTT_RAY_DIR") or f"/tmp/ray-ttt-{os.getuid()}")
+
+
+def loopback_env() -> dict[str, str]:
+    """Ray on this machine only: its node address is 127.0.0.1, which every service binds
+    (Ray's switch for single-machine clusters; workers from elsewhere are refused)."""
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+
+
+def token_auth() -> None:
+    """Send the cluster's token (Ray >= 2.59 turns token auth on for the clusters it
+    starts; the token is in ~/.ray/auth_token or $RAY_AUTH_TOKEN)."""
+    if os.environ.get("RAY_AUTH_MODE") == "token":
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if "ray._raylet" in sys.modules:
+        # Ray reads its auth mode when it is imported: refresh it, as Ray's own tests do
+        # after changing it (ray._private.authentication_test_utils).
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
+@dataclass
+class Cluster:
+    gcs: str  # HOST:PORT, for ray.init
+    dashboard: str  # http://HOST:PORT, the dashboard and the Job Submission API
+    pid: int = 0  # the keeper's, for a local cluster
+    keep: bool = False
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        token_auth()
+        return JobSubmissionClient(self.dashboard)
+
+
+def _state() -> Path:
+    return cluster_dir() / "ttt-cluster.json"
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{url}/api/version", timeout=3)
+        return True
+    except urllib.error.HTTPError:
+        return True  # 401 without a token: it is up
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def find_local() -> Cluster | None:
+    try:
+        cluster = Cluster(**json.loads(_state().read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    return cluster if _alive(cluster.pid) and _answers(cluster.dashboard) else None
+
+
+def local_cluster(keep: bool = False, timeout: float = 120) -> tuple[Cluster, bool]:
+    """This machine's ttt cluster, started if none runs; (cluster, started here)."""
+    cluster = find_local()
+    if cluster is not None:
+        if keep and not cluster.keep:
+            cluster.keep = True
+            _state().write_text(json.dumps(asdict(cluster)))
+        return cluster, False
+    directory = cluster_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    _state().unlink(missing_ok=True)
+    log = (directory / "ttt-cluster.log").open("ab")
+    cmd = [sys.executable, "-m", "sweeps.cluster", str(directory)] + (["--keep"] if keep else [])
+    keeper = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # outlives this terminal
+        env={**os.environ, **loopback_env()},
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        cluster = find_local()
+        if cluster is not None:
+            return cluster, True
+        if keeper.poll() is not None:
+            break
+        time.sleep(0.5)
+    keeper.kill()
+    tail = (directory / "ttt-cluster.log").read_text(errors="replace").strip().splitlines()
+    raise UserError(
+        f"the local Ray cluster did not start (log {directory / 'ttt-cluster.log'}): "
+        + (tail[-1] if tail else "no output")
+    )
+
+
+def stop_local() -> bool:
+    cluster = find_local()
+    if cluster is None:
+        return False
+    os.kill(cluster.pid, signal.SIGTERM)
+    deadline = time.time() + 60
+    while _alive(cluster.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keeper(directory: Path, keep: bool) -> None:
+    """Run `ray start --head --block` and watch it: stop it when idle (unless kept), or on
+    SIGTERM; remove the state file either way."""
+    port, dashboard = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        **loopback_env(),
+        **STOP_ENV,
+        # fixed by default in Ray: two clusters on one machine would collide on them
+        "AUTOSCALER_METRIC_PORT": str(_free_port()),
+        "DASHBOARD_METRIC_PORT": str(_free_port()),
+    }
+    ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block"]
+    proc = subprocess.Popen(
+        ray
+        + ["--port", str(port), "--dashboard-host", "127.0.0.1"]
+        + ["--dashboard-port", str(dashboard)]
+        + ["--dashboard-agent-listen-port", str(_free_port())]
+        + ["--temp-dir", str(directory), "--disable-usage-stats"],
+        env=env,
+    )
+    state = directory / "ttt-cluster.json"
+
+    def down(*_):
+        proc.send_signal(signal.SIGTERM)  # Ray drains and stops every process it started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        state.unlink(missing_ok=True)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, down)
+    signal.signal(signal.SIGINT, down)
+    cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", os.getpid(), keep)
+    while not _answers(cluster.dashboard):
+        if proc.poll() is not None:
+            sys.exit(f"ray start exited with {proc.returncode}")
+        time.sleep(0.5)
+    state.write_text(json.dumps(asdict(cluster)))
+    print(f"local Ray cluster {cluster.gcs}, dashboard {cluster.dashboard}", flush=True)
+    started, idle_since, client = time.time(), None, None
+    while proc.poll() is None:
+        time.sleep(2)
+        try:
+            keep = json.loads(state.read_text()).get("keep", keep)
+            client = client or cluster.client()
+            jobs = client.list_jobs()
+        except Exception:  # the dashboard restarting, a state file being rewritten
+            continue
+        if keep:
+            continue
+        running = [j for j in jobs if not j.status.is_terminal()]
+        if running or (not jobs and time.time() - started < FIRST_JOB_S):
+            idle_since = None
+            continue
+        idle_since = idle_since or time.time()
+        if time.time() - idle_since > IDLE_S:
+            print("no sweep running: stopping the local Ray cluster", flush=True)
+            down()
+    state.unlink(missing_ok=True)
+    sys.exit(f"ray start exited with {proc.returncode}")
+
+
+if __name__ == "__main__":
+    keeper(Path(sys.argv[1]), "--keep" in sys.argv[2:])

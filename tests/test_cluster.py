@@ -212,7 +212,9 @@ def start_sweep(spec: Path, nodes: TwoNodes, tracking_uri: str, cwd: Path) -> su
     env.pop("RAY_AUTH_MODE")
     return subprocess.Popen(
         [sys.executable, "-m", "ttt.cli", "sweep", "run", str(spec), "--address", nodes.address]
-        + ["--tracking-uri", tracking_uri, "--storage-path", str(cwd / "ray")],
+        + ["--tracking-uri", tracking_uri, "--storage-path", str(cwd / "ray")]
+        # this head runs no dashboard, so it takes no jobs: drive the sweep from here
+        + ["--foreground"],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,

@@ -75,6 +75,7 @@ def test_killed_driver_resumes_without_duplicates(tmp_path, corpus):
         uri,
         "--storage-path",
         str(tmp_path / "ray"),
+        "--foreground",  # the driver in this process, so that killing it kills the driver
     ]
     env = {**os.environ, "TTT_TUNE_VERBOSE": "0"}
     log = (tmp_path / "driver.log").open("w")
@@ -88,7 +89,7 @@ def test_killed_driver_resumes_without_duplicates(tmp_path, corpus):
         assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
         # Touch the store only once the driver has created it: two processes migrating a
         # new SQLite schema at once break each other.
-        if "MLflow: ttt ui" not in (tmp_path / "driver.log").read_text():
+        if "MLflow runs: " not in (tmp_path / "driver.log").read_text():
             continue
         try:
             _, _, children = mlflow_runs(uri, "resume")

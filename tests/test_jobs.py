@@ -1,0 +1,365 @@
+"""Sweeps as Ray jobs on the local cluster `ttt sweep run` starts, as a user runs them:
+two at once, one followed to its end, one left running after its terminal closed, then
+stopped and resumed; what the dashboard, the job log and MLflow show of them; and a real
+browser on the dashboard's job page and the MLflow runs list (screenshots in
+build/screenshots/)."""
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_sweep_spec
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SCREENSHOTS = Path(__file__).parent.parent / "build" / "screenshots"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def ttt(*args: str, env: dict, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ttt.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def wait_for(check, what: str, timeout: float = 300, every: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def runs(uri: str, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return [] if exp is None else c.search_runs([exp.experiment_id])
+
+
+class Sweeps:
+    """The module's scenario, and what the tests check of it."""
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory, corpus):
+    from sweeps.cluster import find_local, stop_local
+
+    tmp = tmp_path_factory.mktemp("jobs")
+    s = Sweeps()
+    s.tmp, s.uri = tmp, f"sqlite:///{tmp / 'mlflow.db'}"
+    ray_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must be short
+    s.env = {**os.environ, "TTT_RAY_DIR": ray_dir, "TTT_TUNE_VERBOSE": "0"}
+    os.environ["TTT_RAY_DIR"] = ray_dir  # for find_local() here
+    # `long`: runs until stopped; `short`: two trials, an eval every two steps.
+    s.long = write_sweep_spec(
+        tmp / "long.yaml",
+        corpus,
+        "model.mixer=swa",
+        name="long",
+        max_failures=0,
+        stop={"steps": 2000},
+        checkpoint_every=5,
+        resources={"cpu": 1},
+    )
+    s.short = write_sweep_spec(
+        tmp / "short.yaml",
+        corpus,
+        "train.eval_every=2",
+        name="short",
+        max_failures=0,
+        search={"model.mixer": {"grid": ["swa", "full"]}},
+        stop={"steps": 4},
+        resources={"cpu": 1},
+    )
+    common = ["--tracking-uri", s.uri, "--storage-path", str(tmp / "ray")]
+    s.common = common
+    # The long sweep from a "terminal" that then closes (SIGHUP to its session).
+    log = (tmp / "long.log").open("w")
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "ttt.cli", "sweep", "run", str(s.long), *common],
+        env=s.env,
+        cwd=tmp,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+
+    def long_reports():
+        children = [r for r in runs(s.uri, "long") if r.data.tags.get("ttt.role") == "trial"]
+        return children and "loss" in children[0].data.metrics
+
+    def long_logged():
+        return "Ray job long-" in (tmp / "long.log").read_text() and long_reports()
+
+    wait_for(long_logged, "the long sweep's first report")
+    os.killpg(follower.pid, signal.SIGHUP)
+    follower.wait(timeout=30)
+    s.cluster = find_local()
+    s.client = s.cluster.client()
+    (s.long_job,) = [j for j in s.client.list_jobs() if j.metadata.get("ttt.sweep") == "long"]
+    time.sleep(3)
+    s.long_status_after_hangup = s.client.get_job_status(s.long_job.submission_id).value
+    # Meanwhile the short sweep runs to its end, followed in this "terminal".
+    s.short_run = ttt("sweep", "run", str(s.short), *common, env=s.env, cwd=tmp)
+    try:
+        yield s
+    finally:
+        ttt("sweep", "stop", "long", env=s.env, cwd=tmp, timeout=300)
+        stop_local()
+        os.environ.pop("TTT_RAY_DIR", None)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_a_sweep_is_a_ray_job_named_after_it_with_its_log(sweeps):
+    out = sweeps.short_run.stdout + sweeps.short_run.stderr
+    assert sweeps.short_run.returncode == 0, out[-3000:]
+    (job,) = [j for j in sweeps.client.list_jobs() if j.metadata.get("ttt.sweep") == "short"]
+    assert job.submission_id.startswith("short-") and job.status.value == "SUCCEEDED"
+    assert f"/#/jobs/{job.submission_id}" in out  # where the dashboard shows it
+    log = sweeps.client.get_job_logs(job.submission_id)
+    # per-trial progress in the job's log, under each trial's name
+    for mixer in ("swa", "full"):
+        assert f"(trial mixer={mixer}_" in log, log[-3000:]
+    assert "step 4/4  loss " in log and "eval_loss " in log
+    # the driver printed each trial's MLflow link, in model-training mode
+    assert log.count("MLflow http://127.0.0.1:5000/#/experiments/") == 2
+    assert "?workflowType=machine_learning" in log
+    assert "stage main: 2 finished" in out  # followed to its end in the terminal
+
+
+def test_a_closed_terminal_leaves_the_sweep_running_and_two_run_at_once(sweeps):
+    assert sweeps.long_status_after_hangup == "RUNNING"
+    assert sweeps.short_run.returncode == 0  # while the long one ran on the same cluster
+    status = sweeps.client.get_job_status(sweeps.long_job.submission_id).value
+    assert status == "RUNNING", status
+    listing = ttt("sweep", "cluster", env=sweeps.env, cwd=sweeps.tmp)
+    assert "long-" in listing.stdout and "RUNNING" in listing.stdout
+
+
+def test_every_ray_service_listens_on_loopback_only(sweeps):
+    import psutil
+
+    keeper = psutil.Process(sweeps.cluster.pid)
+    pids = {keeper.pid, *(p.pid for p in keeper.children(recursive=True))}
+    listening = [
+        c
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    ]
+    assert len(listening) >= 6, listening  # GCS, raylet, dashboard, agents, workers
+    for conn in listening:
+        ip = ipaddress.ip_address(conn.laddr.ip)
+        ip = getattr(ip, "ipv4_mapped", None) or ip
+        assert ip.is_loopback, (conn, psutil.Process(conn.pid).name())
+
+
+def test_trials_are_told_apart_in_the_dashboard_and_in_mlflow(sweeps):
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    req = urllib.request.Request(
+        f"{sweeps.cluster.dashboard}/api/v0/actors?limit=1000&detail=1",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        actors = json.loads(r.read())["data"]["result"]["result"]
+    names = {a.get("repr_name", "") for a in actors}
+    assert any(n.startswith("trial mixer=swa_") for n in names), names
+    for run in runs(sweeps.uri, "short"):
+        if run.data.tags["ttt.role"] != "trial":
+            continue
+        tags = run.data.tags
+        assert tags["ttt.trial_id"] in tags["ttt.trial_name"]
+        assert tags["ttt.node_id"] and tags["ttt.node_ip"] == "127.0.0.1"
+
+
+def test_mlflow_reads_well(sweeps):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(sweeps.uri)
+    exp = c.get_experiment_by_name("short")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    all_runs = runs(sweeps.uri, "short")
+    (parent,) = [r for r in all_runs if r.data.tags["ttt.role"] == "sweep"]
+    children = [r for r in all_runs if r.data.tags["ttt.role"] == "trial"]
+    assert parent.data.tags["ttt.swept"] == "model.mixer"
+    best = parent.data.tags["ttt.best_run_id"]
+    assert parent.data.tags["ttt.best_run"] == (
+        f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{best}"
+        "?workflowType=machine_learning"
+    )
+    for run in children:
+        run_id = run.info.run_id
+        # the eval curve: every eval_every steps, each at its own step
+        assert [m.step for m in c.get_metric_history(run_id, "eval_loss")] == [2, 4]
+        # float32 values as the config wrote them, not 0.30000001192092896
+        for m in c.get_metric_history(run_id, "lr"):
+            assert m.value == float(str(np.float32(m.value))), m.value
+        assert run.data.params["ttt.inner_lr_init"] == "0.1"
+        assert "nats per token" in run.data.tags["mlflow.note.content"]
+        assert run.data.tags["mlflow.source.name"] == "ttt sweep run (short, stage main)"
+        files = {a.path for a in c.list_artifacts(run_id, "eval")}
+        assert files == {
+            f"eval/nll_by_position{suffix}" for suffix in (".parquet", ".png", "_binned.csv")
+        }
+        local = Path(c.download_artifacts(run_id, "eval/nll_by_position_binned.csv"))
+        head, *rows = local.read_text().splitlines()
+        assert head == "first_position,last_position,nll_nats_per_token" and rows
+
+
+def _browser():
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip(
+            "no browser: install Debian's Chromium and its driver "
+            "(apt-get install chromium chromium-driver) to run the browser test"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        # no calls home: this machine has no network, and they fail slowly
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+    ):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def _text(driver, wanted: list[str], timeout: float = 60) -> str:
+    from selenium.webdriver.common.by import By
+
+    def seen():
+        body = driver.find_element(By.TAG_NAME, "body").text
+        return body if all(w in body for w in wanted) else ""
+
+    return wait_for(seen, f"the page to show {wanted}", timeout, every=1)
+
+
+def _ray_login(driver, dashboard: str) -> None:
+    """As a user does: paste the cluster's token into the dashboard's dialog."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{dashboard}/")
+    (field,) = wait_for(
+        lambda: driver.find_elements(By.CSS_SELECTOR, "div[role=dialog] input[type=password]"),
+        "the dashboard's token dialog",
+        timeout=60,
+    )
+    field.send_keys((Path.home() / ".ray" / "auth_token").read_text().strip())
+    (submit,) = [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "SUBMIT"]
+    submit.click()
+    wait_for(
+        lambda: not driver.find_elements(By.CSS_SELECTOR, "div[role=dialog] input"),
+        "the dashboard to take the token",
+        timeout=30,
+    )
+
+
+def test_a_browser_sees_the_running_job_and_the_finished_runs(sweeps):
+    from selenium.webdriver.common.by import By
+
+    driver = _browser()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    port = 5000 + os.getpid() % 1000
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "ttt.cli", "ui", "--tracking-uri", sweeps.uri, "--port", str(port)],
+        env=sweeps.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        # The dashboard's page of the running sweep's job: its name and its live log.
+        job_id = sweeps.long_job.submission_id
+        _ray_login(driver, sweeps.cluster.dashboard)
+        driver.get(f"{sweeps.cluster.dashboard}/#/jobs/{job_id}")
+        _text(driver, [job_id, "RUNNING", "Ray dashboard: ", "MLflow runs: "], timeout=90)
+        driver.execute_script("window.scrollTo(0, 450)")  # down to the driver's log
+        driver.save_screenshot(str(SCREENSHOTS / "ray-dashboard-job.png"))
+        driver.get(f"{sweeps.cluster.dashboard}/#/jobs")
+        _text(driver, [job_id, "short-"])
+        driver.save_screenshot(str(SCREENSHOTS / "ray-dashboard-jobs.png"))
+
+        # The MLflow runs list of the finished sweep, in model-training mode: the parent,
+        # expanded, shows its children by name.
+        def up():
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                return True
+            except OSError:
+                return False
+
+        wait_for(up, "ttt ui", timeout=120)
+        exp = runs(sweeps.uri, "short")[0].info.experiment_id
+        driver.get(
+            f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?workflowType=machine_learning"
+        )
+        _text(driver, ["Model training", "short", "3 matching runs"])
+        driver.find_element(
+            By.CSS_SELECTOR, "[data-component-id*='runnamecellrenderer'][type=button]"
+        ).click()
+        _text(driver, ["mixer=swa_", "mixer=full_"])
+        driver.save_screenshot(str(SCREENSHOTS / "mlflow-runs.png"))
+    finally:
+        driver.quit()
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
+
+
+def test_stop_marks_the_runs_killed_and_a_rerun_resumes(sweeps):
+    stopped = ttt("sweep", "stop", "long", env=sweeps.env, cwd=sweeps.tmp, timeout=300)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    assert "stopped sweep long" in stopped.stdout
+    job_id = sweeps.long_job.submission_id
+    assert sweeps.client.get_job_status(job_id).value == "STOPPED"
+    (parent,) = [r for r in runs(sweeps.uri, "long") if r.data.tags["ttt.role"] == "sweep"]
+    (child,) = [r for r in runs(sweeps.uri, "long") if r.data.tags["ttt.role"] == "trial"]
+    assert parent.info.status == "KILLED"
+    assert child.info.status == "KILLED" and child.data.tags["ttt.outcome"] == "interrupted"
+    again = ttt("sweep", "stop", "long", env=sweeps.env, cwd=sweeps.tmp)
+    assert again.returncode == 2 and "is not running" in again.stderr
+    # The same command again resumes it from its last checkpoint, in the same MLflow run.
+    rerun = ttt(
+        "sweep",
+        "run",
+        str(sweeps.long),
+        *sweeps.common,
+        "--detach",
+        env=sweeps.env,
+        cwd=sweeps.tmp,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+
+    def resumed():
+        (run,) = [r for r in runs(sweeps.uri, "long") if r.data.tags["ttt.role"] == "trial"]
+        return run if run.data.tags.get("ttt.resumed_from") else None
+
+    run = wait_for(resumed, "the resumed trial")
+    assert run.info.run_id == child.info.run_id and int(run.data.tags["ttt.resumed_from"]) >= 5

@@ -56,6 +56,15 @@ def token_auth() -> None:
         AuthenticationTokenLoader.instance().reset_cache()
 
 
+def loopback_mode() -> None:
+    """Join a cluster on 127.0.0.1 as one of its processes: with this node's address
+    loopback too (Ray otherwise swaps 127.0.0.1 for the machine's external address)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # read at import; what Ray's address lookup consults
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 @dataclass
 class Cluster:
     gcs: str  # HOST:PORT, for ray.init

@@ -16,9 +16,15 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweeps.cluster import token_auth
+from sweeps.cluster import loopback_mode, token_auth
 from sweeps.spec import Stage, SweepSpec, TrialStart
-from sweeps.tracking import MlflowSweepCallback, client, ensure_experiment, find_run
+from sweeps.tracking import (
+    MlflowSweepCallback,
+    client,
+    ensure_experiment,
+    find_run,
+    log_params,
+)
 from sweeps.trial import TrialNamed
 from ttt.errors import UserError
 from ttt.tracking import check_uri, resolve_uri, run_link
@@ -303,6 +309,7 @@ def run_sweep(
     storage = storage_root(storage_path, spec)
     c = client(tracking_uri)
     exp_id = ensure_experiment(c, spec.name, tracking_uri)
+    c.set_experiment_tag(exp_id, "mlflow.note.content", f"Sweep {spec.name}: {spec.path}")
     parent = find_run(c, exp_id, {"ttt.role": "sweep", "ttt.sweep": spec.name})
     if parent is not None:
         _same_sweep(spec, parent)
@@ -323,6 +330,18 @@ def run_sweep(
         c.log_artifact(parent.info.run_id, spec.path, artifact_path="spec")
         swept = sorted({k for point in spec.points for k in point} | set(spec.random))
         c.set_tag(parent.info.run_id, "ttt.swept", ", ".join(swept))
+        # the parent's params: what each swept key takes (the UI's columns for it)
+        values = {k: list(dict.fromkeys(str(p[k]) for p in spec.points if k in p)) for k in swept}
+        values.update({k: [f"{kind}{tuple(args)}"] for k, (kind, args) in spec.random.items()})
+        log_params(
+            c,
+            parent.info.run_id,
+            {
+                **{f"sweep.{k}": ", ".join(v) for k, v in values.items()},
+                "sweep.trials": len(spec.points) * spec.num_samples,
+                "sweep.stages": ", ".join(["main", *(st.name for st in spec.stages)]),
+            },
+        )
     else:
         c.update_run(parent.info.run_id, status="RUNNING")
     parent_id = parent.info.run_id
@@ -418,6 +437,8 @@ def connect_env(address: str, timeout: float = 5.0) -> None:
     import socket
 
     host, _, port = address.rpartition(":")
+    if host in ("127.0.0.1", "localhost"):
+        loopback_mode()  # a cluster on this machine only, as `ttt sweep run` starts
     if address != "auto" and not address.startswith("ray://"):
         try:
             with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):

@@ -200,6 +200,11 @@ def test_mlflow_reads_well(sweeps):
     (parent,) = [r for r in all_runs if r.data.tags["ttt.role"] == "sweep"]
     children = [r for r in all_runs if r.data.tags["ttt.role"] == "trial"]
     assert parent.data.tags["ttt.swept"] == "model.mixer"
+    assert parent.data.params == {
+        "sweep.model.mixer": "swa, full",
+        "sweep.trials": "2",
+        "sweep.stages": "main",
+    }
     best = parent.data.tags["ttt.best_run_id"]
     assert parent.data.tags["ttt.best_run"] == (
         f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{best}"

@@ -205,7 +205,9 @@ def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster, capsys):
         assert sorted(m.step for m in history) == [1, 2, 3, 4]
         assert "final_eval_loss" in run.data.metrics
         assert [a.path for a in c.list_artifacts(run.info.run_id, "eval")] == [
-            "eval/nll_by_position.parquet"
+            "eval/nll_by_position.parquet",
+            "eval/nll_by_position.png",
+            "eval/nll_by_position_binned.csv",
         ]
         tags = run.data.tags  # what a reader needs to trust the run later
         for key in ("ttt.version", "jax.version", "jax.backend", "device.kind", "ttt.run_dir"):

@@ -111,6 +111,10 @@ def test_a_single_run_is_tracked_like_a_trial(tmp_path, corpus, monkeypatch, cap
     assert tags["ttt.run_dir"] == str(out) and tags["ttt.checkpoint"].endswith("checkpoints/5")
     assert tags["ttt.git_dirty"] in ("true", "false") and len(tags["ttt.git_commit"]) == 40
     arts = [a.path for a in c.list_artifacts(r.info.run_id, "eval")]
-    assert arts == ["eval/nll_by_position.parquet"]
+    assert arts == [
+        "eval/nll_by_position.parquet",
+        "eval/nll_by_position.png",
+        "eval/nll_by_position_binned.csv",
+    ]
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "finished" and info["step"] == 5

@@ -93,6 +93,8 @@ def run(
 
     if resume_errored and restart_errored:
         raise UserError("--resume-errored and --restart-errored: give one of them")
+    if detach and foreground:
+        raise UserError("--detach and --foreground: give one of them (--detach submits a job)")
     spec = load_spec(spec_path, overrides or [], name)
     in_job = bool(os.environ.get("TTT_SWEEP_JOB"))
     if not in_job:  # a job's log starts where its submitter's output ended

@@ -110,7 +110,17 @@ def find_local() -> Cluster | None:
 
 
 def local_cluster(keep: bool = False, timeout: float = 120) -> tuple[Cluster, bool]:
-    """This machine's ttt cluster, started if none runs; (cluster, started here)."""
+    """This machine's ttt cluster, started if none runs; (cluster, started here). Two
+    sweeps started at once get the same one."""
+    import fcntl
+
+    cluster_dir().mkdir(parents=True, exist_ok=True)
+    with open(cluster_dir() / "ttt-cluster.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _local_cluster(keep, timeout)
+
+
+def _local_cluster(keep: bool, timeout: float) -> tuple[Cluster, bool]:
     cluster = find_local()
     if cluster is not None:
         if keep and not cluster.keep:
@@ -118,7 +128,6 @@ def local_cluster(keep: bool = False, timeout: float = 120) -> tuple[Cluster, bo
             _state().write_text(json.dumps(asdict(cluster)))
         return cluster, False
     directory = cluster_dir()
-    directory.mkdir(parents=True, exist_ok=True)
     _state().unlink(missing_ok=True)
     log = (directory / "ttt-cluster.log").open("ab")
     cmd = [sys.executable, "-m", "sweeps.cluster", str(directory)] + (["--keep"] if keep else [])

@@ -167,7 +167,7 @@ DESCRIPTION = """**Metrics** (x axis: optimizer step)
 - `lr`: outer learning rate; `inner_lr`: inner (test-time) learning rate, per step
 - `tokens_per_s`: training throughput, tokens per second (all devices)
 - `flops_per_token`: model FLOPs per token; `mfu`: fraction of the devices' peak FLOP/s
-- `system/...`: host CPU (%), memory (GB) and device memory (GB)
+- `system/...`: MLflow's system metrics, each named with its unit (percent, megabytes)
 
 **Artifacts**: `eval/nll_by_position.*`: validation NLL by token position (nats per token):
 Parquet (all positions), PNG and a log-binned CSV.
@@ -192,11 +192,12 @@ def ui_base(tracking_uri: str, port: int = 5000) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def run_link(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+def run_link(tracking_uri: str, experiment_id: str | None = None, run_id: str | None = None):
     """A UI link in model-training mode (MLflow 3 opens on GenAI traces otherwise): the
-    runs list of an experiment, or one run."""
-    path = f"#/experiments/{experiment_id}"
-    path += f"/runs/{run_id}" if run_id else "/runs"
+    experiments, an experiment's runs, or one run."""
+    path = "#/experiments"
+    if experiment_id is not None:
+        path += f"/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
     return f"{ui_base(tracking_uri)}/{path}?workflowType=machine_learning"
 
 

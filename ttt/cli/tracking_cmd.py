@@ -94,7 +94,7 @@ def ui(
     workers: int = typer.Option(1, "--workers", help="Server processes (one is enough locally)."),
 ) -> None:
     """Start the MLflow UI on 127.0.0.1."""
-    from ttt.tracking import resolve_uri
+    from ttt.tracking import resolve_uri, run_link
 
     uri = resolve_uri(tracking_uri)
     args = [
@@ -111,7 +111,6 @@ def ui(
         "--workers",
         str(workers),
     ]
-    link = f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning"
-    typer.echo(f"MLflow UI for {uri} at {link}")
+    typer.echo(f"MLflow UI for {uri} at {run_link(f'http://127.0.0.1:{port}')}")
     light_env()
     os.execv(sys.executable, args)

@@ -91,7 +91,8 @@ def _scheduler(spec: SweepSpec, max_steps: int):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    # Rung decisions need a metric in every report: the training loss (eval comes at the end).
+    # Rung decisions need a metric in every report: the training loss (eval comes only at
+    # the end, or every `eval_every` steps).
     return ASHAScheduler(
         time_attr="step",
         metric=s.get("metric", "loss"),
@@ -114,8 +115,9 @@ def _search_alg(spec: SweepSpec):
         ) from None
 
     class FinalMetricOptuna(OptunaSearch):
-        """Trials report `eval_loss` only with their last result: Optuna learns from that
-        one and skips the reports in between (which carry the training loss)."""
+        """Trials report `eval_loss` with their last result (and every `eval_every`
+        steps when set): Optuna learns from those and skips the reports that carry only
+        the training loss."""
 
         def on_trial_result(self, trial_id: str, result: dict):
             if self.metric in result:

@@ -88,6 +88,9 @@ def run(
     the same command resumes it (or follows it, while it runs)."""
     import os
 
+    # Ray folds alike log lines of different trials into "[repeated Nx across cluster]",
+    # which hides the per-trial progress lines; read when Ray is imported.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from sweeps.spec import load_spec
     from ttt.errors import UserError
 

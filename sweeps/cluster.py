@@ -56,6 +56,24 @@ def token_auth() -> None:
         AuthenticationTokenLoader.instance().reset_cache()
 
 
+def loopback_only(port: int) -> bool:
+    """Whether the cluster whose GCS is on 127.0.0.1:`port` is one of these loopback-only
+    clusters (a cluster Ray started the usual way listens on the machine's address too)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: it picks the outward address
+            outward = probe.getsockname()[0]
+        except OSError:
+            return True  # no other address than loopback
+    if outward.startswith("127."):
+        return True
+    try:
+        with socket.create_connection((outward, port), timeout=2):
+            return False
+    except OSError:
+        return True
+
+
 def loopback_mode() -> None:
     """Join a cluster on 127.0.0.1 as one of its processes: with this node's address
     loopback too (Ray otherwise swaps 127.0.0.1 for the machine's external address)."""

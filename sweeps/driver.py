@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweeps.cluster import loopback_mode, token_auth
+from sweeps.cluster import loopback_mode, loopback_only, token_auth
 from sweeps.spec import Stage, SweepSpec, TrialStart
 from sweeps.tracking import (
     MlflowSweepCallback,
@@ -439,7 +439,7 @@ def connect_env(address: str, timeout: float = 5.0) -> None:
     import socket
 
     host, _, port = address.rpartition(":")
-    if host in ("127.0.0.1", "localhost"):
+    if host in ("127.0.0.1", "localhost") and loopback_only(int(port)):
         loopback_mode()  # a cluster on this machine only, as `ttt sweep run` starts
     if address != "auto" and not address.startswith("ray://"):
         try:

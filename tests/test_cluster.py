@@ -266,7 +266,9 @@ def test_sweep_on_two_nodes_with_one_tracking_server(tmp_path, corpus, two_nodes
     assert len({r.data.tags["ttt.node_id"] for r in children}) == 2  # both nodes ran trials
     for r in children:  # artifacts went through the server too
         assert [a.path for a in c.list_artifacts(r.info.run_id, "eval")] == [
-            "eval/nll_by_position.parquet"
+            "eval/nll_by_position.parquet",
+            "eval/nll_by_position.png",
+            "eval/nll_by_position_binned.csv",
         ]
     assert not (tmp_path / "mlflow.db").exists()  # nothing fell back to a local store
 

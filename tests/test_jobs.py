@@ -119,7 +119,7 @@ def sweeps(tmp_path_factory, corpus):
     time.sleep(3)
     s.long_status_after_hangup = s.client.get_job_status(s.long_job.submission_id).value
     # Meanwhile the short sweep runs to its end, followed in this "terminal".
-    s.short_run = ttt("sweep", "run", str(s.short), *common, env=s.env, cwd=tmp)
+    s.short_run = ttt("sweep", "run", str(s.short), *common, "--keep-cluster", env=s.env, cwd=tmp)
     try:
         yield s
     finally:
@@ -153,6 +153,7 @@ def test_a_closed_terminal_leaves_the_sweep_running_and_two_run_at_once(sweeps):
     assert status == "RUNNING", status
     listing = ttt("sweep", "cluster", env=sweeps.env, cwd=sweeps.tmp)
     assert "long-" in listing.stdout and "RUNNING" in listing.stdout
+    assert "(kept up)" in listing.stdout  # the short sweep asked for --keep-cluster
 
 
 def test_every_ray_service_listens_on_loopback_only(sweeps):
@@ -182,6 +183,17 @@ def test_trials_are_told_apart_in_the_dashboard_and_in_mlflow(sweeps):
         actors = json.loads(r.read())["data"]["result"]["result"]
     names = {a.get("repr_name", "") for a in actors}
     assert any(n.startswith("trial mixer=swa_") for n in names), names
+    # the running trial's step and loss as Ray metrics (what Prometheus would scrape)
+    (port_file,) = Path(os.environ["TTT_RAY_DIR"], "session_latest").glob("metrics_export_port_*")
+    url = f"http://127.0.0.1:{port_file.read_text().strip()}/metrics"
+
+    def exported():
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        return [ln for ln in text.splitlines() if ln.startswith("ray_ttt_trial_loss{")]
+
+    lines = wait_for(exported, "the trial gauges", timeout=60, every=2)
+    assert any('sweep="long"' in ln and 'trial="' in ln for ln in lines), lines
     for run in runs(sweeps.uri, "short"):
         if run.data.tags["ttt.role"] != "trial":
             continue
@@ -350,12 +362,15 @@ def test_stop_marks_the_runs_killed_and_a_rerun_resumes(sweeps):
     assert child.info.status == "KILLED" and child.data.tags["ttt.outcome"] == "interrupted"
     again = ttt("sweep", "stop", "long", env=sweeps.env, cwd=sweeps.tmp)
     assert again.returncode == 2 and "is not running" in again.stderr
-    # The same command again resumes it from its last checkpoint, in the same MLflow run.
+    # The same command again resumes it from its last checkpoint, in the same MLflow run
+    # (here through --address, as on a cluster started by hand).
     rerun = ttt(
         "sweep",
         "run",
         str(sweeps.long),
         *sweeps.common,
+        "--address",
+        sweeps.cluster.gcs,
         "--detach",
         env=sweeps.env,
         cwd=sweeps.tmp,

@@ -35,10 +35,14 @@ def cluster_dir() -> Path:
     return Path(os.environ.get("TTT_RAY_DIR") or f"/tmp/ray-ttt-{os.getuid()}")
 
 
+# Ray's switch for single-machine clusters: the node address is 127.0.0.1, which every
+# service binds, and workers from elsewhere are refused.
+SINGLE_MACHINE = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
 def loopback_env() -> dict[str, str]:
-    """Ray on this machine only: its node address is 127.0.0.1, which every service binds
-    (Ray's switch for single-machine clusters; workers from elsewhere are refused)."""
-    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    """Ray on this machine only, with the token the cluster wants."""
+    return {SINGLE_MACHINE[0]: SINGLE_MACHINE[1], "RAY_AUTH_MODE": "token"}
 
 
 def token_auth() -> None:
@@ -77,7 +81,7 @@ def loopback_only(port: int) -> bool:
 def loopback_mode() -> None:
     """Join a cluster on 127.0.0.1 as one of its processes: with this node's address
     loopback too (Ray otherwise swaps 127.0.0.1 for the machine's external address)."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ[SINGLE_MACHINE[0]] = SINGLE_MACHINE[1]
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:  # read at import; what Ray's address lookup consults
         constants.ENABLE_RAY_CLUSTER = False
@@ -173,8 +177,9 @@ def _local_cluster(keep: bool, timeout: float) -> tuple[Cluster, bool]:
     )
 
 
-def stop_local() -> bool:
-    cluster = find_local()
+def stop_local(cluster: Cluster | None = None) -> bool:
+    """Stop the local cluster (the one given, else the one running); False if none runs."""
+    cluster = cluster or find_local()
     if cluster is None:
         return False
     os.kill(cluster.pid, signal.SIGTERM)

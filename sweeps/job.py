@@ -94,7 +94,7 @@ def follow(cluster: Cluster, job_id: str) -> int:
         )
         return 130
     info = client.get_job_info(job_id)
-    status = str(info.status.value if hasattr(info.status, "value") else info.status)
+    status = info.status.value
     if status == "SUCCEEDED":
         return 0
     code = getattr(info, "driver_exit_code", None)

@@ -301,6 +301,18 @@ SPEC_FIGURES = {
 }
 
 
+def figure_points(table: pl.DataFrame, figure: str, x: str) -> dict:
+    """A figure's drawn points: {line: {x values}}, a line being the method (or the
+    method and TTT-layer count, or the evaluated model)."""
+    line = {"fig4_ttt_layers": ["method", "model.ttt_layers"], "eval_context_length": ["model"]}
+    line = line.get(figure, ["method"])
+    got: dict = {}
+    for row in table.iter_rows(named=True):
+        key = tuple(row[k] for k in line) if len(line) > 1 else row[line[0]]
+        got.setdefault(key, set()).add(row[x])
+    return got
+
+
 def test_every_shipped_spec_has_a_figure_test():
     assert {p.stem for p in SPECS.glob("*.yaml")} == set(SPEC_FIGURES)
 
@@ -321,13 +333,7 @@ def test_each_spec_draws_its_figure_from_its_own_runs(stem, tmp_path, capsys):
     assert exc.value.code == 0
     assert f"{figure}: {out / figure}.png" in capsys.readouterr().out
     table = pl.read_parquet(out / f"{figure}.parquet")
-    line = {"fig4_ttt_layers": ["method", "model.ttt_layers"], "eval_context_length": ["model"]}
-    line = line.get(figure, ["method"])
-    got: dict = {}
-    for row in table.iter_rows(named=True):
-        key = tuple(row[k] for k in line) if len(line) > 1 else row[line[0]]
-        got.setdefault(key, set()).add(row[x])
-    assert got == expected
+    assert figure_points(table, figure, x) == expected
     assert table["runs"].min() == 2  # both seeds in every point: min/max bands
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from test_analysis import SPEC_FIGURES
+from test_analysis import SPEC_FIGURES, figure_points
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -81,17 +81,9 @@ def miniature(stem: str, corpus: Path) -> dict:
     return raw
 
 
-def figure_points(out: Path, figure: str) -> dict:
-    table = pl.read_parquet(out / f"{figure}.parquet")
-    x = SPEC_FIGURES_X[figure]
-    line = ["method", "model.ttt_layers"] if figure == "fig4_ttt_layers" else ["method"]
-    got: dict = {}
-    for row in table.iter_rows(named=True):
-        got.setdefault(tuple(row[k] for k in line), set()).add(row[x])
-    return got
-
-
-SPEC_FIGURES_X = {figure: x for figure, x, _ in SPEC_FIGURES.values()}
+def points(out: Path, stem: str) -> dict:
+    figure, x, _ = SPEC_FIGURES[stem]
+    return figure_points(pl.read_parquet(out / f"{figure}.parquet"), figure, x)
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +117,12 @@ def test_each_shipped_spec_in_miniature_draws_its_figure(stem, tmp_path, corpus,
     synthetic = f"sqlite:///{tmp_path / 'synthetic.db'}"
     spec_like(synthetic, spec)
     build_all(synthetic, tmp_path / "synthetic", [spec.name], formats=("png",), only=[figure])
-    real = figure_points(tmp_path / "real", figure)
+    real = points(tmp_path / "real", stem)
     if stem == "inner_lr":  # ASHA may stop trials early: a subset of the points
-        synth = figure_points(tmp_path / "synthetic", figure)
+        synth = points(tmp_path / "synthetic", stem)
         assert real and all(real[k] <= synth[k] for k in real), (real, synth)
     else:
-        assert real == figure_points(tmp_path / "synthetic", figure)
+        assert real == points(tmp_path / "synthetic", stem)
     # every context length of a staged spec, every size of a size sweep
     if spec.stages:
         lengths = {64, *(128 * 2**i for i in range(len(spec.stages)))}

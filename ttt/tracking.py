@@ -143,15 +143,22 @@ def log_eval_artifacts(c, run_id: str, run_dir: Path) -> None:
     can show: a PNG of it and a log-binned CSV table."""
     import tempfile
 
+    import polars as pl
+
     from analysis.figures import nll_artifacts
+    from analysis.recipes import with_method
 
     files = sorted((Path(run_dir) / "eval").glob("*.parquet"))
     if not files:
         return
     params = c.get_run(run_id).data.params
-    method = params.get("model.mixer", "run")
-    if method == "ttt_e2e" and params.get("ttt.meta") == "False":
-        method = "ttt_e2e (meta off)"
+    run = pl.DataFrame(
+        {
+            "model.mixer": [params.get("model.mixer")],
+            "ttt.meta": [params.get("ttt.meta") != "False"],
+        }
+    )
+    method = with_method(run)["method"][0] or "run"  # the label the figures use
     with tempfile.TemporaryDirectory() as tmp:
         for f in files:
             c.log_artifact(run_id, str(f), artifact_path="eval")

@@ -195,7 +195,7 @@ def cluster(
         typer.echo("no local Ray cluster is running (`ttt sweep run` starts one)")
         return
     if down:
-        stop_local()
+        stop_local(found)
         typer.echo(f"stopped the local Ray cluster {found.gcs}")
         return
     keep = "kept up" if found.keep else "stops when no sweep has run for a while"

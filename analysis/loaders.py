@@ -30,9 +30,9 @@ TAGS = {
 
 
 def _client(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
+    from ttt.tracking import client
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    return client(tracking_uri)
 
 
 def _experiment_ids(c, experiments: Sequence[str] | None) -> dict[str, str]:
@@ -118,16 +118,6 @@ def runs(
     )
 
 
-def _sqlite_path(tracking_uri: str) -> str | None:
-    if not tracking_uri.startswith("sqlite:"):
-        return None
-    return (
-        tracking_uri.removeprefix("sqlite:///")
-        if tracking_uri.startswith("sqlite:////")
-        else tracking_uri.removeprefix("sqlite:///")
-    )
-
-
 def metric_history(
     tracking_uri: str, run_ids: Sequence[str], keys: Sequence[str] | None = None
 ) -> pl.DataFrame:
@@ -136,7 +126,9 @@ def metric_history(
     run_ids = list(run_ids)
     if not run_ids:
         return pl.DataFrame(schema=schema)
-    path = _sqlite_path(tracking_uri)
+    from ttt.tracking import sqlite_path
+
+    path = sqlite_path(tracking_uri)
     if path is not None:
         marks = ",".join("?" * len(run_ids))
         sql = f"SELECT run_uuid, key, step, value FROM metrics WHERE run_uuid IN ({marks})"

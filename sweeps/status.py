@@ -27,14 +27,11 @@ def _run_ids(tracking_uri: str | None, name: str) -> dict[str, str]:
     """trial id -> MLflow run id, where the store is at hand (never a reason to fail)."""
     if not tracking_uri:
         return {}
-    if (
-        tracking_uri.startswith("sqlite:")
-        and not Path(tracking_uri.removeprefix("sqlite:///")).exists()
-    ):
+    from ttt.tracking import check_uri, client, sqlite_path
+
+    if (db := sqlite_path(tracking_uri)) is not None and not db.exists():
         return {}
     try:
-        from ttt.tracking import check_uri, client
-
         check_uri(tracking_uri, timeout=2)
         c = client(tracking_uri)
         exp = c.get_experiment_by_name(name)

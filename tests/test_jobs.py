@@ -48,9 +48,9 @@ def wait_for(check, what: str, timeout: float = 300, every: float = 1.0):
 
 
 def runs(uri: str, experiment: str) -> list:
-    from mlflow.tracking import MlflowClient
+    from ttt.tracking import client
 
-    c = MlflowClient(uri)
+    c = client(uri)  # the store's creation is serialised with the driver's (polled early)
     exp = c.get_experiment_by_name(experiment)
     return [] if exp is None else c.search_runs([exp.experiment_id])
 
@@ -61,7 +61,7 @@ class Sweeps:
 
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory, corpus):
-    from sweeps.cluster import find_local, stop_local
+    from sweeps.cluster import stop_local
 
     tmp = tmp_path_factory.mktemp("jobs")
     s = Sweeps()
@@ -101,7 +101,25 @@ def sweeps(tmp_path_factory, corpus):
         stdout=log,
         stderr=log,
         start_new_session=True,
+        # SIGHUP's default action, as a terminal's shell gives its jobs, even where the
+        # tests themselves run with it ignored (under nohup)
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
+    try:
+        yield from _scenario(s, tmp, follower, common)
+    finally:
+        follower.kill()  # a no-op once the hang-up has ended it
+        follower.wait(timeout=30)
+        ttt("sweep", "stop", "long", env=s.env, cwd=tmp, timeout=300)
+        stop_local()
+        os.environ.pop("TTT_RAY_DIR", None)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def _scenario(s, tmp, follower, common):
+    """The part of the fixture that can fail once the long sweep is running: the
+    fixture's teardown stops the sweep and the cluster whatever happens here."""
+    from sweeps.cluster import find_local
 
     def long_reports():
         children = [r for r in runs(s.uri, "long") if r.data.tags.get("ttt.role") == "trial"]
@@ -120,13 +138,7 @@ def sweeps(tmp_path_factory, corpus):
     s.long_status_after_hangup = s.client.get_job_status(s.long_job.submission_id).value
     # Meanwhile the short sweep runs to its end, followed in this "terminal".
     s.short_run = ttt("sweep", "run", str(s.short), *common, "--keep-cluster", env=s.env, cwd=tmp)
-    try:
-        yield s
-    finally:
-        ttt("sweep", "stop", "long", env=s.env, cwd=tmp, timeout=300)
-        stop_local()
-        os.environ.pop("TTT_RAY_DIR", None)
-        shutil.rmtree(ray_dir, ignore_errors=True)
+    yield s
 
 
 def test_a_sweep_is_a_ray_job_named_after_it_with_its_log(sweeps):

@@ -38,9 +38,9 @@ def ray_cluster():
 
 
 def mlflow_runs(uri: str, name: str):
-    from mlflow.tracking import MlflowClient
+    from ttt.tracking import client
 
-    c = MlflowClient(uri)
+    c = client(uri)  # the store's creation is serialised with the driver's (polled early)
     exp = c.get_experiment_by_name(name)
     runs = c.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("ttt.role") == "sweep"]

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import PICO_TRAIN, write_sweep_spec
@@ -118,3 +121,35 @@ def test_a_single_run_is_tracked_like_a_trial(tmp_path, corpus, monkeypatch, cap
     ]
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "finished" and info["step"] == 5
+
+
+def test_sqlite_path_reads_relative_and_absolute_uris():
+    from ttt.tracking import sqlite_path
+
+    assert sqlite_path("sqlite:////tmp/x/mlflow.db") == Path("/tmp/x/mlflow.db")
+    assert sqlite_path("sqlite:///mlflow.db") == Path("mlflow.db")
+    assert sqlite_path("http://127.0.0.1:5000") is None
+    assert sqlite_path("sqlite:///:memory:") is None
+
+
+@pytest.mark.slow
+def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
+    """A sweep's driver, the command that submitted it and `ttt ui` may open a new SQLite
+    store at the same moment; MLflow's table creation is not safe against that, so
+    ttt.tracking.client serialises it."""
+    go = tmp_path / "go"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = (
+        "import os, sys, time\n"
+        "from ttt.tracking import client\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
+        f"client({uri!r}).search_experiments()\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    time.sleep(8)  # every process has imported MLflow and waits
+    go.touch()
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-800:] for e in errors)

@@ -85,12 +85,32 @@ def announce(uri: str) -> None:
     print(f"tracking: {uri}", file=sys.stderr)
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` store (PATH relative or absolute)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri.removeprefix("sqlite:///")
+    return Path(path) if path and path != ":memory:" else None
+
+
 def client(tracking_uri: str):
     # Not mlflow.set_tracking_uri: it sets $MLFLOW_TRACKING_URI for the whole process,
     # which would then pick the store of every later command run in it.
+    import fcntl
+
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    db = sqlite_path(tracking_uri)
+    if db is None or not db.parent.is_dir():
+        return MlflowClient(tracking_uri=tracking_uri)
+    # MLflow creates (and migrates) a SQLite store's tables the first time a process
+    # opens it, and two processes doing that at once fail ("table ... already exists"):
+    # a sweep's driver and its first trials, `ttt ui`, a notebook. One at a time, then.
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        c = MlflowClient(tracking_uri=tracking_uri)
+        c.search_experiments(max_results=1)  # opens (and if need be creates) the store
+    return c
 
 
 def ensure_experiment(c, name: str, tracking_uri: str) -> str:
@@ -100,8 +120,7 @@ def ensure_experiment(c, name: str, tracking_uri: str) -> str:
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     location = None
-    if tracking_uri.startswith("sqlite:"):  # artifacts beside the database
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
+    if (db := sqlite_path(tracking_uri)) is not None:  # artifacts beside the database
         location = (db.parent / DEFAULT_ARTIFACTS).absolute().as_uri()
     # Opens on the runs table, not MLflow 3's GenAI traces page.
     return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)

@@ -21,14 +21,14 @@ def plots(
     from analysis.figures import build_all
     from analysis.loaders import require_experiments
     from ttt.errors import UserError
-    from ttt.tracking import announce, check_uri, resolve_uri
+    from ttt.tracking import announce, check_uri, resolve_uri, sqlite_path
 
     formats = [f.strip() for f in fmt.split(",") if f.strip()]
     bad = [f for f in formats if f not in ("png", "pdf", "svg")]
     if bad or not formats:
         raise UserError(f"--format={fmt!r}: allowed are png, pdf, svg (comma-separated)")
     uri = resolve_uri(tracking_uri)
-    if uri.startswith("sqlite:") and not Path(uri.removeprefix("sqlite:///")).exists():
+    if (db := sqlite_path(uri)) is not None and not db.exists():
         raise UserError(f"--tracking-uri={uri!r}: no such database (run a sweep first)")
     check_uri(uri)
     announce(uri)

@@ -8,6 +8,7 @@ eval artifacts, outcome) is written by the functions here, whoever drives the ru
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -93,24 +94,30 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-def client(tracking_uri: str):
-    # Not mlflow.set_tracking_uri: it sets $MLFLOW_TRACKING_URI for the whole process,
-    # which would then pick the store of every later command run in it.
+@functools.cache
+def _open_sqlite(tracking_uri: str, db: Path) -> None:
+    """MLflow creates (and migrates) a SQLite store's tables the first time a process
+    opens it, and two processes doing that at once fail ("table ... already exists"): a
+    sweep's driver and its first trials, `ttt ui`, a notebook. One at a time, then; once
+    per process, as MLflow keeps the opened store for the process's later clients."""
     import fcntl
 
     from mlflow.tracking import MlflowClient
 
-    db = sqlite_path(tracking_uri)
-    if db is None or not db.parent.is_dir():
-        return MlflowClient(tracking_uri=tracking_uri)
-    # MLflow creates (and migrates) a SQLite store's tables the first time a process
-    # opens it, and two processes doing that at once fail ("table ... already exists"):
-    # a sweep's driver and its first trials, `ttt ui`, a notebook. One at a time, then.
     with open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        c = MlflowClient(tracking_uri=tracking_uri)
-        c.search_experiments(max_results=1)  # opens (and if need be creates) the store
-    return c
+        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+
+
+def client(tracking_uri: str):
+    # Not mlflow.set_tracking_uri: it sets $MLFLOW_TRACKING_URI for the whole process,
+    # which would then pick the store of every later command run in it.
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(tracking_uri)
+    if db is not None and db.parent.is_dir():
+        _open_sqlite(tracking_uri, db)
+    return MlflowClient(tracking_uri=tracking_uri)
 
 
 def ensure_experiment(c, name: str, tracking_uri: str) -> str:

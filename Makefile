@@ -7,12 +7,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test test-fast lint clean
+.PHONY: install quickstart test test-fast lint lock clean
 
-$(STAMP): pyproject.toml
+# Installs exactly the tested versions (requirements.lock, with hashes), then the project
+# itself without resolving anything again.
+$(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,6 +36,13 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff format ttt sweeps analysis tests
 	$(BIN)/ruff check --fix ttt sweeps analysis tests
+
+# Re-resolve the newest versions pyproject.toml allows into requirements.lock (then run
+# `make test` before committing it).
+lock:
+	$(PY) -m pip install --quiet --target $(VENV)/uv uv
+	$(VENV)/uv/bin/uv pip compile pyproject.toml --extra test --generate-hashes --universal \
+		--python-version 3.11 --custom-compile-command "make lock" -o requirements.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -21,6 +21,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sweeps.ray_compat import ensure_token, loopback_env, ray_cli, token_auth
 from ttt.errors import UserError
 
 IDLE_S = 20  # with no job running this long (and none asked to keep it), the cluster stops
@@ -33,31 +34,6 @@ STOP_ENV = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": "90"}
 def cluster_dir() -> Path:
     """Ray's temp dir for this cluster (short: Ray's socket paths must fit in 107 bytes)."""
     return Path(os.environ.get("TTT_RAY_DIR") or f"/tmp/ray-ttt-{os.getuid()}")
-
-
-# Ray's switch for single-machine clusters: the node address is 127.0.0.1, which every
-# service binds, and workers from elsewhere are refused.
-SINGLE_MACHINE = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-
-def loopback_env() -> dict[str, str]:
-    """Ray on this machine only, with the token the cluster wants."""
-    return {SINGLE_MACHINE[0]: SINGLE_MACHINE[1], "RAY_AUTH_MODE": "token"}
-
-
-def token_auth() -> None:
-    """Send the cluster's token (Ray >= 2.59 turns token auth on for the clusters it
-    starts; the token is in ~/.ray/auth_token or $RAY_AUTH_TOKEN)."""
-    if os.environ.get("RAY_AUTH_MODE") == "token":
-        return
-    os.environ["RAY_AUTH_MODE"] = "token"
-    if "ray._raylet" in sys.modules:
-        # Ray reads its auth mode when it is imported: refresh it, as Ray's own tests do
-        # after changing it (ray._private.authentication_test_utils).
-        from ray._raylet import AuthenticationTokenLoader, Config
-
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
 
 
 def loopback_only(port: int) -> bool:
@@ -76,15 +52,6 @@ def loopback_only(port: int) -> bool:
             return False
     except OSError:
         return True
-
-
-def loopback_mode() -> None:
-    """Join a cluster on 127.0.0.1 as one of its processes: with this node's address
-    loopback too (Ray otherwise swaps 127.0.0.1 for the machine's external address)."""
-    os.environ[SINGLE_MACHINE[0]] = SINGLE_MACHINE[1]
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None:  # read at import; what Ray's address lookup consults
-        constants.ENABLE_RAY_CLUSTER = False
 
 
 @dataclass
@@ -151,6 +118,9 @@ def _local_cluster(keep: bool, timeout: float) -> tuple[Cluster, bool]:
         return cluster, False
     directory = cluster_dir()
     _state().unlink(missing_ok=True)
+    created = ensure_token()  # `ray start` wants one and, unlike ray.init(), makes none
+    if created is not None:
+        print(f"created a Ray auth token for the local cluster in {created}", file=sys.stderr)
     log = (directory / "ttt-cluster.log").open("ab")
     cmd = [sys.executable, "-m", "sweeps.cluster", str(directory)] + (["--keep"] if keep else [])
     keeper = subprocess.Popen(
@@ -207,7 +177,7 @@ def keeper(directory: Path, keep: bool) -> None:
         "AUTOSCALER_METRIC_PORT": str(_free_port()),
         "DASHBOARD_METRIC_PORT": str(_free_port()),
     }
-    ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block"]
+    ray = ray_cli("start", "--head", "--block")
     proc = subprocess.Popen(
         ray
         + ["--port", str(port), "--dashboard-host", "127.0.0.1"]

@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweeps.cluster import loopback_mode, loopback_only, token_auth
+from sweeps.cluster import loopback_only
+from sweeps.ray_compat import fit, loopback_mode, name_trial_actors, token_auth, token_source
 from sweeps.spec import Stage, SweepSpec, TrialStart
 from sweeps.tracking import (
     MlflowSweepCallback,
@@ -25,7 +24,6 @@ from sweeps.tracking import (
     find_run,
     log_params,
 )
-from sweeps.trial import TrialNamed
 from ttt.errors import UserError
 from ttt.tracking import check_uri, resolve_uri, run_link
 
@@ -44,7 +42,7 @@ def trial_entry(config: dict, spec: SweepSpec) -> None:
     trial_main(TrialStart.of(config), spec)
 
 
-trial_entry.__mixins__ = (TrialNamed,)  # Tune builds the trial's actor class on these
+name_trial_actors(trial_entry)  # trial-named actors in the dashboard and log lines
 
 
 @dataclass
@@ -204,34 +202,6 @@ def _tuner(
     )
 
 
-def _on_sigint(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _on_sigterm(signum, frame):
-    # `ttt sweep stop`, or Ray stopping the job: stop as on Ctrl-C (Ray blocks SIGINT in
-    # the processes it starts, hence the unblock).
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.raise_signal(signal.SIGINT)
-
-
-def _fit(tuner):
-    """`tuner.fit()`, raising KeyboardInterrupt when it was stopped by a signal. Tune ends
-    a stopped run gracefully (state saved, trials resumable) and returns as if it were
-    done; its handler hands SIGINT back to the previous one when it fires, which is how
-    a stop is told from the end."""
-    main = threading.current_thread() is threading.main_thread()
-    if main:
-        signal.signal(signal.SIGINT, _on_sigint)
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    grid = tuner.fit()
-    if main:
-        if signal.getsignal(signal.SIGINT) is _on_sigint:
-            raise KeyboardInterrupt
-        signal.signal(signal.SIGINT, _on_sigint)  # Tune leaves its handler installed
-    return grid
-
-
 def _rows(results, spec: SweepSpec) -> list[dict]:
     rows = []
     for r in results:
@@ -379,7 +349,7 @@ def run_sweep(
         params_of = functools.partial(flat_params, spec)
         role = "eval" if spec.task == "eval" else "trial"
         cb = MlflowSweepCallback(tracking_uri, spec.name, parent_id, "main", params_of, role)
-        grid = _fit(_tuner(spec, spec.name, space, cb, storage, max_steps, rerun))
+        grid = fit(_tuner(spec, spec.name, space, cb, storage, max_steps, rerun))
         result.stages.append(StageResult("main", _rows(grid, spec)))
         for stage in spec.stages:
             starts = _starts(spec, stage, result.stages[0].rows)  # every stage extends the first
@@ -390,7 +360,7 @@ def run_sweep(
             cb = MlflowSweepCallback(tracking_uri, spec.name, parent_id, stage.name, params_of)
             steps = stage.steps or max_steps
             stage_name = f"{spec.name}-{stage.name}"
-            grid = _fit(_tuner(spec, stage_name, space, cb, storage, steps, rerun))
+            grid = fit(_tuner(spec, stage_name, space, cb, storage, steps, rerun))
             result.stages.append(StageResult(stage.name, _rows(grid, spec)))
         _log_best(c, exp_id, parent_id, spec, result.stages[-1].rows)
         status = "FINISHED"
@@ -452,8 +422,7 @@ def connect_env(address: str, timeout: float = 5.0) -> None:
             ) from None
     if os.environ.get("RAY_AUTH_MODE"):
         return  # the user said how this cluster authenticates
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if not (os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file()):
+    if token_source() is None:  # someone else's cluster: no token is invented for it
         raise UserError(
             f"--address={address}: no Ray auth token here; set RAY_AUTH_TOKEN (on the head "
             "node `ray get-auth-token` prints it) or copy its ~/.ray/auth_token, or set "

@@ -12,7 +12,8 @@ import shlex
 import sys
 import time
 
-from sweeps.cluster import STOP_ENV, Cluster, find_local, loopback_env
+from sweeps.cluster import STOP_ENV, Cluster, find_local
+from sweeps.ray_compat import loopback_env
 from ttt.errors import UserError
 
 # What a job's driver needs from the submitting shell: the cluster may have been started

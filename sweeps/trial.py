@@ -147,16 +147,6 @@ UNITS = {
 }
 
 
-class TrialNamed:
-    """Mixin for Tune's function-trainable actor: its repr, which Ray shows as the actor's
-    name in the dashboard and as the prefix of its log lines, is the trial's name instead
-    of the function's."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._name = f"trial {self.trial_name}"
-
-
 def trial_main(start: TrialStart, spec: SweepSpec) -> None:
     _jax_env(spec.resources["gpu"])
     import jax

@@ -115,3 +115,24 @@ def test_the_installed_command(argv, needle):
     assert "Traceback" not in p.stderr and needle in p.stderr
     if argv:
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_a_commands_exit_code_is_the_processs(monkeypatch):
+    """Without standalone mode click returns `typer.Exit(code)`'s code instead of raising
+    it; `ttt` exits with it (a failed sweep job must not look like success to make)."""
+    cli_app = sys.modules["ttt.cli.app"]  # `ttt.cli.app` the attribute is the Typer app
+    tiny = typer.Typer()
+
+    @tiny.command()
+    def fail():
+        raise typer.Exit(3)
+
+    @tiny.command()
+    def succeed():
+        pass
+
+    monkeypatch.setattr(cli_app, "app", tiny)
+    for argv, code in ((["fail"], 3), (["succeed"], 0)):
+        with pytest.raises(SystemExit) as e:
+            cli_app.main(argv)
+        assert e.value.code == code, argv

@@ -76,6 +76,57 @@ def test_tracking_serve_binds_loopback_and_warns_otherwise(monkeypatch, capsys):
         assert ("no authentication" in capsys.readouterr().err) == warned
 
 
+def test_an_untested_ray_is_one_line(monkeypatch):
+    from sweeps.ray_compat import TESTED, check_version
+    from ttt.errors import UserError
+
+    monkeypatch.delenv("TTT_UNTESTED_RAY", raising=False)
+    assert check_version() == ray_version()
+    lo, hi = TESTED
+    for version in (f"{lo[0]}.{lo[1] - 1}.0", f"{hi[0]}.{hi[1] + 1}.0rc1", "3.0.0"):
+        with pytest.raises(UserError, match=f"Ray {version} is installed.*TTT_UNTESTED_RAY"):
+            check_version(version)
+    monkeypatch.setenv("TTT_UNTESTED_RAY", "1")
+    assert check_version("3.0.0") == "3.0.0"
+
+
+def ray_version() -> str:
+    from importlib.metadata import version
+
+    return version("ray")
+
+
+def test_a_token_is_made_for_a_local_cluster_and_never_for_a_remote_one(tmp_path, monkeypatch):
+    """A new machine has no ~/.ray/auth_token: the local cluster's start makes one with
+    Ray's own generator; joining someone else's cluster (--address) invents none."""
+    from sweeps.driver import connect_env
+    from sweeps.ray_compat import default_token_path, ensure_token, token_source
+    from ttt.errors import UserError
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    assert token_source() is None
+    with socket.socket() as listener:  # a "remote" cluster's GCS port
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(UserError, match="no Ray auth token here"):
+            connect_env(f"127.0.0.1:{port}")
+    assert not (tmp_path / ".ray").exists()
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="RAY_AUTH_TOKEN_PATH=.*no such file"):
+        ensure_token()
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    created = ensure_token()
+    assert created == default_token_path() == tmp_path / ".ray" / "auth_token"
+    token = created.read_text().strip()
+    assert len(token) >= 32 and token_source() == str(created)
+    assert ensure_token() is None and created.read_text().strip() == token  # kept
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-the-environment")
+    assert token_source() == "$RAY_AUTH_TOKEN"
+
+
 class TwoNodes:
     """A Ray head and a second node on this machine, each with one CPU and a custom
     resource of its own. The second node runs under `ray start --block` in a session of
@@ -86,6 +137,9 @@ class TwoNodes:
         self.temp, self.address, self.worker = temp, "", None
 
     def start(self) -> None:
+        from sweeps.ray_compat import ensure_token
+
+        ensure_token()  # `ray start` makes none, and a new machine (CI's HOME) has none
         port = free_port()
         common = ["--num-cpus", "1", "--disable-usage-stats", "--temp-dir", self.temp]
         subprocess.run(

@@ -62,13 +62,24 @@ class Sweeps:
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory, corpus):
     from sweeps.cluster import stop_local
+    from sweeps.ray_compat import reset_token_cache
 
     tmp = tmp_path_factory.mktemp("jobs")
     s = Sweeps()
     s.tmp, s.uri = tmp, f"sqlite:///{tmp / 'mlflow.db'}"
     ray_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must be short
-    s.env = {**os.environ, "TTT_RAY_DIR": ray_dir, "TTT_TUNE_VERBOSE": "0"}
-    os.environ["TTT_RAY_DIR"] = ray_dir  # for find_local() here
+    # A machine that never ran Ray: an empty HOME (no ~/.ray/auth_token), no token in the
+    # environment, a new cluster folder. This process uses the same HOME, to talk to it.
+    s.home = tmp / "home"
+    s.home.mkdir()
+    old_home = os.environ["HOME"]
+    s.env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")},
+        "HOME": str(s.home),
+        "TTT_RAY_DIR": ray_dir,
+        "TTT_TUNE_VERBOSE": "0",
+    }
+    os.environ.update(HOME=str(s.home), TTT_RAY_DIR=ray_dir)  # for find_local() here
     # `long`: runs until stopped; `short`: two trials, an eval every two steps.
     s.long = write_sweep_spec(
         tmp / "long.yaml",
@@ -113,6 +124,8 @@ def sweeps(tmp_path_factory, corpus):
         ttt("sweep", "stop", "long", env=s.env, cwd=tmp, timeout=300)
         stop_local()
         os.environ.pop("TTT_RAY_DIR", None)
+        os.environ["HOME"] = old_home
+        reset_token_cache()
         shutil.rmtree(ray_dir, ignore_errors=True)
 
 
@@ -120,18 +133,23 @@ def _scenario(s, tmp, follower, common):
     """The part of the fixture that can fail once the long sweep is running: the
     fixture's teardown stops the sweep and the cluster whatever happens here."""
     from sweeps.cluster import find_local
+    from sweeps.ray_compat import reset_token_cache
 
     def long_reports():
         children = [r for r in runs(s.uri, "long") if r.data.tags.get("ttt.role") == "trial"]
         return children and "loss" in children[0].data.metrics
 
     def long_logged():
-        return "Ray job long-" in (tmp / "long.log").read_text() and long_reports()
+        log = (tmp / "long.log").read_text()
+        if follower.poll() is not None:  # e.g. the cluster did not start: say why, at once
+            pytest.fail(f"`ttt sweep run` exited with {follower.returncode}: {log[-2000:]}")
+        return "Ray job long-" in log and long_reports()
 
     wait_for(long_logged, "the long sweep's first report")
     os.killpg(follower.pid, signal.SIGHUP)
     follower.wait(timeout=30)
     s.cluster = find_local()
+    reset_token_cache()  # the token the cluster's start created in the new HOME
     s.client = s.cluster.client()
     (s.long_job,) = [j for j in s.client.list_jobs() if j.metadata.get("ttt.sweep") == "long"]
     time.sleep(3)
@@ -139,6 +157,15 @@ def _scenario(s, tmp, follower, common):
     # Meanwhile the short sweep runs to its end, followed in this "terminal".
     s.short_run = ttt("sweep", "run", str(s.short), *common, "--keep-cluster", env=s.env, cwd=tmp)
     yield s
+
+
+def test_a_machine_that_never_ran_ray_gets_a_token_and_the_sweep_runs(sweeps):
+    token = sweeps.home / ".ray" / "auth_token"
+    assert token.is_file() and token.read_text().strip()
+    log = (sweeps.tmp / "long.log").read_text()
+    assert f"created a Ray auth token for the local cluster in {token}" in log, log[-2000:]
+    assert sweeps.short_run.returncode == 0, sweeps.short_run.stderr[-3000:]
+    assert "stage main: 2 finished" in sweeps.short_run.stdout
 
 
 def test_a_sweep_is_a_ray_job_named_after_it_with_its_log(sweeps):

@@ -63,7 +63,9 @@ def usage_line(e: UsageError) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage and user errors become one line on stderr and exit code 2."""
     try:
-        app(args=argv, prog_name="ttt", standalone_mode=False)
+        # Without standalone mode click *returns* the code of `typer.Exit(code)` (and 130
+        # for Ctrl-C) instead of raising it: it is the process's exit code.
+        code = app(args=argv, prog_name="ttt", standalone_mode=False)
     except NoArgsIsHelpError as e:  # a bare group: its help, then the usage exit code
         typer.echo(e.format_message(), err=True)
         sys.exit(2)
@@ -84,4 +86,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    sys.exit(0)
+    if code == 130:
+        print("interrupted", file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from analysis.loaders import metric_history, runs, token_nll
+from ttt.config import preset_keys
 
 LOSS = "final_eval_loss"
 # The knobs a figure may hold fixed or vary (docs/design.md, "Where to add").
@@ -95,20 +96,10 @@ STAGE_KNOBS = {
     "train.init_from",
     "stage",
 }
-# Knobs that follow from a preset (its shapes, TTT layers, learning rate, and its own
-# batch and length): they move with the preset. The stage does not: one size is
-# compared at one stage.
-PRESET_KNOBS = {
-    "preset",
-    "model.layers",
-    "model.width",
-    "model.heads",
-    "model.mlp",
-    "model.ttt_layers",
-    "data.batch_size",
-    "data.seq_len",
-    "train.lr",
-}
+# Knobs that follow from a preset (every key any preset sets: its shapes, window, chunk,
+# TTT layers, learning rate, steps, and its own batch and length): they move with the
+# preset. The stage does not: one size is compared at one stage.
+PRESET_KNOBS = {"preset", *preset_keys()}
 
 
 def free_knobs(vary: list[str]) -> set[str]:

@@ -367,3 +367,32 @@ def test_a_staged_sweep_draws_fig1_from_both_stages(tmp_path):
         ("ttt_e2e", 256): 5.0,
         ("ttt_e2e", 1024): 4.5,
     }
+
+
+def test_a_size_sweep_over_the_cpu_presets_draws_fig5_with_every_size(tmp_path):
+    """Nothing pinned: each preset brings its own chunk, window, steps and the rest, and
+    all of that moves with the size instead of cutting the line to one preset."""
+    import yaml
+
+    from analysis.recipes import Data, model_size
+    from analysis.synthetic import spec_like
+    from sweeps.spec import load_spec
+
+    path = tmp_path / "size-demo.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "size-demo",
+                "base": {"config": "pico", "overrides": {"data.seq_len": 64}},
+                "stop": {"steps": 3},
+                "search": {
+                    "preset": {"grid": ["pico", "nano"]},
+                    "model.mixer": {"grid": ["full", "ttt_e2e"]},
+                },
+            }
+        )
+    )
+    spec_like(uri(tmp_path), load_spec(path, []))
+    table = model_size(Data(uri(tmp_path), ["size-demo"]))
+    assert table is not None
+    assert figure_points(table, "fig5_model_size", "preset") == {"ttt_e2e": {"pico", "nano"}}

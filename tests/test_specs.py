@@ -61,8 +61,13 @@ def _grid(key: str, value):
 
 def miniature(stem: str, corpus: Path) -> dict:
     raw = yaml.safe_load((SPECS / f"{stem}.yaml").read_text())
+    pins = dict(BASE)
+    if "preset" in raw.get("search", {}):
+        # A size sweep as a user writes one: what the presets set (window, chunk) comes
+        # from each preset, so the figure has to let it move with the size.
+        pins = {k: v for k, v in pins.items() if k not in ("model.window", "ttt.chunk")}
     base = {k: v for k, v in raw["base"].get("overrides", {}).items() if k not in BASE}
-    base.update(BASE, **{"data.source": str(corpus)})
+    base.update(pins, **{"data.source": str(corpus)})
     raw["base"] = {"config": "pico", "overrides": [f"{k}={v}" for k, v in base.items()]}
     if "search" in raw:
         raw["search"] = {k: _grid(k, v) for k, v in raw["search"].items()}

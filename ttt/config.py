@@ -162,6 +162,15 @@ for _name, (_l, _d, _h, _m, _mt, _tl, _lr) in _PAPER.items():
     )
 
 
+def preset_keys() -> set[str]:
+    """Every dotted key that some preset sets (`mlp_ttt` is `model.mlp` under ttt_e2e):
+    the knobs that move with the model size."""
+    keys = {"model.mlp"} if any("mlp_ttt" in p for p in PRESETS.values()) else set()
+    for spec in PRESETS.values():
+        keys |= {f"{section}.{k}" for section in SECTIONS for k in spec.get(section, {})}
+    return keys
+
+
 # Config keys that enter the compiled step as traced values or not at all: trials that
 # differ only in these share one compiled program.
 TRACED_KEYS = {

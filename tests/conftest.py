@@ -3,6 +3,13 @@ from pathlib import Path
 
 # Tests run on the CPU of a 2-core machine; keep XLA from grabbing every thread pool.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests compile far more than they run: LLVM's optimisation of XLA's CPU code is about
+# a third of each (pico) compile, and none of what they check. Trials, jobs and every other
+# process the tests start inherit it (BENCHMARKS.md, "The test suite's time").
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
 import pytest  # noqa: E402
 

@@ -100,12 +100,17 @@ def test_a_token_is_made_for_a_local_cluster_and_never_for_a_remote_one(tmp_path
     """A new machine has no ~/.ray/auth_token: the local cluster's start makes one with
     Ray's own generator; joining someone else's cluster (--address) invents none."""
     from sweeps.driver import connect_env
-    from sweeps.ray_compat import default_token_path, ensure_token, token_source
+    from sweeps.ray_compat import SINGLE_MACHINE, default_token_path, ensure_token, token_source
     from ttt.errors import UserError
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", SINGLE_MACHINE[0]):
         monkeypatch.delenv(var, raising=False)
+    # joining a loopback address switches this process to single-machine mode: undone
+    # after the test, or the two-node cluster below could not take its second node
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", constants.ENABLE_RAY_CLUSTER)
     assert token_source() is None
     with socket.socket() as listener:  # a "remote" cluster's GCS port
         listener.bind(("127.0.0.1", 0))

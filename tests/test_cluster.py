@@ -104,10 +104,12 @@ def test_a_token_is_made_for_a_local_cluster_and_never_for_a_remote_one(tmp_path
     from ttt.errors import UserError
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", SINGLE_MACHINE[0]):
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         monkeypatch.delenv(var, raising=False)
-    # joining a loopback address switches this process to single-machine mode: undone
-    # after the test, or the two-node cluster below could not take its second node
+    # Joining a loopback address switches this process to single-machine mode: undone
+    # after the test, or the two-node cluster below could not take its second node.
+    # (setenv, not delenv: delenv of an absent variable would restore nothing.)
+    monkeypatch.setenv(SINGLE_MACHINE[0], "1")  # Ray's default on Linux: clusters allowed
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:
         monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", constants.ENABLE_RAY_CLUSTER)

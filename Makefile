@@ -26,7 +26,7 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check ttt sweeps analysis tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # Unit and equivalence tests only (no training runs, no Ray): a change-test loop.
 test-fast: $(STAMP)

@@ -378,7 +378,7 @@ def test_losing_a_node_fails_its_trial_over(tmp_path, corpus, two_nodes, trackin
         corpus,
         name="node-loss",
         search={"train.lr": {"grid": [3e-3, 1e-3]}},
-        stop={"steps": 200},
+        stop={"steps": 150},
         checkpoint_every=20,
         max_failures=2,
         resources={"cpu": 1},
@@ -411,7 +411,7 @@ def test_losing_a_node_fails_its_trial_over(tmp_path, corpus, two_nodes, trackin
             break
         time.sleep(0.2)
     two_nodes.kill_worker()
-    assert steps[0] < 200, f"the second node's trial finished before the kill: {steps}"
+    assert steps[0] < 150, f"the second node's trial finished before the kill: {steps}"
     finish(proc)
 
     runs = trial_runs(tracking_server, "node-loss")
@@ -425,4 +425,4 @@ def test_losing_a_node_fails_its_trial_over(tmp_path, corpus, two_nodes, trackin
     # the trial's reports when the node died: at least the one at step 20.
     resumed = int(tags["ttt.resumed_from"])
     assert resumed >= 20 and resumed % 20 == 0, resumed
-    assert all(last_step(r) == 200 for r in runs)
+    assert all(last_step(r) == 150 for r in runs)

@@ -211,7 +211,8 @@ def test_two_devices_match_one(train_cfg, tmp_path):
     cfg = train_cfg()
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        # the session's flags (conftest) plus two host devices
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
         "JAX_PLATFORMS": "cpu",
     }
     args = [
@@ -307,8 +308,7 @@ def test_two_processes_match_one(train_cfg, tmp_path):
         "train.checkpoint_every=3",
         "-q",
     ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # one device a process (conftest's flags)
     cmd = [sys.executable, "-m", "ttt.cli", "train", *args]
 
     def two_processes():

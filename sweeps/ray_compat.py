@@ -127,10 +127,10 @@ def token_auth() -> None:
         return
     os.environ["RAY_AUTH_MODE"] = "token"
     if "ray._raylet" in sys.modules:
-        from ray._raylet import AuthenticationTokenLoader, Config
+        from ray._raylet import Config
 
         Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
+        reset_token_cache()
 
 
 def reset_token_cache() -> None:

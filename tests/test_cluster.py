@@ -77,23 +77,19 @@ def test_tracking_serve_binds_loopback_and_warns_otherwise(monkeypatch, capsys):
 
 
 def test_an_untested_ray_is_one_line(monkeypatch):
+    from importlib import metadata
+
     from sweeps.ray_compat import TESTED, check_version
     from ttt.errors import UserError
 
     monkeypatch.delenv("TTT_UNTESTED_RAY", raising=False)
-    assert check_version() == ray_version()
+    assert check_version() == metadata.version("ray")
     lo, hi = TESTED
     for version in (f"{lo[0]}.{lo[1] - 1}.0", f"{hi[0]}.{hi[1] + 1}.0rc1", "3.0.0"):
         with pytest.raises(UserError, match=f"Ray {version} is installed.*TTT_UNTESTED_RAY"):
             check_version(version)
     monkeypatch.setenv("TTT_UNTESTED_RAY", "1")
     assert check_version("3.0.0") == "3.0.0"
-
-
-def ray_version() -> str:
-    from importlib.metadata import version
-
-    return version("ray")
 
 
 def test_a_token_is_made_for_a_local_cluster_and_never_for_a_remote_one(tmp_path, monkeypatch):

@@ -213,7 +213,9 @@ def test_every_ray_service_listens_on_loopback_only(sweeps):
 
 
 def test_trials_are_told_apart_in_the_dashboard_and_in_mlflow(sweeps):
-    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    from sweeps.ray_compat import default_token_path
+
+    token = default_token_path().read_text().strip()
     req = urllib.request.Request(
         f"{sweeps.cluster.dashboard}/api/v0/actors?limit=1000&detail=1",
         headers={"Authorization": f"Bearer {token}"},
@@ -328,7 +330,9 @@ def _ray_login(driver, dashboard: str) -> None:
         "the dashboard's token dialog",
         timeout=60,
     )
-    field.send_keys((Path.home() / ".ray" / "auth_token").read_text().strip())
+    from sweeps.ray_compat import default_token_path
+
+    field.send_keys(default_token_path().read_text().strip())
     (submit,) = [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "SUBMIT"]
     submit.click()
     wait_for(

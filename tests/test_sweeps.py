@@ -49,7 +49,9 @@ def mlflow_runs(uri: str, name: str):
 
 
 def _token() -> str:
-    return (Path.home() / ".ray" / "auth_token").read_text().strip()
+    from sweeps.ray_compat import default_token_path
+
+    return default_token_path().read_text().strip()
 
 
 # Runs before the module's shared cluster starts: the driver here starts its own.

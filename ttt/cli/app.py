@@ -11,7 +11,7 @@ import typer
 # typer classes (pyproject pins the typer range this is tested with).
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
-from ttt.errors import UserError
+from ttt.errors import Interrupted, UserError
 
 app = typer.Typer(
     name="ttt",
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)

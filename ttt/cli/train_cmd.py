@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ttt.cli.config_cmd import split_source
-from ttt.errors import UserError
+from ttt.errors import Interrupted, UserError
 from ttt.tracking import optional_uri
 
 
@@ -45,6 +45,7 @@ def train(
     """Train a model; running again with the same --out resumes from its last checkpoint."""
     from ttt.config import load_config
     from ttt.train import run
+    from ttt.train.checkpoint import read_run_info
 
     source, overrides = split_source(args)
     cfg = load_config(source, overrides)
@@ -62,15 +63,27 @@ def train(
     try:
         result = run(cfg, out, reporter=reporter, progress=not quiet)
     except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
         if reporter is not None:  # nothing stays RUNNING: a re-run continues this MLflow run
-            interrupted = isinstance(e, KeyboardInterrupt)
             reporter.close("interrupted" if interrupted else "error", str(e).split("\n")[0])
+        if interrupted:
+            kept = read_run_info(out).get("step", 0)
+            raise Interrupted(
+                f"interrupted; the last checkpoint is step {kept}: the same command resumes"
+                if kept
+                else "interrupted before any checkpoint: the same command starts again"
+            ) from None
         raise
     if reporter is not None:
         reporter.close(
             result.status if result.status != "stopped" else "interrupted",
             result.message,
             result.eval_loss,
+        )
+    if result.status == "interrupted":
+        raise Interrupted(
+            f"interrupted at step {result.step} (checkpointed); the same command resumes",
+            result.signal,
         )
     if result.status == "diverged":
         typer.echo(f"{out}: {result.message}")
@@ -113,7 +126,9 @@ def evaluate(
     depths: str = typer.Option(
         "0,0.25,0.5,0.75,1", "--depths", help="Needle depths in [0, 1] (--task niah)."
     ),
-    samples: int = typer.Option(1, "--samples", help="Prompts per task, length and depth."),
+    samples: int = typer.Option(
+        4, "--samples", help="Prompts per task, length and depth (--task niah)."
+    ),
     tokenizer: str = typer.Option(
         None, "--tokenizer", help="tokenizer.json for --task niah (default: the dataset's)."
     ),
@@ -123,6 +138,10 @@ def evaluate(
     if task not in ("loss", "niah"):
         raise UserError(f"--task={task!r}: allowed are loss, niah")
     if task == "niah":
+        for flag, value in (("--tokens", tokens), ("--out", out), ("--max-batches", max_batches),
+                            ("--batch-size", batch_size)):  # fmt: skip
+            if value is not None:
+                raise UserError(f"{flag}: only with --task loss (niah builds its own prompts)")
         _niah(run_dir, seq_len, niah_tasks, depths, samples, tokenizer, tracking_uri, experiment)
         return
 
@@ -181,7 +200,13 @@ def _niah(run_dir, seq_len, niah_tasks, depths, samples, tokenizer, tracking_uri
             f"{row['task']} T={row['seq_len']}: accuracy {row['accuracy']:.2f} "
             f"({row['samples']} prompts)"
         )
-    typer.echo(f"every prompt's output in {path}")
+    import polars as pl
+
+    from analysis.figures import niah_heatmap
+
+    everything = pl.read_parquet(path)  # this call's cells and every earlier one's
+    png = niah_heatmap(everything, path.with_suffix(".png"), f"{run_dir}: NIAH accuracy")
+    typer.echo(f"every prompt's output in {path} ({len(everything)} rows); heatmap {png}")
     if uri:
         from ttt.tracking import log_niah
 

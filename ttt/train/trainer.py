@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,13 +59,46 @@ class Reporter:
 
 @dataclass
 class RunResult:
-    status: str  # finished | diverged | stopped
+    status: str  # finished | diverged | stopped | interrupted
     step: int
     out_dir: Path
     loss: float | None = None
     eval_loss: float | None = None
     message: str = ""
     metrics: dict = field(default_factory=dict)
+    signal: int | None = None  # the signal that interrupted the run
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def stop_on_signals(trainer: Trainer):
+    """SIGINT or SIGTERM asks the loop to stop after the step on the device: the run then
+    checkpoints that step and records it in run.json, so the same command resumes. A
+    second Ctrl-C stops at once (KeyboardInterrupt). Only the main thread can own signal
+    handlers; elsewhere (a Ray trial's thread) the caller's own stop applies."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ask(signum, frame):
+        if trainer.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this step and checkpointing it "
+            "(Ctrl-C again stops at once, without a checkpoint)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous = {s: signal.signal(s, ask) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _check_init_bos(init_from: str, split) -> None:
@@ -259,6 +296,7 @@ class Trainer:
         self.last = min(stop_at if stop_at is not None else tr.steps, tr.steps)
         self.result = RunResult("finished", start, out)
         self.hooks: list[Hook] = []
+        self.stop_signal: int | None = None  # set by stop_on_signals
         self._default_hooks(progress)
 
     # -- hooks ---------------------------------------------------------------------------
@@ -361,6 +399,8 @@ class Trainer:
         t_last = time.perf_counter()
         pending: list = []  # steps dispatched but not yet read back
         for number in range(self.start + 1, self.last + 1):
+            if self.stop_signal is not None:  # this step is the last: read all, checkpoint it
+                self.last = number
             batch = self.put(next(self.loader))
             self.params, self.opt_state, m = self.train_step(
                 self.params, self.opt_state, batch, hyper(cfg, number - 1)
@@ -394,6 +434,8 @@ class Trainer:
                 yield step
             for hook in state_hooks:
                 hook.fn(Step(number, self.result.metrics, is_last, checkpointed(number)))
+            if is_last:  # self.last moves down when a signal asks the run to stop
+                return
 
     def finish(self) -> RunResult:
         """After the loop: the final evaluation and checkpoint, run.json, files closed."""
@@ -404,7 +446,8 @@ class Trainer:
             number = result.step
             values = result.metrics
             if number < tr.steps:
-                result.status = "stopped"
+                result.status = "stopped" if self.stop_signal is None else "interrupted"
+                result.signal = self.stop_signal
             elif number == self.start and self.previous.get("status") == "finished":
                 # nothing left to do
                 result.loss = self.previous.get("loss")
@@ -426,9 +469,25 @@ class Trainer:
         return result
 
     def run(self) -> RunResult:
-        for _ in self.steps():
-            pass
-        return self.finish()
+        with stop_on_signals(self):
+            try:
+                for _ in self.steps():
+                    pass
+                return self.finish()
+            except KeyboardInterrupt:  # a second Ctrl-C: run.json names the checkpoint kept
+                self._abandon()
+                raise
+
+    def _abandon(self) -> None:
+        """Stopped without finishing: run.json tells the truth about what a re-run gets."""
+        self.bar.close()
+        kept = self.ckpt.latest_step() if self.ckpt is not None else None
+        if self.ckpt is not None:
+            self.ckpt.close()
+        self.log.close()
+        if self.lead:
+            self.run_info.update(status="interrupted", step=kept or 0)
+            (self.out / "run.json").write_text(json.dumps(self.run_info, indent=2))
 
 
 def run(cfg: Config, out_dir: str | Path, reporter: Reporter | None = None, **options):

@@ -462,3 +462,34 @@ def nll_artifacts(parquet: Path, out: Path, method: str) -> list[Path]:
     csv = out / f"{parquet.stem}_binned.csv"
     binned.write_csv(csv, float_precision=5)
     return [png, csv]
+
+
+def niah_heatmap(frame: pl.DataFrame, png: Path, title: str) -> Path:
+    """RULER's picture of a NIAH evaluation: accuracy by needle depth (rows) and context
+    length (columns), one panel per task, every sample of each cell averaged."""
+    tasks = sorted(frame["task"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        cells = (
+            frame.filter(pl.col("task") == task)
+            .group_by("depth", "seq_len")
+            .agg(pl.col("correct").mean().alias("accuracy"), pl.len().alias("n"))
+        )
+        depths = sorted(cells["depth"].unique())
+        lengths = sorted(cells["seq_len"].unique())
+        grid = [[float("nan")] * len(lengths) for _ in depths]
+        for r in cells.iter_rows(named=True):
+            grid[depths.index(r["depth"])][lengths.index(r["seq_len"])] = r["accuracy"]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for r in cells.iter_rows(named=True):
+            i, j = depths.index(r["depth"]), lengths.index(r["seq_len"])
+            ax.text(j, i, f"{r['accuracy']:.2f}\nn={r['n']}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [fmt_tokens(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set(xlabel="context length (tokens)", ylabel="needle depth", title=task)
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
+    fig.suptitle(title, fontsize=9)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

@@ -96,7 +96,8 @@ def test_niah_end_to_end_on_pico(tmp_path, corpus, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["eval", str(run), "--task", "niah", "--seq-len", "512", "--seq-len", "640"]
     with pytest.raises(SystemExit) as exc:
-        main([*args, "--depths", "0.5", "--niah-tasks", "niah1,niah3", "--tracking-uri", uri])
+        main([*args, "--depths", "0.5", "--niah-tasks", "niah1,niah3", "--samples", "1",
+              "--tracking-uri", uri])  # fmt: skip
     out = capsys.readouterr().out
     assert exc.value.code == 0 and "niah3 T=640: accuracy" in out
     frame = pl.read_parquet(run / "eval" / "niah.parquet")
@@ -105,7 +106,19 @@ def test_niah_end_to_end_on_pico(tmp_path, corpus, capsys):
     table = pl.read_parquet(written["table2_niah"][-1])
     assert sorted(table["niah.task"].unique()) == ["niah1", "niah3"]
     assert sorted(table["data.seq_len"].unique()) == [512, 640]
+    assert (run / "eval" / "niah.png").is_file()
+    # Results accumulate: another cell adds a row, the same cells again replace theirs.
+    more = ["--depths", "0", "--niah-tasks", "niah1", "--samples", "1"]
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(run), "--task", "niah", "--seq-len", "512", *more])
+    assert exc.value.code == 0, capsys.readouterr().err
+    again = pl.read_parquet(run / "eval" / "niah.parquet")
+    assert len(again) == 5 and again.join(frame, on=list(frame.columns)).height == 4
     for bad, message in [
+        (["--task", "niah", "--seq-len", "512", "--depths", ""], "--depths: no depth given"),
+        (["--task", "niah", "--seq-len", "512", "--niah-tasks", ""], "--niah-tasks: no task"),
+        (["--task", "niah", "--seq-len=-5"], "--seq-len=-5: must be >= 1"),
+        (["--task", "niah", "--seq-len", "512", "--tokens", "x.npy"], "--tokens: only with"),
         (["--task", "nia"], "--task='nia': allowed are loss, niah"),
         (["--task", "niah"], "give the context lengths with --seq-len"),
         (["--task", "niah", "--seq-len", "512", "--depths", "2"], "--depths: 2.0 is not"),
@@ -115,3 +128,4 @@ def test_niah_end_to_end_on_pico(tmp_path, corpus, capsys):
             main(["eval", str(run), *bad])
         err = capsys.readouterr().err.strip()
         assert exc.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert pl.read_parquet(run / "eval" / "niah.parquet").equals(again)  # none wrote

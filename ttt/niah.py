@@ -126,7 +126,7 @@ def run_niah(
     seed: int = 0,
 ):
     """Every task x length x depth x sample on the run's weights; returns the rows
-    (a Polars frame) and writes them to RUN/eval/niah.parquet."""
+    (a Polars frame) and adds them to RUN/eval/niah.parquet (`merge_results`)."""
     from pathlib import Path
 
     import polars as pl
@@ -136,6 +136,13 @@ def run_niah(
     from ttt.model.decode import Decoder, generate
     from ttt.train.evaluate_run import load_weights
 
+    if not tasks:
+        raise UserError(f"--niah-tasks: no task given; allowed are {', '.join(TASKS)}")
+    if not depths:
+        raise UserError("--depths: no depth given; expected comma-separated fractions in [0, 1]")
+    for n in lengths:
+        if n < 1:
+            raise UserError(f"--seq-len={n}: must be >= 1")
     for task in tasks:
         if task not in TASKS:
             raise UserError(f"--niah-tasks: {task!r} is not a task; allowed are {', '.join(TASKS)}")
@@ -174,9 +181,26 @@ def run_niah(
         )
     frame = pl.DataFrame(rows)
     path = run_dir / "eval" / "niah.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.write_parquet(path)
+    merge_results(path, frame)
     return frame, path
+
+
+KEY = ("task", "seq_len", "depth", "sample")
+
+
+def merge_results(path, frame) -> None:
+    """Add `frame`'s rows to the results file at `path`: a cell evaluated again replaces
+    its old row (keyed by task, length, depth and sample), every other row stays. Written
+    to a temporary file and renamed, so a run that fails leaves the old file whole."""
+    import polars as pl
+
+    if path.exists():
+        old = pl.read_parquet(path)
+        frame = pl.concat([old.join(frame.select(KEY), on=list(KEY), how="anti"), frame])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.tmp")
+    frame.sort(list(KEY)).write_parquet(tmp)
+    tmp.replace(path)
 
 
 def accuracy(frame):

@@ -272,16 +272,26 @@ def _curves(t):
 
 
 def _evaluated_context_length(t):
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    """Two panels, not one axis: a run's loss is in nats per token of *its* tokenizer (a
+    byte-level model's bytes are not the paper's Llama-3 tokens), so the paper's numbers
+    sit beside the runs' as a shape to compare, never on the same scale."""
+    fig, (ax, pa) = plt.subplots(1, 2, figsize=(11, 4.2))
     lines(ax, t, "data.seq_len", group="model")
-    ref = _paper_loss_by_context(ax)
-    context_axis(ax, [*t["data.seq_len"].to_list(), *ref["context"].to_list()])
+    context_axis(ax, t["data.seq_len"].to_list())
     ax.set(
-        xlabel="context length (tokens)",
-        ylabel="eval loss (nats/token)",
+        xlabel="context length (tokens of the run's tokenizer)",
+        ylabel="eval loss (nats per token of the run's tokenizer)",
         title="Evaluated runs: loss by context length",
     )
     ax.legend(fontsize=7)
+    ref = _paper_loss_by_context(pa)
+    context_axis(pa, ref["context"].to_list())
+    pa.set(
+        xlabel="context length (Llama-3 tokens)",
+        ylabel="loss (nats per Llama-3 token)",
+        title="The paper, 3B (Fig 9): another unit",
+    )
+    pa.legend(fontsize=7)
     return fig
 
 

@@ -101,3 +101,30 @@ print(json.dumps(float(step(params, init_opt_state(cfg, params), batch, hyper(cf
     assert once() == first
     # Same key in the new process: it loaded that file rather than storing another.
     assert len(list((tmp_path / "executables").glob("train-*.bin"))) == 1
+
+
+def test_a_second_decoder_loads_its_programs_and_inner_lr_is_part_of_their_key(
+    pico, tmp_path, monkeypatch
+):
+    """`ttt generate` twice on one run compiles once; the decoder bakes ttt.inner_lr in as
+    a constant, so another inner LR is another program, never the stored one."""
+    from ttt.model.decode import Decoder, generate
+
+    monkeypatch.setattr(compile_cache, "_active", tmp_path)
+    cfg = pico("model.layers=2")
+    graphdef, params = nnx.split(create_model(cfg.model, seed=0))
+    prompt = list(range(1, 40))
+    first = generate(Decoder(cfg, graphdef, 64, 256), params, prompt, 8)
+    assert {p.name.split("-")[1] for p in (tmp_path / "executables").glob("decode-*")} == {
+        "feed",
+        "prefill",
+    }
+    dec = Decoder(cfg, graphdef, 64, 256)
+    for step in (dec._feed, dec._prefill):
+        step.jitted = NoTracing()
+    again = generate(dec, params, prompt, 8)
+    assert again.tokens == first.tokens
+    other = Decoder(cfg.replace(**{"ttt.inner_lr": 0.5}), graphdef, 64, 256)
+    other._feed.jitted = NoTracing()
+    with pytest.raises(AssertionError, match="traced although"):
+        generate(other, params, prompt, 8)

@@ -92,7 +92,7 @@ def test_causality_and_one_compile_per_shape():
             logits.append(np.asarray(out))
         runs.append(np.stack(logits))
     np.testing.assert_array_equal(runs[0], runs[1])
-    assert dec._feed._cache_size() == 1 and dec._prefill._cache_size() == 1
+    assert len(dec._feed.programs) == 1 and len(dec._prefill.programs) == 1
 
 
 def test_greedy_is_deterministic_and_sampling_is_seeded():
@@ -123,6 +123,7 @@ def test_generate_cli(tmp_path, corpus, capsys):
     """`ttt generate` on a run (written here as an import of fresh pico weights): text
     in, text out, one line of stats; usage mistakes are one line."""
     from ttt.cli import main
+    from ttt.data.tokenizer import byte_tokenizer
     from ttt.model import reference
     from ttt.train.importer import import_reference, write_reference_checkpoint
 
@@ -139,15 +140,40 @@ def test_generate_cli(tmp_path, corpus, capsys):
         out = capsys.readouterr()
         return exc.value.code, out.out, out.err.strip()
 
-    code, out, err = cli("--prompt-file", str(tmp_path / "p.txt"), "--max-new-tokens", "5")
+    ids = tmp_path / "new.npy"
+    code, out, err = cli(
+        "--prompt-file", str(tmp_path / "p.txt"), "--max-new-tokens", "5", "--out-ids", str(ids)
+    )
     assert code == 0, err
     assert "new tokens after a prompt of 23" in err  # BOS + 22 bytes
+    assert "first token after" in err and "ms/token" in err
+    new = np.load(ids)
+    text = byte_tokenizer().decode(new.tolist())
+    # Streamed as made: what was written is the decoded new tokens, then a newline.
+    assert new.dtype == np.int32 and out == text + "\n"
+    # The same continuation from ids alone (a run without a tokenizer): ids out.
+    prompt = np.asarray([BOS, *b"def main():\n    return"], np.int32)
+    np.save(tmp_path / "prompt.npy", prompt)
+    np.savez(tmp_path / "prompt.npz", tokens=prompt)
+    for given in ("prompt.npy", "prompt.npz"):
+        code, out, err = cli("--prompt-ids", str(tmp_path / given), "--max-new-tokens", "5")
+        assert code == 0, err
+        assert out == text + "\n"
+    np.save(tmp_path / "float.npy", prompt.astype(np.float32))
+    np.save(tmp_path / "two.npy", np.stack([prompt, prompt]))
+    p = str(tmp_path / "p.txt")
     for args, message in [
         (["--prompt-file", str(tmp_path / "no.txt")], "no such file"),
-        (["--prompt-file", str(tmp_path / "p.txt"), "--top-p", "0"], "--top-p=0.0"),
-        (["--prompt-file", str(tmp_path / "p.txt"), "--max-new-tokens", "0"], "must be >= 1"),
-        (["--prompt-file", str(tmp_path / "p.txt"), "--tokenizer", "x/y"], "no such local file"),
-        (["--max-new-tokens", "3"], "Missing option '--prompt-file'"),
+        (["--prompt-file", p, "--top-p", "0"], "--top-p=0.0"),
+        (["--prompt-file", p, "--max-new-tokens", "0"], "must be >= 1"),
+        (["--prompt-file", p, "--tokenizer", "x/y"], "no such local file"),
+        (["--prompt-file", p, "--temperature", "nan"], "--temperature=nan: must be a number"),
+        (["--prompt-file", p, "--seed", "-1"], "--seed=-1: must be >= 0"),
+        (["--prompt-file", p, "--out-ids", str(tmp_path / "o.txt")], "must name a .npy file"),
+        (["--prompt-file", str(tmp_path / "float.npy")], "dtype float32; token ids are integers"),
+        (["--prompt-ids", str(tmp_path / "two.npy")], "expected one sequence (T,)"),
+        (["--prompt-ids", str(tmp_path / "prompt.npy"), "--prompt-file", p], "one of"),
+        (["--max-new-tokens", "3"], "give the prompt with one of --prompt-file"),
     ]:
         code, _, err = cli(*args)
         assert code == 2 and len(err.splitlines()) == 1 and message in err, err
@@ -158,7 +184,7 @@ def step_flops(mixer: str, max_len: int) -> float:
     graphdef, params = nnx.split(model)
     dec = Decoder(cfg, graphdef, max_len=max_len, bos_id=BOS)
     state = dec.empty(params)
-    compiled = dec._feed.lower(params, state, jnp.int32(1), jnp.int32(0)).compile()
+    compiled = dec._feed.jitted.lower(params, state, jnp.int32(1), jnp.int32(0)).compile()
     cost = compiled.cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 

@@ -148,7 +148,7 @@ def test_eval_tokens_errors(tmp_path, capsys):
         code, _, err = _run(["eval", str(run), "--tokens", str(tmp_path / name)], capsys)
         assert code == 2 and len(err.splitlines()) == 1 and message in err, (name, err)
     code, _, err = _run(["eval", str(run), "--tokens", str(tmp_path / "nope.npy")], capsys)
-    assert code == 2 and "not a readable .npy array" in err, err
+    assert code == 2 and "not a readable .npy/.npz array" in err, err
 
 
 def test_evaluations_are_tracked_and_drawn_by_context(tmp_path, capsys, reference_data):

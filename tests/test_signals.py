@@ -16,14 +16,20 @@ from pathlib import Path
 from conftest import PICO_TRAIN
 
 TTT = str(Path(sys.executable).with_name("ttt"))
+# SIGINT back at its default, then `ttt` itself (exec keeps the pid and the group). Not a
+# preexec_fn: forking this multithreaded (JAX) process is unsafe.
+DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
 
 
-def _start(argv, cwd=None) -> subprocess.Popen:
+def _start(argv, cwd=None, env=None) -> subprocess.Popen:
     return subprocess.Popen(
-        [TTT, *argv],
+        [sys.executable, "-c", DEFAULT_SIGINT, TTT, *argv],
         cwd=cwd,
+        env=env,
         start_new_session=True,  # its own process group, as a terminal's foreground job
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -109,3 +115,20 @@ def test_a_second_ctrl_c_stops_at_once_and_run_json_names_the_checkpoint_kept(co
     # Either the first signal's checkpoint was written in time, or none was.
     assert kept in (0, *_steps(run)), info
     assert err.strip().splitlines()[-1].startswith("interrupted")
+
+
+def test_ctrl_c_during_a_niah_evaluation_exits_130_and_writes_nothing(corpus, tmp_path):
+    """Stopped while XLA runs its decode steps: one line, 130 (not a crash in XLA's
+    threads at exit), and no results file (a call that fails writes nothing)."""
+    from test_niah import _pico_run
+
+    run = _pico_run(tmp_path, corpus)
+    cache = tmp_path / "xla"
+    env = {**os.environ, "TTT_COMPILE_CACHE": str(cache)}
+    p = _start(["eval", str(run), "--task", "niah", "--seq-len", "512", "--samples", "50"], env=env)
+    code, err, took = _interrupt_when(
+        p, lambda: any((cache / "executables").glob("decode-feed-*.bin"))
+    )
+    assert code == 130 and took < 10, err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert not (run / "eval" / "niah.parquet").exists()

@@ -69,6 +69,21 @@ def _signature(args) -> str:
     return f"{tree}|{shapes}"
 
 
+@functools.cache
+def _library_versions() -> tuple:
+    """Every library whose code is traced into an executable: an Optax upgrade that
+    changes the optimizer's math must not load the old program."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("jax", "jaxlib", "flax", "optax"):
+        try:
+            found.append((name, version(name)))
+        except PackageNotFoundError:
+            found.append((name, None))
+    return tuple(found)
+
+
 def executable_key(name: str, cfg, args) -> str:
     from ttt.config import shape_key
 
@@ -79,6 +94,7 @@ def executable_key(name: str, cfg, args) -> str:
         _signature(args),
         _source_digest(),
         jax.__version__,
+        _library_versions(),
         backend.platform,
         backend.platform_version,
         tuple(d.device_kind for d in jax.devices()),
@@ -100,7 +116,8 @@ def compiled(name: str, cfg, jitted, args):
         return jitted.lower(*args).compile()
     from jax.experimental import serialize_executable
 
-    path = _active / "executables" / f"{name}-{executable_key(name, cfg, args)}.bin"
+    stem = name.split("[", 1)[0]  # what the key hashes, not the file name, tells programs apart
+    path = _active / "executables" / f"{stem}-{executable_key(name, cfg, args)}.bin"
     if path.exists():
         try:
             blob, in_tree, out_tree = pickle.loads(path.read_bytes())
@@ -119,13 +136,22 @@ def compiled(name: str, cfg, jitted, args):
 
 
 class CachedStep:
-    """Calls like the jitted step; compiles (or loads) at the first call, for its args."""
+    """Calls like the jitted step; compiles (or loads) at the first call, for its args.
+    `by_shape`: one program per argument signature (a decoder's prefill, per prompt
+    length) instead of one for all calls. `name` must carry whatever the function closes
+    over that the config's shape key leaves out (traced settings baked in as constants)."""
 
-    def __init__(self, name: str, cfg, jitted):
+    def __init__(self, name: str, cfg, jitted, by_shape: bool = False):
         self.name, self.cfg, self.jitted = name, cfg, jitted
         self.program = None
+        self.programs: dict[str, object] | None = {} if by_shape else None
 
     def __call__(self, *args):
+        if self.programs is not None:
+            key = _signature(args)
+            if key not in self.programs:
+                self.programs[key] = compiled(self.name, self.cfg, self.jitted, args)
+            return self.programs[key](*args)
         if self.program is None:
             self.program = compiled(self.name, self.cfg, self.jitted, args)
         return self.program(*args)

@@ -7,6 +7,7 @@ Every check here runs before anything is traced, so a bad value costs one clear 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -121,6 +122,22 @@ class Config:
         """A copy with dotted-key overrides, validated."""
         return load_config(self.to_dict(), flat)
 
+    def with_absolute_paths(self) -> Config:
+        """The paths a run names (its dataset, cache and starting run) made absolute against
+        the current directory. A run's config.yaml stores these, so that the run opens from
+        any folder, not only from the one it was made in."""
+        flat = self.flat()
+        paths = {
+            key: str(Path(flat[key]).expanduser().absolute())
+            for key in PATH_KEYS
+            if flat[key] and flat[key] != "stdlib"
+        }
+        changed = {k: v for k, v in paths.items() if v != flat[k]}
+        return self.replace(**changed) if changed else self
+
+
+# Settings that name a file or folder (data.source may also be the built-in `stdlib`).
+PATH_KEYS = ("data.source", "data.cache_dir", "train.init_from")
 
 SECTIONS = {"model": ModelConfig, "ttt": TTTConfig, "data": DataConfig, "train": TrainConfig}
 
@@ -219,14 +236,19 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return int(value)
         raise ConfigError(f"{key}={value!r}: expected an integer")
     if typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads `3e-3` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads `3e-3` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={value!r}: expected a number")
+        if number is None:
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        if not math.isfinite(number):  # YAML reads .inf and .nan; no knob means either
+            raise ConfigError(f"{key}={value!r}: expected a finite number")
+        return number
     if typ is str:
         if value is None:
             return ""

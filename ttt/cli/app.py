@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -11,7 +12,7 @@ import typer
 # typer classes (pyproject pins the typer range this is tested with).
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
-from ttt.errors import Interrupted, UserError
+from ttt.errors import Interrupted, UserError, out_of_memory
 
 app = typer.Typer(
     name="ttt",
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except Interrupted as e:
         print(e, file=sys.stderr)
-        sys.exit(e.exit_code)
+        _exit_now(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
@@ -88,7 +89,25 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(getattr(e, "exit_code", 1) or 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    if code == 130:
+        _exit_now(130)
+    except Exception as e:
+        command = next((a for a in (argv if argv is not None else sys.argv[1:])), "")
+        line = out_of_memory(e, command)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(1)
+    if code == 130:  # click's own Ctrl-C: a KeyboardInterrupt it caught
         print("interrupted", file=sys.stderr)
+        _exit_now(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _exit_now(code: int) -> None:
+    """Exit at once after Ctrl-C. A KeyboardInterrupt can land while XLA still runs work
+    it dispatched (a decode step); tearing the interpreter down around it then crashes in
+    XLA's threads (SIGSEGV instead of 130). Whatever had to be recorded was recorded by
+    the command's own handlers on the way here (run.json, the MLflow run's status)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

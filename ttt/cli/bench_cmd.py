@@ -70,8 +70,8 @@ _ARGS = typer.Argument(
     None, metavar="[PRESET|FILE] [dotted.key=value ...]", help="Default preset pico."
 )
 _MIXERS = typer.Option("full,swa,ttt_e2e", help="Comma-separated mixers to compare.")
-_STEPS = typer.Option(5, help="Timed steps (median reported).")
-_WARMUP = typer.Option(1, help="Untimed steps after compile.")
+_STEPS = typer.Option(5, min=1, help="Timed steps (median reported).")
+_WARMUP = typer.Option(1, min=0, help="Untimed steps after compile.")
 _OUT = typer.Option(None, "--json", help="Write the rows as JSON here.")
 _URI = typer.Option(
     None, "--tracking-uri", help="Also log each row to MLflow (experiment 'bench')."
@@ -176,9 +176,9 @@ def cache(args: list[str] = _ARGS, mixers: str = _MIXERS) -> None:
 
 @app.command("analysis")
 def analysis_bench(
-    runs: int = typer.Option(500, "--runs"),
-    steps: int = typer.Option(1000, "--steps"),
-    metrics: int = typer.Option(5, "--metrics"),
+    runs: int = typer.Option(500, "--runs", min=1),
+    steps: int = typer.Option(1000, "--steps", min=1),
+    metrics: int = typer.Option(5, "--metrics", min=1),
 ) -> None:
     """Time the analysis loaders on a synthetic MLflow store (runs x steps x metrics)."""
     import tempfile

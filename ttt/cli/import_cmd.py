@@ -8,6 +8,9 @@ import typer
 
 from ttt.cli.config_cmd import split_source
 
+# What the weights cannot tell: how the model read its context when it was trained.
+ASSUMED = ("model.window", "ttt.chunk", "ttt.inner_lr")
+
 app = typer.Typer(help="Import checkpoints written by other code.", no_args_is_help=True)
 
 
@@ -31,10 +34,25 @@ def reference(
 ) -> None:
     """Write a run directory (config.yaml, run.json, checkpoints/) that `ttt eval`,
     `train.init_from=RUN` and sweep stages accept."""
+    from ttt.config import parse_overrides
     from ttt.train.importer import import_reference
 
     preset, overrides = split_source(args or [])
     cfg, step = import_reference(ckpt, out, preset, overrides, step=step, bos_id=bos_id)
+    given = parse_overrides(overrides)
+    assumed = [k for k in ASSUMED if k in cfg.flat() and k not in given]
+    if cfg.model.mixer != "ttt_e2e":
+        assumed = [k for k in assumed if k == "model.window"]
+    if assumed:
+        flat = cfg.flat()
+        typer.echo(
+            "warning: the checkpoint does not hold "
+            + ", ".join(assumed)
+            + f"; assumed {' '.join(f'{k}={flat[k]}' for k in assumed)} from preset "
+            f"{cfg.preset}. They must match how it was trained (a wrong chunk gives another "
+            "loss): re-import with the right values as overrides if they differ",
+            err=True,
+        )
     m = cfg.model
     typer.echo(
         f"{out}: imported step {step} ({m.mixer}, {m.layers} layers, width {m.width}, "

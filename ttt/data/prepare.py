@@ -28,6 +28,7 @@ VAL_PERCENT = 5  # documents whose path hash falls below this go to val
 CHUNK_TOKENS = 1 << 20
 ENCODE_BATCH = 256  # files handed to the tokenizer at once (it encodes a batch in parallel)
 META = "meta.json"
+TOKENIZER = "tokenizer.json"  # a copy of the tokenizer, inside the dataset
 
 
 def stdlib_files() -> list[Path]:
@@ -110,6 +111,11 @@ def prepare(
     meta = read_meta(out)
     if not force and meta is not None and meta.get("fingerprint") == fp:
         return meta
+    if not force and meta is not None and meta.get("tokenizer_digest", tok.digest) != tok.digest:
+        raise UserError(
+            f"--out={str(out)!r}: holds a dataset of another tokenizer ({meta.get('tokenizer')}); "
+            "runs trained on it would read the new ids wrongly: choose a new --out, or --force"
+        )
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     docs = {"train": 0, "val": 0}
     bar = tqdm(
@@ -127,6 +133,8 @@ def prepare(
             docs[split] += 1
         bar.update(len(batch))
     bar.close()
+    if sum(len(a) for split in parts.values() for a in split) == len(files):
+        raise UserError(f"--source={source!r}: its {len(files)} file(s) hold no text")
     if docs["val"] == 0 or docs["train"] == 0:  # tiny sources: move one document over
         src, dst = ("train", "val") if docs["val"] == 0 else ("val", "train")
         if docs[src] < 2:
@@ -137,10 +145,13 @@ def prepare(
     # Build beside the target and rename, so a killed prepare never leaves half a dataset
     # that a later run would trust.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    if tok.name != "bytes":  # kept beside the tokens, as a model keeps its tokenizer
+        shutil.copyfile(tok.name, tmp / TOKENIZER)
     meta = {
-        "source": source,
+        "source": source if source == "stdlib" else str(Path(source).absolute()),
         "fingerprint": fp,
-        "tokenizer": tok.name,
+        "tokenizer": "bytes" if tok.name == "bytes" else TOKENIZER,
+        "tokenizer_digest": tok.digest,
         "bos_id": tok.bos_id,
         "vocab_size": tok.vocab_size,
         "documents": docs,

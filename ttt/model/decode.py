@@ -87,8 +87,17 @@ class Decoder:
         self.window = None if m.mixer == "full" else m.window
         self.prefix_size = max_len if self.window is None else self.window
         self.heads, self.head_dim = m.heads, m.width // m.heads
-        self._feed = jax.jit(self._feed_fn)
-        self._prefill = jax.jit(self._prefill_fn)
+        from ttt import compile_cache
+
+        # From the executable cache: a second `ttt generate` on the run starts in seconds.
+        # The name carries what the functions bake in as constants beyond the shape key.
+        baked = f"max_len={max_len},bos={bos_id},inner_lr={cfg.ttt.inner_lr},{self.kernels}"
+        self._feed = compile_cache.CachedStep(
+            f"decode-feed[{baked}]", cfg, jax.jit(self._feed_fn), by_shape=True
+        )
+        self._prefill = compile_cache.CachedStep(
+            f"decode-prefill[{baked}]", cfg, jax.jit(self._prefill_fn), by_shape=True
+        )
 
     # -- pieces -------------------------------------------------------------------------
 
@@ -243,8 +252,10 @@ class Decoder:
         state, nll, done = self.prefill(params, prompt)
         nll, logits = list(nll), None
         for t in range(done, len(prompt)):
-            if logits is not None:
-                nll.append(float(-jax.nn.log_softmax(logits)[prompt[t]]))
+            if logits is not None:  # on the host: no small program to compile per call
+                z = np.asarray(logits, np.float64)
+                top = z.max()
+                nll.append(float(top + np.log(np.exp(z - top).sum()) - z[prompt[t]]))
             state, logits = self.feed(params, state, prompt[t], t)
         return state, logits, np.asarray(nll)
 
@@ -272,7 +283,8 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
 class Generation:
     tokens: list[int]  # the new tokens
     prompt_nll: np.ndarray  # NLL of each prompt token after the first, as `ttt eval` gives
-    seconds_per_token: float  # decode only (after the first new token)
+    seconds_per_token: float  # decode only, once the token step is compiled (nan: too few)
+    first_token_seconds: float = float("nan")  # prompt read, compiles and the first new token
 
 
 def generate(
@@ -285,22 +297,30 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     stop: tuple[int, ...] = (),
+    on_token=None,
 ) -> Generation:
-    """Continue `prompt` by up to `max_new_tokens`, stopping after a token in `stop`."""
+    """Continue `prompt` by up to `max_new_tokens`, stopping after a token in `stop`.
+    `on_token(token)` sees each new token as soon as it is sampled (a stream that Ctrl-C
+    leaves intact up to there)."""
     import time
 
     rng = np.random.default_rng(seed)
+    begin = time.perf_counter()
     state, logits, nll = decoder.read(params, prompt)
-    new, start = [], None
+    new, first, start, timed = [], float("nan"), None, 0
     for t in range(len(prompt), len(prompt) + max_new_tokens):
         token = sample(np.asarray(logits), temperature, top_p, rng)
         new.append(token)
-        if token in stop or t + 1 >= decoder.max_len:
-            break
-        if start is None:
+        if on_token is not None:
+            on_token(token)
+        if len(new) == 1:
+            first = time.perf_counter() - begin
+        elif start is None:  # the token step's first call compiled it: time from here
             start = time.perf_counter()
+        else:
+            timed += 1
+        if token in stop or t + 1 >= min(decoder.max_len, len(prompt) + max_new_tokens):
+            break  # no step past the last token: its time would count against no token
         state, logits = decoder.feed(params, state, token, t)
-    jax.block_until_ready(logits)
-    steps = max(len(new) - 1, 1)
-    per_token = (time.perf_counter() - start) / steps if start is not None else float("nan")
-    return Generation(new, nll, per_token)
+    per_token = (time.perf_counter() - start) / timed if timed else float("nan")
+    return Generation(new, nll, per_token, first)

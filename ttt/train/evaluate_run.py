@@ -77,7 +77,15 @@ def evaluate_weights(
     per-position NLL to `out` (Parquet) and its summary beside it (JSON)."""
     cfg = run.cfg
     split = open_split(cfg.data.source, "val", cfg.data.cache_dir)
-    split.check_vocab(cfg.model.vocab_size)
+    vocab = cfg.model.vocab_size
+    if (split.vocab_size not in (None, vocab)) or split.bos_id >= vocab:
+        # `ttt eval` takes no overrides and the weights fix the vocabulary: name what can move.
+        raise UserError(
+            f"data.source={cfg.data.source!r}: its ids (vocabulary {split.vocab_size}, BOS "
+            f"{split.bos_id}) do not fit the run's weights (vocabulary {vocab}); point "
+            "data.source in the run's config.yaml at a dataset of the run's tokenizer, or "
+            "evaluate token ids with --tokens FILE.npy"
+        )
     check_bos(run, split)
     val = Loader(split, cfg.data.seq_len, cfg.data.batch_size, shuffle=False, name="--seq-len")
     result = evaluate(
@@ -127,15 +135,33 @@ class TokensResult:
     counted: np.ndarray  # (B, T) bool: target is not the BOS
 
 
-def read_tokens(path: str | Path) -> np.ndarray:
-    """(B, T + 1) token ids from a `.npy` file of one sequence or a 2-D batch."""
+def load_ids(path: str | Path, flag: str = "--tokens") -> np.ndarray:
+    """Integer token ids from a `.npy` array, or a `.npz` holding one array (or one named
+    `tokens`, as the reference fixture's `expected.npz` does)."""
     path = Path(path)
     try:
-        tokens = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--tokens={str(path)!r}: not a readable .npy array ({e})") from None
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise UserError(f"--tokens={str(path)!r}: dtype {tokens.dtype}; token ids are integers")
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{flag}={str(path)!r}: not a readable .npy/.npz array ({e})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            names = loaded.files
+            if "tokens" in names:
+                names = ["tokens"]
+            if len(names) != 1:
+                raise UserError(
+                    f"{flag}={str(path)!r}: holds arrays {', '.join(loaded.files)}; expected "
+                    "one, or one named tokens"
+                )
+            loaded = loaded[names[0]]
+    if not np.issubdtype(loaded.dtype, np.integer):
+        raise UserError(f"{flag}={str(path)!r}: dtype {loaded.dtype}; token ids are integers")
+    return loaded
+
+
+def read_tokens(path: str | Path) -> np.ndarray:
+    """(B, T + 1) token ids from a file of one sequence or a 2-D batch (`load_ids`)."""
+    tokens = load_ids(path)
     if tokens.ndim == 1:
         tokens = tokens[None]
     if tokens.ndim != 2 or tokens.shape[1] < 2:

@@ -30,9 +30,15 @@ def _manager_dir(ckpt: str):
     of the reference code)."""
     from etils import epath
 
-    path = epath.Path(ckpt)
+    # Absolute: Orbax's metadata call resolves a relative step path to nothing.
+    path = epath.Path(Path(ckpt).expanduser().absolute())
     if not path.exists():
         raise UserError(f"CKPT={ckpt!r}: no such checkpoint directory")
+    if not path.is_dir():
+        raise UserError(
+            f"CKPT={ckpt!r}: is a file; give the checkpoint directory (the one holding the "
+            "numbered step folders, or the reference run directory above it)"
+        )
     inner = path / "checkpoints"
     if not any(p.name.isdigit() for p in path.iterdir()) and inner.is_dir():
         return inner
@@ -61,11 +67,30 @@ def read_weights(ckpt: str, step: int | None = None) -> tuple[dict, int]:
     item = directory / str(step) / ITEM
     if not item.is_dir():
         raise UserError(f"CKPT={ckpt!r}: step {step} has no {ITEM} item")
+    # Data files missing under an OCDBT manifest make TensorStore's reads fail on
+    # background threads that print tracebacks past any handler here: check first.
+    for manifest in Path(str(item)).rglob("manifest.ocdbt"):
+        data = manifest.parent / "d"
+        if not data.is_dir() or not any(data.iterdir()):
+            raise UserError(
+                f"CKPT={ckpt!r}: step {step}'s {ITEM} is incomplete: "
+                f"{manifest.parent.relative_to(Path(str(directory)))}/d/ holds no data files"
+            )
     checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(item).item_metadata.tree
-    # NumPy on the host, in the stored dtype: no device copy, no float64 detour.
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    weights = checkpointer.restore(item, args=ocp.args.PyTreeRestore(restore_args=args))
+    try:
+        metadata = checkpointer.metadata(item)
+        tree = metadata.item_metadata.tree if metadata.item_metadata is not None else None
+        if tree is None:
+            raise ValueError("no _METADATA")
+        # NumPy on the host, in the stored dtype: no device copy, no float64 detour.
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        weights = checkpointer.restore(item, args=ocp.args.PyTreeRestore(restore_args=args))
+    except Exception as e:  # Orbax and TensorStore raise many types for damaged files
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(
+            f"CKPT={ckpt!r}: step {step}'s {ITEM} cannot be read, the checkpoint is damaged or "
+            f"incomplete ({type(e).__name__}: {first})"
+        ) from None
     return reference.flatten(weights), step
 
 
@@ -125,6 +150,8 @@ def import_reference(
     from ttt.train.checkpoint import Checkpoints
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out={str(out)!r}: is a file; give a new run directory")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out={str(out)!r}: exists and is not empty; choose a new run directory")
     weights, step = read_weights(ckpt, step)
@@ -146,15 +173,16 @@ def import_reference(
     out.mkdir(parents=True, exist_ok=True)
     try:
         ckpts = Checkpoints(out, keep=1)
-        meta = {"position": 0, "imported_from": str(ckpt), "reference_step": step}
+        source = str(Path(ckpt).expanduser().absolute())
+        meta = {"position": 0, "imported_from": source, "reference_step": step}
         ckpts.save(step, state, None, meta)
         ckpts.close()
-        (out / "config.yaml").write_text(cfg.to_yaml())
+        (out / "config.yaml").write_text(cfg.with_absolute_paths().to_yaml())
         info = {
             "status": "imported",
             "step": step,
             "bos_id": bos_id,
-            "imported_from": str(ckpt),
+            "imported_from": source,
             "format": "reference",
         }
         (out / "run.json").write_text(json.dumps(info, indent=2))

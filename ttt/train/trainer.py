@@ -126,7 +126,8 @@ def _check_run_dir(out: Path, cfg: Config) -> None:
             f"--out={str(out)!r} holds an imported checkpoint, which has no optimizer state to "
             f"resume; fine-tune it into a new run: train.init_from={out} --out NEW"
         )
-    old = load_config(yaml.safe_load(saved.read_text())).flat()
+    # Runs made before config.yaml stored absolute paths resume from their own folder.
+    old = load_config(yaml.safe_load(saved.read_text())).with_absolute_paths().flat()
     diff = [k for k, v in cfg.flat().items() if old.get(k) != v and k != "train.steps"]
     if cfg.train.steps < old["train.steps"]:
         diff.insert(0, "train.steps")
@@ -229,8 +230,16 @@ class Trainer:
         progress: bool = True,
     ):
         compile_cache.enable()
+        cfg = cfg.with_absolute_paths()
         self.cfg, self.out = cfg, Path(out_dir)
         tr = cfg.train
+        m = cfg.model
+        if m.mixer in ("swa", "ttt_e2e") and m.window > cfg.data.seq_len:
+            raise UserError(
+                f"model.window={m.window}: larger than data.seq_len={cfg.data.seq_len}, so "
+                f"every token would see its whole context (full attention); use a window of "
+                f"at most {cfg.data.seq_len}, or model.mixer=full"
+            )
         mesh = data_mesh(devices)
         self.n_dev = mesh.devices.size
         if cfg.data.batch_size % (self.n_dev * tr.grad_accum):

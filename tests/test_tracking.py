@@ -90,6 +90,11 @@ def test_a_single_run_is_tracked_like_a_trial(tmp_path, corpus, monkeypatch, cap
         main([*base, "train.steps=3", *opts, "--tracking-uri", uri])
     assert e.value.code == 0
     assert f"tracking: {uri}" in capsys.readouterr().err
+    # A NIAH evaluation leaves eval/niah.parquet, which is not a per-position NLL table.
+    niah = ["--task", "niah", "--seq-len", "512", "--depths", "0.5", "--niah-tasks", "niah1"]
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(out), *niah, "--samples", "1"])
+    assert e.value.code == 0 and (out / "eval" / "niah.parquet").exists()
     # Extend it through the environment variable: the same MLflow run goes on.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(SystemExit) as e:

@@ -174,7 +174,12 @@ def log_eval_artifacts(c, run_id: str, run_dir: Path) -> None:
     from analysis.figures import nll_artifacts
     from analysis.recipes import with_method
 
-    files = sorted((Path(run_dir) / "eval").glob("*.parquet"))
+    # Per-position NLL tables only: eval/ also holds other kinds (NIAH's rows).
+    files = [
+        f
+        for f in sorted((Path(run_dir) / "eval").glob("*.parquet"))
+        if {"position", "nll"} <= set(pl.read_parquet_schema(f))
+    ]
     if not files:
         return
     params = c.get_run(run_id).data.params

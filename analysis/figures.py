@@ -478,7 +478,9 @@ def niah_heatmap(frame: pl.DataFrame, png: Path, title: str) -> Path:
     """RULER's picture of a NIAH evaluation: accuracy by needle depth (rows) and context
     length (columns), one panel per task, every sample of each cell averaged."""
     tasks = sorted(frame["task"].unique())
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(4.4 * len(tasks) + 1, 3.8), squeeze=False, layout="constrained"
+    )
     for ax, task in zip(axes[0], tasks, strict=True):
         cells = (
             frame.filter(pl.col("task") == task)

@@ -31,9 +31,23 @@ FIRST_JOB_S = 180  # a cluster that never got a job stops after this
 STOP_ENV = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": "90"}
 
 
+def owner() -> str:
+    """The interpreter and code tree a local cluster runs trials with: its raylet starts
+    workers with the Python that started it, which imports the code installed there. A
+    sweep from another checkout or environment gets a cluster of its own, never one that
+    would run someone else's code."""
+    import hashlib
+
+    import ttt
+
+    tree = Path(ttt.__file__).resolve().parent.parent
+    return hashlib.sha256(f"{sys.executable}\0{tree}".encode()).hexdigest()[:8]
+
+
 def cluster_dir() -> Path:
-    """Ray's temp dir for this cluster (short: Ray's socket paths must fit in 107 bytes)."""
-    return Path(os.environ.get("TTT_RAY_DIR") or f"/tmp/ray-ttt-{os.getuid()}")
+    """Ray's temp dir for this cluster (short: Ray's socket paths must fit in 107 bytes):
+    one per user, interpreter and code tree (`owner`), or `$TTT_RAY_DIR`."""
+    return Path(os.environ.get("TTT_RAY_DIR") or f"/tmp/ray-ttt-{os.getuid()}-{owner()}")
 
 
 def loopback_only(port: int) -> bool:
@@ -60,6 +74,8 @@ class Cluster:
     dashboard: str  # http://HOST:PORT, the dashboard and the Job Submission API
     pid: int = 0  # the keeper's, for a local cluster
     keep: bool = False
+    stopping: bool = False  # the keeper is taking it down: no new work goes to it
+    python: str = ""  # the interpreter its workers run
 
     def client(self):
         from ray.job_submission import JobSubmissionClient
@@ -90,12 +106,36 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def find_local() -> Cluster | None:
+def _read_state() -> Cluster | None:
     try:
-        cluster = Cluster(**json.loads(_state().read_text()))
+        return Cluster(**json.loads(_state().read_text()))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def find_local() -> Cluster | None:
+    """The local cluster that can take a sweep now: up, answering, and not stopping."""
+    cluster = _read_state()
+    if cluster is None or cluster.stopping:
+        return None
     return cluster if _alive(cluster.pid) and _answers(cluster.dashboard) else None
+
+
+def _wait_for_stopping(timeout: float = 120) -> None:
+    """A cluster that began stopping (idle, or `--down`) drains for up to a minute; a new
+    one in the same folder starts once its keeper has gone."""
+    cluster = _read_state()
+    if cluster is None or not cluster.stopping:
+        return
+    print("the local Ray cluster is stopping; a new one starts once it is down", file=sys.stderr)
+    deadline = time.time() + timeout
+    while _alive(cluster.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    if _alive(cluster.pid):
+        raise UserError(
+            f"the local Ray cluster (keeper pid {cluster.pid}) did not stop in {timeout:.0f} s; "
+            "run `ttt sweep cluster --down` and try again"
+        )
 
 
 def local_cluster(keep: bool = False, timeout: float = 120) -> tuple[Cluster, bool]:
@@ -116,6 +156,7 @@ def _local_cluster(keep: bool, timeout: float) -> tuple[Cluster, bool]:
             cluster.keep = True
             _state().write_text(json.dumps(asdict(cluster)))
         return cluster, False
+    _wait_for_stopping()
     directory = cluster_dir()
     _state().unlink(missing_ok=True)
     created = ensure_token()  # `ray start` wants one and, unlike ray.init(), makes none
@@ -183,12 +224,19 @@ def keeper(directory: Path, keep: bool) -> None:
         + ["--port", str(port), "--dashboard-host", "127.0.0.1"]
         + ["--dashboard-port", str(dashboard)]
         + ["--dashboard-agent-listen-port", str(_free_port())]
+        # 10001 by default: a second cluster on the machine would fail to bind it
+        + ["--ray-client-server-port", str(_free_port())]
         + ["--temp-dir", str(directory), "--disable-usage-stats"],
         env=env,
     )
     state = directory / "ttt-cluster.json"
 
     def down(*_):
+        try:  # first: no one hands it new work while it drains
+            stopping = json.loads(state.read_text())
+            state.write_text(json.dumps({**stopping, "stopping": True}))
+        except (OSError, ValueError):
+            pass
         proc.send_signal(signal.SIGTERM)  # Ray drains and stops every process it started
         try:
             proc.wait(timeout=60)
@@ -199,7 +247,10 @@ def keeper(directory: Path, keep: bool) -> None:
 
     signal.signal(signal.SIGTERM, down)
     signal.signal(signal.SIGINT, down)
-    cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", os.getpid(), keep)
+    cluster = Cluster(
+        f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", os.getpid(), keep,
+        python=sys.executable,
+    )  # fmt: skip
     while not _answers(cluster.dashboard):
         if proc.poll() is not None:
             sys.exit(f"ray start exited with {proc.returncode}")

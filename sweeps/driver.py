@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -28,6 +29,17 @@ from ttt.errors import UserError
 from ttt.tracking import check_uri, resolve_uri, run_link
 
 DEFAULT_STORAGE = "ray_results"
+
+
+class _TuneResumeAdvice(logging.Filter):
+    """Tune's "Resume experiment with: Tuner.restore(...)" after a stop is not how a `ttt`
+    user resumes; the driver prints the `ttt` command instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Resume experiment with" not in record.getMessage()
+
+
+logging.getLogger("ray.tune.tune").addFilter(_TuneResumeAdvice())
 
 
 def flat_params(spec: SweepSpec, trial_config: dict) -> dict:
@@ -249,6 +261,8 @@ def print_monitoring(context, tracking_uri: str, experiment_id: str) -> None:
         )
     serve = "" if tracking_uri.startswith("http") else f" (ttt ui --tracking-uri {tracking_uri})"
     print(f"MLflow runs: {run_link(tracking_uri, experiment_id)}{serve}", file=sys.stderr)
+    chart = run_link(tracking_uri, experiment_id, trials_chart=True)
+    print(f"  the trials' loss and eval_loss side by side: {chart}", file=sys.stderr)
 
 
 def _check_init_from(spec: SweepSpec) -> None:
@@ -332,11 +346,11 @@ def run_sweep(
             raise _init_error(address, e) from None
     else:
         context = ray.get_runtime_context()
-    print_monitoring(context, tracking_uri, exp_id)
-
     result = SweepResult(spec, parent_id, tracking_uri)
     status = "FAILED"
+    log = DriverLog(c, parent_id)
     try:
+        print_monitoring(context, tracking_uri, exp_id)
         max_steps = spec.config(spec.points[0], {}).train.steps
         space = {
             # Optuna samples every trial itself and refuses grid_search; its spec has one
@@ -348,7 +362,10 @@ def run_sweep(
         }
         params_of = functools.partial(flat_params, spec)
         role = "eval" if spec.task == "eval" else "trial"
-        cb = MlflowSweepCallback(tracking_uri, spec.name, parent_id, "main", params_of, role)
+        cb = MlflowSweepCallback(
+            tracking_uri, spec.name, parent_id, "main", params_of, role, spec.metric, spec.mode
+        )
+        cb.driver_log = log
         grid = fit(_tuner(spec, spec.name, space, cb, storage, max_steps, rerun))
         result.stages.append(StageResult("main", _rows(grid, spec)))
         for stage in spec.stages:
@@ -357,7 +374,11 @@ def run_sweep(
                 print(f"stage {stage.name}: no finished trial to start from", file=sys.stderr)
                 break
             space = {"start": tune.grid_search(starts), "stage": stage.name}
-            cb = MlflowSweepCallback(tracking_uri, spec.name, parent_id, stage.name, params_of)
+            cb = MlflowSweepCallback(
+                tracking_uri, spec.name, parent_id, stage.name, params_of, "trial", spec.metric,
+                spec.mode,
+            )  # fmt: skip
+            cb.driver_log = log
             steps = stage.steps or max_steps
             stage_name = f"{spec.name}-{stage.name}"
             grid = fit(_tuner(spec, stage_name, space, cb, storage, steps, rerun))
@@ -366,12 +387,72 @@ def run_sweep(
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        print(
+            f"sweep {spec.name} stopped; its state is saved: the same `ttt sweep run` resumes it",
+            file=sys.stderr,
+        )
         raise
     finally:
+        log.close()
         _close_runs(c, exp_id, parent_id, status)
         if started_here:
             ray.shutdown()
     return result
+
+
+class DriverLog:
+    """The driver's output (its own lines and the trials' progress lines Ray forwards to
+    it) copied to a file that goes up to the parent run as `driver/driver-<start>.log`
+    whenever a trial starts or ends, and at the end: a sweep's log stays one click away
+    after its Ray cluster, and with it the dashboard's copy, is gone."""
+
+    def __init__(self, c, parent_id: str):
+        import tempfile
+        import time
+
+        self.c, self.parent_id = c, parent_id
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.path = Path(tempfile.mkdtemp(prefix="ttt-driver-")) / f"driver-{stamp}.log"
+        self.file = self.path.open("a", buffering=1)
+        self.streams = (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = _Tee(sys.stdout, self.file), _Tee(sys.stderr, self.file)
+
+    def upload(self) -> None:
+        try:
+            self.file.flush()
+            self.c.log_artifact(self.parent_id, str(self.path), artifact_path="driver")
+        except Exception as e:  # a store that is briefly away: the next upload has it all
+            print(f"(driver log not uploaded: {type(e).__name__})", file=self.streams[1])
+
+    def close(self) -> None:
+        sys.stdout, sys.stderr = self.streams
+        self.upload()
+        self.file.close()
+
+
+# Tune's advice that does not apply to `ttt` users: TensorBoard (the runs are in MLflow).
+NOISE = ("tensorboard --logdir",)
+
+
+class _Tee:
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+        self.dropped = False  # print() writes a line's newline apart: drop it with the line
+
+    def write(self, text: str) -> int:
+        if any(n in text for n in NOISE) or (self.dropped and text == "\n"):
+            self.dropped = not self.dropped
+            return len(text)
+        self.dropped = False
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.file.flush()
+
+    def __getattr__(self, name):  # fileno, isatty, encoding: the terminal's
+        return getattr(self.stream, name)
 
 
 def _log_best(c, exp_id: str, parent_id: str, spec: SweepSpec, rows: list[dict]) -> None:
@@ -384,8 +465,15 @@ def _log_best(c, exp_id: str, parent_id: str, spec: SweepSpec, rows: list[dict])
     c.log_metric(parent_id, f"best_{spec.metric}", float(best[spec.metric]))
     run = find_run(c, exp_id, {"ttt.trial_id": best["trial"]}) if best["trial"] else None
     if run is not None:
+        link = run_link(c.tracking_uri, exp_id, run.info.run_id)
         c.set_tag(parent_id, "ttt.best_run_id", run.info.run_id)
-        c.set_tag(parent_id, "ttt.best_run", run_link(c.tracking_uri, exp_id, run.info.run_id))
+        c.set_tag(parent_id, "ttt.best_run", link)
+        c.set_tag(
+            parent_id,
+            "mlflow.note.content",
+            f"**Sweep {spec.name}** ended. Best trial: [{run.info.run_name}]({link}), "
+            f"{spec.metric} {best[spec.metric]:.4f}",
+        )
 
 
 def _same_sweep(spec: SweepSpec, parent) -> None:

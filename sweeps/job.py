@@ -99,7 +99,11 @@ def follow(cluster: Cluster, job_id: str) -> int:
     if status == "SUCCEEDED":
         return 0
     code = getattr(info, "driver_exit_code", None)
-    print(f"Ray job {job_id}: {status}", file=sys.stderr)
+    why = ""
+    if status == "FAILED" and info.message:  # e.g. the driver could not even be scheduled
+        first = info.message.strip().splitlines()[0]
+        why = f": {first[:300]}"
+    print(f"Ray job {job_id}: {status}{why}", file=sys.stderr)
     if status == "STOPPED":
         return 1
     return code if isinstance(code, int) and code > 0 else 1

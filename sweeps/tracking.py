@@ -17,6 +17,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from ttt.tracking import (  # noqa: F401  (re-exported: the sweep's view of the conventions)
+    CONSTANT_KEYS,
     DEFAULT_ARTIFACTS,
     DEFAULT_DB,
     METRIC_KEYS,
@@ -34,6 +35,27 @@ from ttt.tracking import (  # noqa: F401  (re-exported: the sweep's view of the 
 )
 
 
+def short_name(config: dict) -> str:
+    """A trial's MLflow run name: its swept values, the mixer first and bare, so that names
+    differ in their first characters where the UI cuts them (`ttt_e2e inner_lr=0.3`)."""
+    from sweeps.spec import TrialStart
+
+    start = TrialStart.of(config)
+    values = {**start.point, **start.sample}
+    ordered = sorted(values.items(), key=lambda kv: kv[0] != "model.mixer")
+    parts = [
+        str(v)
+        if k == "model.mixer"
+        else f"{k.split('.')[-1]}={v:.3g}"
+        if isinstance(v, float)
+        else f"{k.split('.')[-1]}={v}"
+        for k, v in ordered
+    ]
+    if start.stage:
+        parts.insert(0, start.stage)
+    return " ".join(parts) or "trial"
+
+
 class MlflowSweepCallback(Callback):
     """Logs every trial of one sweep stage. Picklable (Tune stores it with the run config):
     the client and caches are rebuilt after a restore."""
@@ -46,9 +68,12 @@ class MlflowSweepCallback(Callback):
         stage: str,
         params_of,
         role: str = "trial",
+        metric: str = "eval_loss",
+        mode: str = "min",
     ):
         self.tracking_uri, self.sweep, self.stage = tracking_uri, sweep, stage
         self.role = role  # trial, or eval for a `task: eval` sweep
+        self.metric, self.mode = metric, mode  # what "best" means on the parent run
         self.parent_run_id = parent_run_id
         self.params_of = params_of  # trial.config -> flat config dict
         self._reset()
@@ -62,7 +87,7 @@ class MlflowSweepCallback(Callback):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for key in ("_client", "_runs", "_last_step", "_done", "_nodes"):
+        for key in ("_client", "_runs", "_last_step", "_done", "_nodes", "driver_log"):
             state.pop(key, None)
         return state
 
@@ -100,7 +125,7 @@ class MlflowSweepCallback(Callback):
         else:
             run = c.create_run(
                 exp,
-                run_name=str(trial),
+                run_name=short_name(trial.config),
                 tags={
                     **run_tags(self.role, f"ttt sweep run ({self.sweep}, stage {self.stage})"),
                     **tags,
@@ -119,6 +144,50 @@ class MlflowSweepCallback(Callback):
         self.client.set_tag(run_id, "ttt.trial_name", str(trial))
         link = run_link(self.tracking_uri, self.experiment_id(), run_id)
         print(f"trial {trial} (Ray trial {trial.trial_id}): MLflow {link}", flush=True)
+        self._update_parent(trials)
+
+    def _update_parent(self, trials, ended=None, as_state: str = "") -> None:
+        """The parent run as a sweep's summary while it runs: how many trials finished,
+        run and failed (metrics, one point per change), the best result so far, and its
+        description with a link to the best trial's run (the UI renders it as Markdown)."""
+        counts = {"finished": 0, "running": 0, "failed": 0, "pending": 0}
+        key = {"TERMINATED": "finished", "RUNNING": "running", "ERROR": "failed"}
+        for t in trials:
+            # Tune calls the callback before it sets the ended trial's status
+            counts[as_state if t is ended else key.get(t.status, "pending")] += 1
+        # x: trials ended so far (monotone across a driver restart, unlike a call count)
+        step = counts["finished"] + counts["failed"]
+        metric = getattr(self, "metric", "eval_loss")  # a callback restored from older state
+        metrics = {f"trials_{k}": float(v) for k, v in counts.items()}
+        done = [
+            t
+            for t in trials
+            if (t.status == "TERMINATED" or (t is ended and as_state == "finished"))
+            and (t.last_result or {}).get(metric) is not None
+        ]
+        lines = [
+            f"**Sweep {self.sweep}**, stage {self.stage}: "
+            + ", ".join(f"{v} {k}" for k, v in counts.items())
+        ]
+        if done:
+            pick = min if getattr(self, "mode", "min") == "min" else max
+            best = pick(done, key=lambda t: t.last_result[metric])
+            value = float(best.last_result[metric])
+            metrics[f"best_{metric}_so_far"] = value
+            link = run_link(self.tracking_uri, self.experiment_id(), self.run_id(best))
+            lines.append(
+                f"Best trial so far: [{short_name(best.config)}]({link}), {metric} "
+                f"{value:.4f} at step {best.last_result.get('step', '?')}"
+            )
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.parent_run_id, metrics=batch)
+        self.client.set_tag(self.parent_run_id, "mlflow.note.content", "\n\n".join(lines))
+        log = getattr(self, "driver_log", None)  # set by the driver; not pickled
+        if log is not None:
+            log.upload()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.run_id(trial)
@@ -126,6 +195,9 @@ class MlflowSweepCallback(Callback):
             # the trial's code, JAX and devices, in its first report of each attempt
             for k, v in json.loads(result["provenance"]).items():
                 self.client.set_tag(run_id, k, v)
+            for k in CONSTANT_KEYS:
+                if result.get(k) is not None:
+                    self.client.set_tag(run_id, f"ttt.{k}", f"{result[k]:.6g}")
         step = int(result.get("step", result.get("training_iteration", 0)))
         if run_id in self._done or step <= self._last_step.get(run_id, 0):
             return  # already logged before the driver restarted
@@ -180,6 +252,7 @@ class MlflowSweepCallback(Callback):
                     step=int(last.get("step", 0)),
                 )
         self._finish(trial, outcome, last.get("message", ""))
+        self._update_parent(trials, trial, "finished")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
@@ -192,6 +265,7 @@ class MlflowSweepCallback(Callback):
         if path and os.path.exists(path):
             error = Path(path).read_text().strip().splitlines()[-1]
         self._finish(trial, "error", error)
+        self._update_parent(trials, trial, "failed")
 
 
 def log_bench_rows(tracking_uri: str, rows: list[dict], experiment: str = "bench") -> list[str]:

@@ -130,6 +130,43 @@ def test_a_token_is_made_for_a_local_cluster_and_never_for_a_remote_one(tmp_path
     assert token_source() == "$RAY_AUTH_TOKEN"
 
 
+def test_each_interpreter_and_code_tree_gets_its_own_local_cluster(monkeypatch):
+    """A cluster's workers run the Python that started it: a sweep from another checkout
+    or environment must not land on it (it would run the other tree's code)."""
+    from sweeps import cluster
+
+    monkeypatch.delenv("TTT_RAY_DIR", raising=False)
+    mine = cluster.cluster_dir()
+    monkeypatch.setattr(sys, "executable", "/elsewhere/.venv/bin/python3")
+    other = cluster.cluster_dir()
+    assert mine != other and mine.parent == other.parent == Path("/tmp")
+    assert len(str(other)) < 40  # Ray's socket paths under it must fit in 107 bytes
+    monkeypatch.setenv("TTT_RAY_DIR", "/tmp/rt-mine")
+    assert cluster.cluster_dir() == Path("/tmp/rt-mine")
+
+
+def test_a_stopping_cluster_gets_no_new_work_and_a_new_one_waits_for_it(tmp_path, monkeypatch):
+    """The idle keeper marks the cluster stopping before it drains (about 30 s): a sweep
+    started then waits for it to go and starts a new one, instead of submitting a job that
+    fails with no reason."""
+    import json
+    import subprocess
+    import time
+
+    from sweeps import cluster
+
+    monkeypatch.setenv("TTT_RAY_DIR", str(tmp_path))
+    # The keeper taking Ray down, as another process's child (so no zombie outlives it).
+    spawn = ["sh", "-c", "sleep 2 >/dev/null 2>&1 & echo $!"]
+    pid = int(subprocess.run(spawn, capture_output=True, text=True).stdout)
+    state = {"gcs": "127.0.0.1:1", "dashboard": "http://127.0.0.1:1", "pid": pid}
+    (tmp_path / "ttt-cluster.json").write_text(json.dumps({**state, "stopping": True}))
+    assert cluster.find_local() is None
+    t0 = time.monotonic()
+    cluster._wait_for_stopping()
+    assert not cluster._alive(pid) and time.monotonic() - t0 > 1
+
+
 class TwoNodes:
     """A Ray head and a second node on this machine, each with one CPU and a custom
     resource of its own. The second node runs under `ray start --block` in a session of

@@ -195,6 +195,27 @@ def test_a_closed_terminal_leaves_the_sweep_running_and_two_run_at_once(sweeps):
     assert "(kept up)" in listing.stdout  # the short sweep asked for --keep-cluster
 
 
+def test_status_and_watch_read_the_record_while_running_and_after(sweeps):
+    """From MLflow, not Tune's saved state (which calls a running trial PENDING): the long
+    sweep's trial is running, with its step out of 2000; the finished one is finished."""
+    uri = ["--tracking-uri", sweeps.uri]
+    status = ttt("sweep", "status", "long", *uri, env=sweeps.env, cwd=sweeps.tmp)
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0] == "sweep long (running): 1 running", status.stdout
+    (row,) = [ln.split() for ln in lines if " running " in ln]
+    step, total = row[-6].split("/")
+    assert total == "2000" and int(step) >= 1 and row[-2].endswith(("s", "m")), row
+    # The finished sweep: `watch` draws the table once and ends with the sweep's outcome.
+    watch = ttt("sweep", "watch", "short", *uri, env=sweeps.env, cwd=sweeps.tmp)
+    assert watch.returncode == 0, watch.stderr
+    assert watch.stdout.startswith("sweep short (finished): 2 finished")
+    assert "* best eval_loss " in watch.stdout
+    listing = ttt("sweep", "ls", *uri, env=sweeps.env, cwd=sweeps.tmp)
+    assert "long (running): 1 running" in listing.stdout
+    assert "short (finished): 2 finished" in listing.stdout
+
+
 def test_every_ray_service_listens_on_loopback_only(sweeps):
     import psutil
 
@@ -206,6 +227,10 @@ def test_every_ray_service_listens_on_loopback_only(sweeps):
         if c.status == psutil.CONN_LISTEN and c.pid in pids
     ]
     assert len(listening) >= 6, listening  # GCS, raylet, dashboard, agents, workers
+    # Ray's client server port is 10001 unless told: two clusters on one machine collide
+    start = next(p for p in keeper.children() if "start" in p.cmdline())
+    cmd = start.cmdline()
+    assert int(cmd[cmd.index("--ray-client-server-port") + 1]) != 10001
     for conn in listening:
         ip = ipaddress.ip_address(conn.laddr.ip)
         ip = getattr(ip, "ipv4_mapped", None) or ip
@@ -385,8 +410,21 @@ def test_a_browser_sees_the_running_job_and_the_finished_runs(sweeps):
         driver.find_element(
             By.CSS_SELECTOR, "[data-component-id*='runnamecellrenderer'][type=button]"
         ).click()
-        _text(driver, ["mixer=swa_", "mixer=full_"])
+        _text(driver, ["swa", "full"])  # the trials' short names
         driver.save_screenshot(str(SCREENSHOTS / "mlflow-runs.png"))
+        # The link the driver prints: the trials side by side in the chart view, in a
+        # fresh browser (nothing to expand first).
+        (chart,) = [
+            ln.split(": ", 1)[1]
+            for ln in (sweeps.short_run.stdout + sweeps.short_run.stderr).splitlines()
+            if "the trials' loss and eval_loss side by side:" in ln
+        ]
+        driver.delete_all_cookies()
+        driver.execute_script("window.localStorage.clear()")
+        driver.get(chart.replace("127.0.0.1:5000", f"127.0.0.1:{port}"))
+        body = _text(driver, ["eval_loss", "loss", "swa", "full"])
+        assert "No charts" not in body
+        driver.save_screenshot(str(SCREENSHOTS / "mlflow-trials-chart.png"))
     finally:
         driver.quit()
         os.killpg(ui.pid, signal.SIGTERM)
@@ -403,6 +441,14 @@ def test_stop_marks_the_runs_killed_and_a_rerun_resumes(sweeps):
     (child,) = [r for r in runs(sweeps.uri, "long") if r.data.tags["ttt.role"] == "trial"]
     assert parent.info.status == "KILLED"
     assert child.info.status == "KILLED" and child.data.tags["ttt.outcome"] == "interrupted"
+    status = ttt("sweep", "status", "long", "--tracking-uri", sweeps.uri, env=sweeps.env,
+                 cwd=sweeps.tmp)  # fmt: skip
+    assert status.stdout.startswith("sweep long (stopped): 1 stopped"), status.stdout
+    # its driver's log, kept with the sweep after the cluster (and its copy) is gone
+    from mlflow.tracking import MlflowClient
+
+    (log,) = MlflowClient(sweeps.uri).list_artifacts(parent.info.run_id, "driver")
+    assert log.path.startswith("driver/driver-") and log.file_size > 0
     again = ttt("sweep", "stop", "long", env=sweeps.env, cwd=sweeps.tmp)
     assert again.returncode == 2 and "is not running" in again.stderr
     # The same command again resumes it from its last checkpoint, in the same MLflow run

@@ -220,45 +220,57 @@ def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster, capsys):
 
     from ttt.cli import main
 
+    # The parent as the sweep's summary: counts and the best so far, as metrics while it
+    # ran; a clickable best trial in its description; the driver's log as an artifact.
+    history = c.get_metric_history(parent.info.run_id, "trials_finished")
+    assert max(m.value for m in history) == 4 and len(history) >= 4
+    assert "best_eval_loss_so_far" in parent.data.metrics
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"[{ext[0].info.run_name}](" in note and ext[0].info.run_id in note
+    (log,) = [a.path for a in c.list_artifacts(parent.info.run_id, "driver")]
+    text = Path(c.download_artifacts(parent.info.run_id, log)).read_text()
+    assert "MLflow runs: " in text and "tensorboard --logdir" not in text
+    # Short run names that differ early: the mixer bare, then the swept values.
+    assert {r.info.run_name for r in children} == {
+        f"{m} lr={lr}" for m in ("swa", "full") for lr in (0.003, 0.001)
+    }
+    assert "flops_per_token" not in children[0].data.metrics
+    assert "inner_lr" not in children[0].data.metrics  # no inner loop in swa or full
+    assert float(children[0].data.tags["ttt.flops_per_token"]) > 0
+
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        main(
-            [
-                "sweep",
-                "status",
-                "e2e",
-                "--storage-path",
-                str(tmp_path / "ray"),
-                "--tracking-uri",
-                uri,
-            ]
-        )
+        main(["sweep", "status", "e2e", "--tracking-uri", uri])
     status = capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["sweep", "ls", "--storage-path", str(tmp_path / "ray")])
+        main(["sweep", "ls", "--tracking-uri", uri])
     out = capsys.readouterr().out
-    # each trial's point, state, step, losses and MLflow run, one row each
-    head = status.splitlines()[1].split()
+    # each trial's point, state, step, losses and MLflow run, one row each, from MLflow
+    lines = status.splitlines()
+    assert lines[0] == "sweep e2e (finished): 5 finished", lines[0]
+    head = lines[2].split()
     assert head == [
         "trial",
         "model.mixer",
         "train.lr",
         "status",
-        "outcome",
         "step",
         "loss",
         "eval_loss",
+        "tok/s",
+        "eta",
         "mlflow_run",
     ], head
-    rows = [ln.split() for ln in status.splitlines() if "TERMINATED" in ln]
+    rows = [ln.split() for ln in lines if " finished " in ln]
     assert len(rows) == 5 and "e2e-ext:" in status
     ids = {r.info.run_id for r in [*children, *ext]}
     assert {r[-1] for r in rows} == ids
-    assert all(r[-5] == "finished" for r in rows)
-    assert {(r[1], r[2]) for r in rows[:4]} == {
+    assert {(r[-9], r[-8]) for r in rows[:4]} == {
         (m, str(lr)) for m in ("swa", "full") for lr in (3e-3, 1e-3)
     }
-    assert "e2e: 4 TERMINATED" in out and "e2e-ext: 1 TERMINATED" in out
+    assert all(r[-6] == "4/4" for r in rows[:4]) and rows[4][-6] == "2/2"  # a stage: 2 more
+    assert f"* best eval_loss {ext[0].data.metrics['final_eval_loss']:.4f}" in status
+    assert out.strip() == "e2e (finished): 5 finished"
 
 
 def test_asha_stops_a_trial_early(tmp_path, corpus, ray_cluster):
@@ -501,7 +513,7 @@ def test_optuna_sweep_in_a_file_uri_store_then_an_edited_spec_is_refused(
     assert {r.data.params["train.seed"] for r in children} == {"3"}
     assert len({r.data.params["train.lr"] for r in children}) == 2  # Optuna's own picks
     with pytest.raises(SystemExit) as exc:
-        main(["sweep", "status", "opt-b", "--storage-path", store, "--tracking-uri", uri])
+        main(["sweep", "status", "opt-b", "--tracking-uri", uri])
     status = capsys.readouterr().out
     assert exc.value.code == 0, status
     assert {r.info.run_id for r in children} <= set(status.split())

@@ -32,8 +32,9 @@ METRIC_KEYS = (
     "tokens_per_s",
     "mfu",
     "eval_loss",
-    "flops_per_token",
 )
+# In every report but constant over a run: a tag, set once, instead of a flat curve.
+CONSTANT_KEYS = ("flops_per_token",)
 SYSTEM_PREFIX = "system/"  # MLflow's UI shows these in its "System metrics" tab
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 OUTCOME_STATUS = {
@@ -202,9 +203,11 @@ DESCRIPTION = """**Metrics** (x axis: optimizer step)
 - `loss`: training loss, nats per token (mean next-token cross-entropy of the outer objective)
 - `eval_loss`, `final_eval_loss`: validation loss, nats per token
 - `grad_norm`: global L2 norm of the outer gradient (before clipping)
-- `lr`: outer learning rate; `inner_lr`: inner (test-time) learning rate, per step
+- `lr`: outer learning rate; `inner_lr`: inner (test-time) learning rate, per step (only
+  where there is an inner loop)
 - `tokens_per_s`: training throughput, tokens per second (all devices)
-- `flops_per_token`: model FLOPs per token; `mfu`: fraction of the devices' peak FLOP/s
+- `mfu`: fraction of the devices' peak FLOP/s (the tag `ttt.flops_per_token` holds the
+  model FLOPs per token it is computed from)
 - `system/...`: MLflow's system metrics, each named with its unit (percent, megabytes)
 
 **Artifacts**: `eval/nll_by_position.*`: validation NLL by token position (nats per token):
@@ -230,13 +233,25 @@ def ui_base(tracking_uri: str, port: int = 5000) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def run_link(tracking_uri: str, experiment_id: str | None = None, run_id: str | None = None):
+def run_link(
+    tracking_uri: str,
+    experiment_id: str | None = None,
+    run_id: str | None = None,
+    trials_chart: bool = False,
+):
     """A UI link in model-training mode (MLflow 3 opens on GenAI traces otherwise): the
-    experiments, an experiment's runs, or one run."""
+    experiments, an experiment's runs, or one run. `trials_chart`: a sweep's trials side
+    by side in the chart view (filtered to the trials, which the UI then lists flat
+    instead of folded under the sweep's parent run)."""
+    from urllib.parse import urlencode
+
     path = "#/experiments"
     if experiment_id is not None:
         path += f"/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
-    return f"{ui_base(tracking_uri)}/{path}?workflowType=machine_learning"
+    query = {"workflowType": "machine_learning"}
+    if trials_chart:
+        query.update(compareRunsMode="CHART", searchFilter="tags.`ttt.role` = 'trial'")
+    return f"{ui_base(tracking_uri)}/{path}?{urlencode(query)}"
 
 
 def finish(c, run_id: str, outcome: str, message: str = "") -> None:
@@ -351,7 +366,15 @@ class MlflowReporter:
             )
             self.run_id = run.info.run_id
             log_params(c, self.run_id, self.cfg.flat())
-        tags = {**provenance(), "ttt.checkpoint_dir": str(self.out / "checkpoints")}
+        from ttt.train.flops import flops_per_token
+        from ttt.train.step import uses_inner_loop
+
+        flops = flops_per_token(self.cfg, training=True, inner=uses_inner_loop(self.cfg, True))
+        tags = {
+            **provenance(),
+            "ttt.checkpoint_dir": str(self.out / "checkpoints"),
+            "ttt.flops_per_token": f"{flops:.6g}",
+        }
         for k, v in tags.items():
             c.set_tag(self.run_id, k, v)
         self.sampler = SystemSampler() if self.system_metrics else None

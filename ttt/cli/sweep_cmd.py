@@ -206,38 +206,49 @@ def cluster(
             typer.echo(f"  {j.submission_id}  {j.status.value}  sweep {sweep}")
 
 
-def _storage(storage_path: str | None) -> Path:
-    from sweeps.driver import storage_root
-    from ttt.errors import UserError
-
-    root = storage_root(storage_path)
-    if root.startswith("file://"):
-        from urllib.parse import unquote, urlparse
-
-        return Path(unquote(urlparse(root).path))
-    if "://" in root:
-        raise UserError(f"--storage-path={root}: status reads local folders or file:// only")
-    return Path(root)
+_URI = typer.Option(
+    None, "--tracking-uri", help="The sweep's MLflow store (default $MLFLOW_TRACKING_URI, "
+    "else ./mlflow.db)."
+)
 
 
 @app.command("status")
 def status(
     name: str = typer.Argument(..., metavar="NAME", help="Sweep name."),
-    storage_path: str = _STORAGE,
-    tracking_uri: str = typer.Option(
-        None, "--tracking-uri", help="Where to find each trial's MLflow run id."
-    ),
+    tracking_uri: str = _URI,
 ) -> None:
-    """Each trial's point, state, step, last loss, eval loss and MLflow run."""
+    """Each trial's swept values, state, step, last loss and eval loss, speed, ETA and MLflow
+    run, from the sweep's MLflow record (right while it runs and after the cluster is gone)."""
     from sweeps.status import sweep_status
     from ttt.tracking import resolve_uri
 
-    typer.echo(sweep_status(name, _storage(storage_path), resolve_uri(tracking_uri)))
+    typer.echo(sweep_status(name, resolve_uri(tracking_uri)))
+
+
+@app.command("watch")
+def watch(
+    name: str = typer.Argument(..., metavar="NAME", help="Sweep name."),
+    tracking_uri: str = _URI,
+    every: float = typer.Option(5.0, "--every", min=0.5, help="Seconds between refreshes."),
+) -> None:
+    """A live table of the sweep's trials, redrawn until the sweep ends (from any terminal;
+    Ctrl-C stops watching, not the sweep)."""
+    from sweeps.status import watch as watch_sweep
+    from ttt.tracking import resolve_uri
+
+    try:
+        code = watch_sweep(name, resolve_uri(tracking_uri), every)
+    except KeyboardInterrupt:
+        from ttt.errors import Interrupted
+
+        raise Interrupted("stopped watching; the sweep goes on") from None
+    raise typer.Exit(code)
 
 
 @app.command("ls")
-def ls(storage_path: str = _STORAGE) -> None:
-    """The sweeps under the storage path."""
+def ls(tracking_uri: str = _URI) -> None:
+    """The sweeps in the MLflow store, with their trials' states."""
     from sweeps.status import list_sweeps
+    from ttt.tracking import resolve_uri
 
-    typer.echo(list_sweeps(_storage(storage_path)))
+    typer.echo(list_sweeps(resolve_uri(tracking_uri)))

@@ -397,7 +397,8 @@ class Trainer:
         hook that raises `Diverged` ends the loop with that status."""
         cfg, tr = self.cfg, self.cfg.train
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        flops = flops_per_token(cfg, training=True, inner=uses_inner_loop(cfg, True))
+        inner = uses_inner_loop(cfg, True)
+        flops = flops_per_token(cfg, training=True, inner=inner)
         peak = peak_flops(self.run_info["device_kind"], tr.peak_flops)
         checkpointed = lambda n: (
             n == self.last
@@ -424,6 +425,8 @@ class Trainer:
                 # str() of a float32 is its shortest repr: an lr of 0.3 is logged as 0.3,
                 # not float64(float32(0.3)) = 0.30000001192092896.
                 values = {k: float(str(v)) for k, v in jax.device_get(m).items()}
+                if not inner:  # no inner loop: its learning rate is no curve to show
+                    values.pop("inner_lr", None)
                 now = time.perf_counter()
                 values["tokens_per_s"] = tokens_per_step / max(now - t_last, 1e-9)
                 values["flops_per_token"] = flops

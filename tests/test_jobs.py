@@ -472,3 +472,18 @@ def test_stop_marks_the_runs_killed_and_a_rerun_resumes(sweeps):
 
     run = wait_for(resumed, "the resumed trial")
     assert run.info.run_id == child.info.run_id and int(run.data.tags["ttt.resumed_from"]) >= 5
+    # A terminal following the sweep when it is stopped: the job ended STOPPED, so the
+    # command fails (a script or `make` must not go on as if it had finished).
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "ttt.cli", "sweep", "run", str(sweeps.long), *sweeps.common],
+        env=sweeps.env,
+        cwd=sweeps.tmp,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(5)  # following it by now
+    stopped = ttt("sweep", "stop", "long", env=sweeps.env, cwd=sweeps.tmp, timeout=300)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    _, err = follower.communicate(timeout=120)
+    assert follower.returncode == 1 and ": STOPPED" in err, err[-2000:]

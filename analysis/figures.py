@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+# No matplotlib.use(): a notebook keeps its inline backend, and a machine without a
+# display falls back to Agg by itself.
+import matplotlib.pyplot as plt
+import polars as pl
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import polars as pl  # noqa: E402
-
-from analysis import recipes  # noqa: E402
-from analysis.recipes import Data  # noqa: E402
+from analysis import recipes
+from analysis.recipes import Data
 
 PAPER_DIR = Path(__file__).parent / "paper"
 PAPER_METHOD = {"full_attention": "full", "swa": "swa", "ttt_e2e": "ttt_e2e"}
@@ -505,3 +504,16 @@ def niah_heatmap(frame: pl.DataFrame, png: Path, title: str) -> Path:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+def eval_figure_files(parquet: Path, out: Path, params: dict) -> list[Path]:
+    """What a tracked run's evaluation shows in the MLflow UI (`ttt.tracking`'s renderer):
+    `nll_artifacts`, labelled with the method the figures use for the run's params."""
+    run = pl.DataFrame(
+        {
+            "model.mixer": [params.get("model.mixer")],
+            "ttt.meta": [params.get("ttt.meta") != "False"],
+        }
+    )
+    method = recipes.with_method(run)["method"][0] or "run"
+    return nll_artifacts(parquet, out, method)

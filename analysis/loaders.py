@@ -174,10 +174,14 @@ def token_nll(
             if not path.is_file():
                 continue
         else:
+            from mlflow.exceptions import MlflowException
+
             try:
                 path = Path(c.download_artifacts(run_id, artifact))
-            except Exception:  # no such artifact on the server
-                continue
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise  # auth or a server error: a figure must not lose data silently
+                continue  # this run has no such artifact
         frame = pl.read_parquet(path, columns=["position", "nll"])
         parts.append(frame.with_columns(pl.lit(run_id).alias("run_id")))
     if not parts:

@@ -225,8 +225,10 @@ class MlflowSweepCallback(Callback):
         ckpt = trial.checkpoint
         if ckpt is None:
             return
+        from analysis.figures import eval_figure_files
+
         with ckpt.as_directory() as d:
-            log_eval_artifacts(self.client, run_id, Path(d))
+            log_eval_artifacts(self.client, run_id, Path(d), eval_figure_files)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         self.client.set_tag(self.run_id(trial), "ttt.checkpoint", checkpoint.path)

@@ -158,3 +158,17 @@ def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
     go.touch()
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-800:] for e in errors)
+
+
+def test_tracking_imports_no_figure_code_and_figures_leave_the_backend_alone():
+    """Core tracking must not depend on the analysis package (which imports it: a
+    circle), and importing the figures must not switch a notebook's Matplotlib backend."""
+    code = (
+        "import sys, ttt.tracking, sweeps.tracking; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('analysis', 'matplotlib')); "
+        "assert not bad, bad; "
+        "import matplotlib; matplotlib.use('svg'); import analysis.figures; "
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]

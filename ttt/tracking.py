@@ -165,15 +165,14 @@ def log_metrics(c, run_id: str, values: dict, step: int) -> None:
         c.log_batch(run_id, metrics=metrics)
 
 
-def log_eval_artifacts(c, run_id: str, run_dir: Path) -> None:
+def log_eval_artifacts(c, run_id: str, run_dir: Path, render=None) -> None:
     """The per-position NLL (Parquet, what `ttt plots` reads), and beside it what the UI
-    can show: a PNG of it and a log-binned CSV table."""
+    can show, made by `render(parquet, folder, run params) -> files` when the caller has a
+    renderer (`analysis.figures.eval_figure_files`: a PNG and a log-binned CSV). Tracking
+    draws nothing itself: figures are the analysis package's job."""
     import tempfile
 
     import polars as pl
-
-    from analysis.figures import nll_artifacts
-    from analysis.recipes import with_method
 
     # Per-position NLL tables only: eval/ also holds other kinds (NIAH's rows).
     files = [
@@ -183,18 +182,11 @@ def log_eval_artifacts(c, run_id: str, run_dir: Path) -> None:
     ]
     if not files:
         return
-    params = c.get_run(run_id).data.params
-    run = pl.DataFrame(
-        {
-            "model.mixer": [params.get("model.mixer")],
-            "ttt.meta": [params.get("ttt.meta") != "False"],
-        }
-    )
-    method = with_method(run)["method"][0] or "run"  # the label the figures use
+    params = c.get_run(run_id).data.params if render is not None else {}
     with tempfile.TemporaryDirectory() as tmp:
         for f in files:
             c.log_artifact(run_id, str(f), artifact_path="eval")
-            for extra in nll_artifacts(f, Path(tmp), method):
+            for extra in render(f, Path(tmp), params) if render is not None else []:
                 c.log_artifact(run_id, str(extra), artifact_path="eval")
 
 
@@ -335,8 +327,11 @@ class MlflowReporter:
     params, metrics, tags and artifacts as a sweep trial's run. Running the same --out
     again continues the same MLflow run."""
 
-    def __init__(self, uri: str, experiment: str, cfg, out_dir: Path, system_metrics=True):
+    def __init__(
+        self, uri: str, experiment: str, cfg, out_dir: Path, system_metrics=True, render=None
+    ):
         self.uri, self.experiment, self.cfg = uri, experiment, cfg
+        self.render = render  # draws the eval artifacts (see log_eval_artifacts)
         self.out = Path(out_dir).absolute()
         self.system_metrics = system_metrics
         self.run_id = None  # opened at the first report: a start that fails records nothing
@@ -404,7 +399,7 @@ class MlflowReporter:
         if self.run_id is None:
             return
         if outcome == "finished":
-            log_eval_artifacts(self.c, self.run_id, self.out)
+            log_eval_artifacts(self.c, self.run_id, self.out, self.render)
             if eval_loss is not None:
                 self.c.log_metric(self.run_id, "final_eval_loss", float(eval_loss))
         finish(self.c, self.run_id, outcome, message)

@@ -57,9 +57,12 @@ def train(
     out = out or default_out(cfg)
     reporter = None
     if uri and process_id == 0:
+        from analysis.figures import eval_figure_files
         from ttt.tracking import MlflowReporter
 
-        reporter = MlflowReporter(uri, experiment, cfg, out, system_metrics=system_metrics)
+        reporter = MlflowReporter(
+            uri, experiment, cfg, out, system_metrics=system_metrics, render=eval_figure_files
+        )
     try:
         result = run(cfg, out, reporter=reporter, progress=not quiet)
     except BaseException as e:

@@ -26,6 +26,7 @@ from ttt.errors import UserError
 
 IDLE_S = 20  # with no job running this long (and none asked to keep it), the cluster stops
 FIRST_JOB_S = 180  # a cluster that never got a job stops after this
+KEEPER_PATIENCE_S = 120  # a cluster whose jobs cannot be listed this long is taken down
 # A stopped sweep's driver gets SIGINT (what Tune stops on) and this long to mark its
 # MLflow runs and save Tune's state before Ray kills it.
 STOP_ENV = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": "90"}
@@ -257,14 +258,23 @@ def keeper(directory: Path, keep: bool) -> None:
         time.sleep(0.5)
     state.write_text(json.dumps(asdict(cluster)))
     print(f"local Ray cluster {cluster.gcs}, dashboard {cluster.dashboard}", flush=True)
-    started, idle_since, client = time.time(), None, None
+    started, idle_since, client, failures = time.time(), None, None, 0
     while proc.poll() is None:
         time.sleep(2)
         try:
             keep = json.loads(state.read_text()).get("keep", keep)
             client = client or cluster.client()
             jobs = client.list_jobs()
-        except Exception:  # the dashboard restarting, a state file being rewritten
+            failures = 0
+        # The dashboard restarting (requests' errors are OSErrors; the job client raises
+        # RuntimeError for an error status), or the state file caught mid-rewrite.
+        except (OSError, ValueError, RuntimeError) as e:
+            failures += 1
+            if failures == 1:
+                print(f"cannot list the cluster's jobs ({type(e).__name__}: {e})", flush=True)
+            if failures * 2 >= KEEPER_PATIENCE_S and not keep:
+                print(f"no answer for {KEEPER_PATIENCE_S} s: stopping the cluster", flush=True)
+                down()
             continue
         if keep:
             continue

@@ -265,7 +265,7 @@ def print_monitoring(context, tracking_uri: str, experiment_id: str) -> None:
     print(f"  the trials' loss and eval_loss side by side: {chart}", file=sys.stderr)
 
 
-def _check_init_from(spec: SweepSpec) -> None:
+def check_init_from(spec: SweepSpec) -> None:
     """Every local run a trial starts from (or, with `task: eval`, evaluates) holds
     checkpoints, before Ray starts (`--dry-run` lists trials without this check)."""
     for point in spec.points:
@@ -289,7 +289,7 @@ def run_sweep(
 
     tracking_uri = resolve_uri(tracking_uri)
     check_uri(tracking_uri)
-    _check_init_from(spec)
+    check_init_from(spec)
     if address is not None:
         connect_env(address)
     storage = storage_root(storage_path, spec)
@@ -343,7 +343,7 @@ def run_sweep(
         except (ConnectionError, RuntimeError, ValueError) as e:
             if address is None:
                 raise
-            raise _init_error(address, e) from None
+            raise init_error(address, e) from None
     else:
         context = ray.get_runtime_context()
     result = SweepResult(spec, parent_id, tracking_uri)
@@ -519,7 +519,7 @@ def connect_env(address: str, timeout: float = 5.0) -> None:
     token_auth()
 
 
-def _init_error(address: str, e: Exception) -> UserError:
+def init_error(address: str, e: Exception) -> UserError:
     text = str(e)
     if "uthentication" in text or "auth" in text.lower():
         return UserError(

@@ -26,13 +26,13 @@ def cluster_at(address: str) -> Cluster:
     """An existing cluster's dashboard, asked of the cluster itself."""
     import ray
 
-    from sweeps.driver import _init_error, connect_env
+    from sweeps.driver import connect_env, init_error
 
     connect_env(address)
     try:
         context = ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise _init_error(address, e) from None
+        raise init_error(address, e) from None
     url = context.dashboard_url
     ray.shutdown()
     if not url:
@@ -55,17 +55,17 @@ def running(client, name: str | None = None) -> list:
     ]
 
 
-def submit(cluster: Cluster, name: str, argv: list[str], local: bool) -> str:
-    """Submit `ttt sweep run ARGV --foreground` as a job named after the sweep."""
+def submit(cluster: Cluster, name: str, request, local: bool) -> str:
+    """Submit the sweep's `SweepRequest` as a job named after the sweep: its entry point
+    reads the request and drives the sweep (`sweeps/launch.py`)."""
     entrypoint = (
-        f"cd {shlex.quote(os.getcwd())} && exec {shlex.quote(sys.executable)} -m ttt.cli "
-        + " ".join(shlex.quote(a) for a in ["sweep", "run", *argv, "--foreground"])
+        f"cd {shlex.quote(os.getcwd())} && exec {shlex.quote(sys.executable)} -m sweeps.launch "
+        + shlex.quote(request.to_json())
     )
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD)}
     env.update(STOP_ENV)
     if local:
         env.update(loopback_env())
-    env["TTT_SWEEP_JOB"] = "1"
     return cluster.client().submit_job(
         entrypoint=entrypoint,
         submission_id=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",

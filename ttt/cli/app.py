@@ -63,10 +63,24 @@ def usage_line(e: UsageError) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage and user errors become one line on stderr and exit code 2."""
-    try:
+    args = argv if argv is not None else sys.argv[1:]
+
+    def call():
         # Without standalone mode click *returns* the code of `typer.Exit(code)` (and 130
-        # for Ctrl-C) instead of raising it: it is the process's exit code.
+        # for Ctrl-C, which it caught) instead of raising it: it is the process's exit code.
         code = app(args=argv, prog_name="ttt", standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
+        return code
+
+    run_entry(call, next(iter(args), ""))
+
+
+def run_entry(call, command: str = "") -> None:
+    """Run an entry point (the CLI, a Ray job's driver) and exit: its returned code, or for
+    what a user can act on one line on stderr and the matching code, never a traceback."""
+    try:
+        code = call()
     except NoArgsIsHelpError as e:  # a bare group: its help, then the usage exit code
         typer.echo(e.format_message(), err=True)
         sys.exit(2)
@@ -91,15 +105,11 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         _exit_now(130)
     except Exception as e:
-        command = next((a for a in (argv if argv is not None else sys.argv[1:])), "")
         line = out_of_memory(e, command)
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr)
         sys.exit(1)
-    if code == 130:  # click's own Ctrl-C: a KeyboardInterrupt it caught
-        print("interrupted", file=sys.stderr)
-        _exit_now(130)
     sys.exit(code if isinstance(code, int) else 0)
 
 

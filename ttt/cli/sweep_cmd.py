@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import typer
@@ -91,80 +90,24 @@ def run(
     # Ray folds alike log lines of different trials into "[repeated Nx across cluster]",
     # which hides the per-trial progress lines; read when Ray is imported.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    from sweeps.spec import load_spec
-    from ttt.errors import UserError
+    from sweeps.launch import SweepRequest, launch
 
-    if resume_errored and restart_errored:
-        raise UserError("--resume-errored and --restart-errored: give one of them")
-    if detach and foreground:
-        raise UserError("--detach and --foreground: give one of them (--detach submits a job)")
-    spec = load_spec(spec_path, overrides or [], name)
-    in_job = bool(os.environ.get("TTT_SWEEP_JOB"))
-    if not in_job:  # a job's log starts where its submitter's output ended
-        typer.echo(dry_run_table(spec))
+    request = SweepRequest(
+        spec_path=str(spec_path),
+        overrides=tuple(overrides or ()),
+        name=name,
+        address=address,
+        tracking_uri=tracking_uri,
+        storage_path=storage_path,
+        resume_errored=resume_errored,
+        restart_errored=restart_errored,
+    )
+    typer.echo(dry_run_table(request.spec()))
     if dry_run:
         return
-    from sweeps.driver import Rerun, run_sweep
-    from ttt.tracking import announce, resolve_uri
-
-    uri = resolve_uri(tracking_uri)
-    announce(uri)  # run_sweep checks it before anything else
-    rerun = Rerun(resume_errored, restart_errored)
-    import ray
-
-    if not (foreground or ray.is_initialized()):  # a notebook's or test's Ray: in-process
-        raise typer.Exit(
-            _run_as_job(
-                spec, spec_path, overrides, uri, storage_path, address, rerun, detach, keep_cluster
-            )
-        )
-    result = run_sweep(
-        spec, address=address, tracking_uri=uri, storage_path=storage_path, rerun=rerun
+    raise typer.Exit(
+        launch(request, foreground=foreground, detach=detach, keep_cluster=keep_cluster)
     )
-    for stage in result.stages:
-        counts = Counter(r["outcome"] for r in stage.rows)
-        typer.echo(
-            f"stage {stage.name}: " + ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
-        )
-        done = [r for r in stage.rows if r.get(spec.metric) is not None]
-        if done:
-            best = (min if spec.mode == "min" else max)(done, key=lambda r: r[spec.metric])
-            typer.echo(f"  best {spec.metric} {best[spec.metric]:.4f}: {best['config']}")
-    typer.echo(f"MLflow parent run {result.parent_run_id} in {result.tracking_uri}")
-
-
-def _run_as_job(spec, spec_path, overrides, uri, storage_path, address, rerun, detach, keep):
-    """Submit the sweep to the local (or given) cluster and follow it; the exit code."""
-    from sweeps import job
-    from sweeps.cluster import local_cluster
-    from sweeps.driver import _check_init_from, storage_root
-    from ttt.tracking import check_uri
-
-    check_uri(uri)  # what the job would fail on first, said here in seconds
-    _check_init_from(spec)
-    if address:
-        cluster = job.cluster_at(address)
-    else:
-        cluster, started = local_cluster(keep=keep)
-        if started:
-            typer.echo(f"started a local Ray cluster (127.0.0.1 only): {cluster.gcs}", err=True)
-    client = cluster.client()
-    same = job.running(client, spec.name)
-    if same:
-        job_id = same[0].submission_id
-        typer.echo(f"sweep {spec.name} is already running as Ray job {job_id}: following it")
-    else:
-        argv = [str(Path(spec_path).absolute()), *(overrides or []), "--name", spec.name]
-        argv += ["--tracking-uri", uri, "--storage-path", storage_root(storage_path, spec)]
-        argv += ["--address", cluster.gcs]
-        argv += ["--resume-errored"] * rerun.resume_errored
-        argv += ["--restart-errored"] * rerun.restart_errored
-        job_id = job.submit(cluster, spec.name, argv, local=not address)
-    typer.echo(f"Ray job {job_id}: {cluster.dashboard}/#/jobs/{job_id}", err=True)
-    typer.echo(f"  stop it with: ttt sweep stop {spec.name}", err=True)
-    if detach:
-        return 0
-    return job.follow(cluster, job_id)
 
 
 @app.command("stop")
@@ -207,8 +150,9 @@ def cluster(
 
 
 _URI = typer.Option(
-    None, "--tracking-uri", help="The sweep's MLflow store (default $MLFLOW_TRACKING_URI, "
-    "else ./mlflow.db)."
+    None,
+    "--tracking-uri",
+    help="The sweep's MLflow store (default $MLFLOW_TRACKING_URI, else ./mlflow.db).",
 )
 
 

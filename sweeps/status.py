@@ -21,6 +21,110 @@ COLUMNS = ["trial", "status", "step", "loss", "eval_loss", "tok/s", "eta", "mlfl
 
 
 @dataclass
+class RunRecord:
+    """What status needs of one MLflow run, however the store is read."""
+
+    run_id: str
+    name: str
+    status: str
+    start: int
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, tuple[float, int]]  # key -> (latest value, its step)
+
+
+def _from_mlflow(run) -> RunRecord:
+    objs = getattr(run.data, "_metric_objs", None)  # the latest of each key, with its step
+    if objs is None:
+        metrics = {k: (v, 0) for k, v in run.data.metrics.items()}
+    else:
+        metrics = {m.key: (m.value, m.step) for m in objs}
+    info = run.info
+    return RunRecord(
+        info.run_id, info.run_name, info.status, info.start_time or 0, run.data.tags,
+        run.data.params, metrics,
+    )  # fmt: skip
+
+
+class _SqliteStore:
+    """A SQLite MLflow store read with plain SQL (read-only): no MLflow import, whose
+    import alone takes seconds, so that `ttt sweep status` answers in about one."""
+
+    def __init__(self, path):
+        import sqlite3
+
+        self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+
+    def sweep_names(self) -> list[str]:
+        rows = self.db.execute(
+            "SELECT DISTINCT t.value FROM tags t JOIN tags r ON r.run_uuid = t.run_uuid "
+            "JOIN runs ON runs.run_uuid = t.run_uuid WHERE t.key = 'ttt.sweep' AND "
+            "r.key = 'ttt.role' AND r.value = 'sweep' AND runs.lifecycle_stage = 'active'"
+        )
+        return sorted(v for (v,) in rows)
+
+    def runs(self, experiment: str) -> list[RunRecord]:
+        q = (
+            "SELECT runs.run_uuid FROM runs JOIN experiments e ON e.experiment_id = "
+            "runs.experiment_id WHERE e.name = ? AND e.lifecycle_stage = 'active' AND "
+            "runs.lifecycle_stage = 'active'"
+        )
+        found: dict[str, RunRecord] = {}
+        for run_id, name, status, start in self.db.execute(
+            "SELECT run_uuid, name, status, start_time FROM runs WHERE run_uuid IN "
+            f"({q}) ORDER BY start_time",
+            (experiment,),
+        ):
+            found[run_id] = RunRecord(run_id, name, status, start or 0, {}, {}, {})
+        for table, into in (("tags", "tags"), ("params", "params")):
+            sql = f"SELECT run_uuid, key, value FROM {table} WHERE run_uuid IN ({q})"
+            for run_id, key, value in self.db.execute(sql, (experiment,)):
+                getattr(found[run_id], into)[key] = value
+        sql = f"SELECT run_uuid, key, value, step FROM latest_metrics WHERE run_uuid IN ({q})"
+        for run_id, key, value, step in self.db.execute(sql, (experiment,)):
+            found[run_id].metrics[key] = (value, step)
+        return list(found.values())
+
+
+class _MlflowStore:
+    """Any other store, through MLflow's client."""
+
+    def __init__(self, tracking_uri: str):
+        from ttt.tracking import check_uri, client
+
+        check_uri(tracking_uri)
+        self.c = client(tracking_uri)
+
+    def sweep_names(self) -> list[str]:
+        runs = self.c.search_runs(
+            [e.experiment_id for e in self.c.search_experiments()],
+            "tags.`ttt.role` = 'sweep'",
+            max_results=1000,
+        )
+        return sorted({r.data.tags.get("ttt.sweep", "") for r in runs} - {""})
+
+    def runs(self, experiment: str) -> list[RunRecord]:
+        exp = self.c.get_experiment_by_name(experiment)
+        if exp is None:
+            return []
+        found = self.c.search_runs(
+            [exp.experiment_id], max_results=10000, order_by=["attributes.start_time ASC"]
+        )
+        return [_from_mlflow(r) for r in found]
+
+
+def open_store(tracking_uri: str):
+    from ttt.tracking import sqlite_path
+
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return _MlflowStore(tracking_uri)
+    if not db.exists():
+        raise UserError(f"no MLflow store at {tracking_uri} (--tracking-uri?)")
+    return _SqliteStore(db)
+
+
+@dataclass
 class Row:
     name: str
     stage: str
@@ -54,28 +158,20 @@ class SweepView:
         return pick(done, key=lambda r: getattr(r, self.metric))
 
 
-def _latest(run) -> dict[str, tuple[float, int]]:
-    """key -> (last value, its step); MLflow keeps the latest of each metric on the run."""
-    objs = getattr(run.data, "_metric_objs", None)
-    if objs is None:
-        return {k: (v, 0) for k, v in run.data.metrics.items()}
-    return {m.key: (m.value, m.step) for m in objs}
-
-
-def _row(run, swept: list[str]) -> Row:
-    tags, params, metrics = run.data.tags, run.data.params, _latest(run)
+def _row(run: RunRecord, swept: list[str]) -> Row:
+    tags, params, metrics = run.tags, run.params, run.metrics
     outcome = tags.get("ttt.outcome")
-    state = STATE.get(run.info.status, "finished")
-    if run.info.status == "FINISHED":
+    state = STATE.get(run.status, "finished")
+    if run.status == "FINISHED":
         state = outcome or "finished"
-    elif run.info.status == "FAILED" and outcome in ("diverged", "error"):
+    elif run.status == "FAILED" and outcome in ("diverged", "error"):
         state = outcome
     loss = metrics.get("loss")
     ev = metrics.get("eval_loss")
     tps = metrics.get("tokens_per_s")
     total = int(params.get("train.steps", 0) or 0)
     row = Row(
-        name=run.info.run_name or tags.get("ttt.trial_name", run.info.run_id[:8]),
+        name=run.name or tags.get("ttt.trial_name", run.run_id[:8]),
         stage=tags.get("ttt.stage", "main"),
         point={k: params.get(k, "") for k in swept},
         state=state,
@@ -85,7 +181,7 @@ def _row(run, swept: list[str]) -> Row:
         eval_loss=ev[0] if ev else None,
         eval_step=ev[1] if ev else None,
         tokens_per_s=tps[0] if tps else None,
-        run_id=run.info.run_id,
+        run_id=run.run_id,
     )
     if state == "running" and tps and tps[0] > 0 and total > row.step:
         per_step = int(params.get("data.batch_size", 0) or 0) * int(
@@ -100,7 +196,7 @@ def _planned(parent, swept: list[str]) -> tuple[list[dict[str, str]], str, str]:
     and the spec's metric and mode; nothing when the spec is gone."""
     from sweeps.spec import load_spec
 
-    tags = parent.data.tags
+    tags = parent.tags
     try:
         spec = load_spec(tags["ttt.spec"], tags.get("ttt.overrides", "").split(), tags["ttt.sweep"])
     except Exception:  # moved, edited or unreadable: the runs alone still answer
@@ -115,33 +211,19 @@ def _planned(parent, swept: list[str]) -> tuple[list[dict[str, str]], str, str]:
     return points, spec.metric, spec.mode
 
 
-def read_sweep(tracking_uri: str, name: str) -> SweepView:
-    from ttt.tracking import check_uri, client, sqlite_path
-
-    if (db := sqlite_path(tracking_uri)) is not None and not db.exists():
-        raise UserError(f"sweep {name!r}: no MLflow store at {tracking_uri} (--tracking-uri?)")
-    check_uri(tracking_uri)
-    c = client(tracking_uri)
-    exp = c.get_experiment_by_name(name)
-    parents = (
-        c.search_runs([exp.experiment_id], "tags.`ttt.role` = 'sweep'", max_results=1)
-        if exp is not None
-        else []
-    )
+def read_sweep(tracking_uri: str, name: str, store=None) -> SweepView:
+    store = store or open_store(tracking_uri)
+    records = store.runs(name)
+    parents = [r for r in records if r.tags.get("ttt.role") == "sweep"]
     if not parents:
-        known = ", ".join(_sweep_names(c)) or "none"
+        known = ", ".join(store.sweep_names()) or "none"
         raise UserError(f"sweep {name!r}: not in {tracking_uri} (sweeps there: {known})")
     parent = parents[0]
-    swept = [k for k in parent.data.tags.get("ttt.swept", "").split(", ") if k]
-    stages = parent.data.params.get("sweep.stages", "main").split(", ")
-    runs = c.search_runs(
-        [exp.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-        max_results=10000,
-        order_by=["attributes.start_time ASC"],
-    )
+    swept = [k for k in parent.tags.get("ttt.swept", "").split(", ") if k]
+    stages = parent.params.get("sweep.stages", "main").split(", ")
+    runs = [r for r in records if r.tags.get("mlflow.parentRunId") == parent.run_id]
     planned, metric, mode = _planned(parent, swept)
-    parent_state = STATE.get(parent.info.status, "finished")
+    parent_state = STATE.get(parent.status, "finished")
     view = SweepView(name, parent_state, swept, stages, [_row(r, swept) for r in runs])
     view.metric, view.mode = metric, mode
     # Trials the first stage plans that have no run yet (Tune creates them as CPUs free up).
@@ -154,15 +236,6 @@ def read_sweep(tracking_uri: str, name: str) -> SweepView:
             state = "pending" if parent_state == "running" else "not started"
             view.rows.append(Row("-", "main", point, state))
     return view
-
-
-def _sweep_names(c) -> list[str]:
-    runs = c.search_runs(
-        [e.experiment_id for e in c.search_experiments()],
-        "tags.`ttt.role` = 'sweep'",
-        max_results=1000,
-    )
-    return sorted({r.data.tags.get("ttt.sweep", "") for r in runs} - {""})
 
 
 def _num(v: float | None) -> str:
@@ -243,15 +316,14 @@ def watch(name: str, tracking_uri: str, every: float = 5.0, out=None) -> int:
 
 
 def list_sweeps(tracking_uri: str) -> str:
-    from ttt.tracking import check_uri, client, sqlite_path
+    from ttt.tracking import sqlite_path
 
     if (db := sqlite_path(tracking_uri)) is not None and not db.exists():
         return f"no sweeps in {tracking_uri}"
-    check_uri(tracking_uri)
-    c = client(tracking_uri)
+    store = open_store(tracking_uri)
     lines = []
-    for name in _sweep_names(c):
-        view = read_sweep(tracking_uri, name)
+    for name in store.sweep_names():
+        view = read_sweep(tracking_uri, name, store)
         counts: dict[str, int] = {}
         for r in view.rows:
             counts[r.state] = counts.get(r.state, 0) + 1

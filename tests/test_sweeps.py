@@ -271,6 +271,10 @@ def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster, capsys):
     assert all(r[-6] == "4/4" for r in rows[:4]) and rows[4][-6] == "2/2"  # a stage: 2 more
     assert f"* best eval_loss {ext[0].data.metrics['final_eval_loss']:.4f}" in status
     assert out.strip() == "e2e (finished): 5 finished"
+    # SQLite is read with plain SQL (no MLflow import): the same answer as MLflow's client
+    from sweeps.status import _MlflowStore, read_sweep, render
+
+    assert render(read_sweep(uri, "e2e", _MlflowStore(uri))) == status.rstrip("\n")
 
 
 def test_asha_stops_a_trial_early(tmp_path, corpus, ray_cluster):

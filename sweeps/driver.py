@@ -26,6 +26,7 @@ from sweeps.tracking import (
     log_params,
 )
 from ttt.errors import UserError
+from ttt.rundir import RunDir
 from ttt.tracking import check_uri, resolve_uri, run_link
 
 DEFAULT_STORAGE = "ray_results"
@@ -270,7 +271,7 @@ def check_init_from(spec: SweepSpec) -> None:
     checkpoints, before Ray starts (`--dry-run` lists trials without this check)."""
     for point in spec.points:
         init = spec.config(point, {}).train.init_from
-        if init and "://" not in init and not (Path(init) / "checkpoints").is_dir():
+        if init and "://" not in init and not RunDir(init).has_checkpoints():
             raise UserError(
                 f"{spec.path}: train.init_from={init!r}: not a run directory with checkpoints "
                 "(`ttt import reference` or `ttt train` writes one)"

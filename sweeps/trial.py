@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from sweeps.spec import SweepSpec, TrialStart
+from ttt.rundir import RECORD_FILES, RunDir
 
 
 def _jax_env(gpu: float) -> None:
@@ -35,12 +36,13 @@ def _stage_checkpoint(run_dir: Path, step: int, final: dict | None) -> Path:
     stage = Path(tempfile.mkdtemp(prefix=f"ckpt-{step}-"))
     if final is not None:
         (stage / FINAL).write_text(json.dumps(final))
-    for name in ("config.yaml", "run.json", "metrics.jsonl"):
-        if (run_dir / name).exists():
-            shutil.copy2(run_dir / name, stage / name)
-    if (run_dir / "eval").is_dir():
-        shutil.copytree(run_dir / "eval", stage / "eval")
-    shutil.copytree(run_dir / "checkpoints" / str(step), stage / "checkpoints" / str(step))
+    run, copy = RunDir(run_dir), RunDir(stage)
+    for name in RECORD_FILES:
+        if (run.path / name).exists():
+            shutil.copy2(run.path / name, copy.path / name)
+    if run.eval_dir.is_dir():
+        shutil.copytree(run.eval_dir, copy.eval_dir)
+    shutil.copytree(run.checkpoint(step), copy.checkpoint(step))
     return stage
 
 
@@ -97,12 +99,12 @@ def _evaluate(cfg, run_dir: Path, extras: dict) -> None:
     from ttt.train.evaluate_run import evaluate_weights, load_weights
 
     run = load_weights(cfg, cfg.train.init_from, key="train.init_from")
-    result, summary = evaluate_weights(run, run_dir / "eval" / "nll_by_position.parquet")
+    result, summary = evaluate_weights(run, RunDir(run_dir).nll_table())
     report = {"eval_loss": result.loss, "step": summary["step"], "outcome": "finished", **extras}
     stage = Path(tempfile.mkdtemp(prefix="eval-"))
     try:
         (stage / FINAL).write_text(json.dumps(report))
-        shutil.copytree(run_dir / "eval", stage / "eval")
+        shutil.copytree(RunDir(run_dir).eval_dir, RunDir(stage).eval_dir)
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(stage))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -175,7 +177,7 @@ def trial_main(start: TrialStart, spec: SweepSpec) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             shutil.copytree(d, run_dir)
-    saved = run_dir / "checkpoints"
+    saved = RunDir(run_dir).checkpoints
     start_step = max((int(p.name) for p in saved.iterdir()), default=0) if saved.is_dir() else 0
     tags = {"node_id": node_id, "node_ip": ray.util.get_node_ip_address(), "start_step": start_step}
     sampler = SystemSampler() if spec.system_metrics else None

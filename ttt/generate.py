@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ttt.data.tokenizer import TextTokenizer, load_tokenizer
 from ttt.errors import UserError
+from ttt.rundir import require_bos
 
 
 def dataset_tokenizer(cfg) -> str | None:
@@ -47,15 +48,11 @@ def open_run(run_dir: Path, spec: str | None = None, required: bool = True):
                 "give the tokenizer.json the run was trained with, or token ids (--prompt-ids)"
             )
     tok = load_tokenizer(spec)
-    bos = info.get("bos_id", tok.bos_id)
-    if tok.bos_id != bos:
-        if not (required or given):
-            return cfg, info, None
-        where = "--tokenizer" if given else "the dataset's tokenizer"
-        raise UserError(
-            f"{where} ({spec}): its BOS id is {tok.bos_id}, the run's is {bos}; give the "
-            "run's own tokenizer with --tokenizer, or token ids with --prompt-ids"
-        )
+    if not (required or given) and info.get("bos_id", tok.bos_id) != tok.bos_id:
+        return cfg, info, None  # ids in, ids out
+    where = "--tokenizer" if given else "the dataset's tokenizer"
+    hint = "give the run's own tokenizer with --tokenizer, or token ids with --prompt-ids"
+    require_bos(info.get("bos_id"), tok.bos_id, f"{where} ({spec})", hint)
     return cfg, info, tok
 
 

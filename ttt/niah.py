@@ -134,6 +134,7 @@ def run_niah(
     from ttt.data.loader import open_split
     from ttt.generate import open_run
     from ttt.model.decode import Decoder, generate
+    from ttt.rundir import RunDir
     from ttt.train.evaluate_run import load_weights
 
     if not tasks:
@@ -180,7 +181,7 @@ def run_niah(
             }
         )
     frame = pl.DataFrame(rows)
-    path = run_dir / "eval" / "niah.parquet"
+    path = RunDir(run_dir).niah_table
     merge_results(path, frame)
     return frame, path
 

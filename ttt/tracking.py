@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ttt.errors import UserError
+from ttt.rundir import RunDir
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlruns"
@@ -172,14 +173,7 @@ def log_eval_artifacts(c, run_id: str, run_dir: Path, render=None) -> None:
     draws nothing itself: figures are the analysis package's job."""
     import tempfile
 
-    import polars as pl
-
-    # Per-position NLL tables only: eval/ also holds other kinds (NIAH's rows).
-    files = [
-        f
-        for f in sorted((Path(run_dir) / "eval").glob("*.parquet"))
-        if {"position", "nll"} <= set(pl.read_parquet_schema(f))
-    ]
+    files = RunDir(run_dir).nll_tables()  # not the other kinds in eval/ (NIAH's rows)
     if not files:
         return
     params = c.get_run(run_id).data.params if render is not None else {}
@@ -367,7 +361,7 @@ class MlflowReporter:
         flops = flops_per_token(self.cfg, training=True, inner=uses_inner_loop(self.cfg, True))
         tags = {
             **provenance(),
-            "ttt.checkpoint_dir": str(self.out / "checkpoints"),
+            "ttt.checkpoint_dir": str(RunDir(self.out).checkpoints),
             "ttt.flops_per_token": f"{flops:.6g}",
         }
         for k, v in tags.items():
@@ -452,12 +446,8 @@ def _log_result(
 ) -> str:
     """An evaluation of a run as an MLflow run (role `eval` or `niah`), found again by
     the evaluated run's path and `key` so that a repeat updates it."""
-    import yaml
-
-    from ttt.config import load_config
-
     run_dir = Path(run_dir).absolute()
-    cfg = load_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = RunDir(run_dir).config()
     c = client(uri)
     exp = ensure_experiment(c, experiment, uri)
     key = {"ttt.eval_of": str(run_dir), "ttt.role": role, **key}

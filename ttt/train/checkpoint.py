@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -10,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ttt.errors import UserError
+from ttt.rundir import RunDir
 
 
 def _abstract(tree):
@@ -27,7 +27,7 @@ class Checkpoints:
     """`<run>/checkpoints/<step>/{params,opt_state,meta}`, keeping the last `keep`."""
 
     def __init__(self, run_dir: Path, keep: int = 2):
-        self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.directory = RunDir(run_dir).checkpoints.absolute()
         self.directory.mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False)
         if jax.process_count() > 1:  # only process 0 saves; no barrier with the others
@@ -73,14 +73,13 @@ class Checkpoints:
 
 def read_run_info(run_dir: str | Path) -> dict:
     """A run directory's run.json (status, step, BOS id, ...); {} where there is none."""
-    path = Path(run_dir).expanduser() / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return RunDir(run_dir).info()
 
 
 def load_params(run_dir: str | Path, params, key: str = "train.init_from"):
     """The latest params of another run, shaped like `params` (a new config may change
     seq_len, window, chunk or learning rates, not the weight shapes)."""
-    directory = Path(run_dir).expanduser().absolute() / "checkpoints"
+    directory = RunDir(run_dir).checkpoints.absolute()
     if not directory.is_dir():
         raise UserError(f"{key}={str(run_dir)!r}: no checkpoints/ directory there")
     manager = ocp.CheckpointManager(directory)

@@ -10,14 +10,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import nnx
 
 from ttt import compile_cache
-from ttt.config import Config, ConfigError, load_config
+from ttt.config import Config
 from ttt.data.loader import Loader, TokenSplit, open_split
 from ttt.errors import UserError
 from ttt.model import create_model
+from ttt.rundir import RunDir, require_bos
 from ttt.train.checkpoint import load_params, read_run_info
 from ttt.train.evaluate import EvalResult, evaluate
 from ttt.train.step import batch_putter, data_mesh, make_eval_step, replicated
@@ -35,17 +35,7 @@ class LoadedRun:
 def run_config(run_dir: str | Path, overrides: dict | None = None, **what) -> Config:
     """A run's saved config with `overrides`. `what` names the flags behind the
     overrides in errors (`data.seq_len="--seq-len"`)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"RUN_DIR={str(run_dir)!r}: no config.yaml there (not a run directory)")
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    try:
-        return load_config(saved, overrides or {})
-    except ConfigError as e:
-        key = str(e).split("=", 1)[0]
-        if key not in (what or {}):
-            raise
-        raise UserError(f"{what[key]}: {e}") from None
+    return RunDir(run_dir).config(overrides, **what)
 
 
 def load_weights(cfg: Config, weights_dir: str | Path, key: str = "RUN_DIR") -> LoadedRun:
@@ -62,12 +52,7 @@ def load_weights(cfg: Config, weights_dir: str | Path, key: str = "RUN_DIR") -> 
 def check_bos(run: LoadedRun, split: TokenSplit) -> None:
     """A dataset whose documents are separated by another BOS than the run's would mask
     the wrong targets."""
-    bos = run.info.get("bos_id")
-    if bos is not None and bos != split.bos_id:
-        raise UserError(
-            f"data.source={run.cfg.data.source!r}: its BOS id is {split.bos_id}, the run's is "
-            f"{bos} (a dataset of another tokenizer)"
-        )
+    require_bos(run.info.get("bos_id"), split.bos_id, f"data.source={run.cfg.data.source!r}")
 
 
 def evaluate_weights(
@@ -121,7 +106,7 @@ def evaluate_run(
     flags = {"data.seq_len": "--seq-len", "data.batch_size": "--batch-size"}
     cfg = run_config(run_dir, overrides, **flags)
     run = load_weights(cfg, run_dir)
-    path = Path(run_dir) / "eval" / f"nll_by_position_T{cfg.data.seq_len}.parquet"
+    path = RunDir(run_dir).nll_table(cfg.data.seq_len)
     result, summary = evaluate_weights(run, path, max_batches)
     return result, path, summary
 
@@ -197,7 +182,7 @@ def evaluate_tokens(run_dir: str | Path, tokens_path: str | Path, out: Path | No
     nll = np.asarray(nll, np.float64)
     token_loss = float((nll * mask).sum() / max(mask.sum(), 1))
     result = TokensResult(float(loss), token_loss, nll, targets, mask)
-    out = out or Path(run_dir) / "eval" / f"tokens_{Path(tokens_path).stem}.parquet"
+    out = out or RunDir(run_dir).tokens_table(Path(tokens_path).stem)
     _write_tokens(result, out)
     return result, out
 

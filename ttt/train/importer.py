@@ -9,7 +9,6 @@ position belong to its own training run, so a fine-tune starts a fresh optimizer
 
 from __future__ import annotations
 
-import json
 import shutil
 import typing
 from pathlib import Path
@@ -20,6 +19,7 @@ from ttt.config import PRESETS, Config, ConfigError, load_config, parse_override
 from ttt.errors import UserError
 from ttt.model import reference
 from ttt.model.transformer import split_layers
+from ttt.rundir import RunDir
 
 LLAMA3_BOS = 128000
 ITEM = "model_weights"
@@ -177,7 +177,7 @@ def import_reference(
         meta = {"position": 0, "imported_from": source, "reference_step": step}
         ckpts.save(step, state, None, meta)
         ckpts.close()
-        (out / "config.yaml").write_text(cfg.with_absolute_paths().to_yaml())
+        RunDir(out).write_config(cfg.with_absolute_paths())
         info = {
             "status": "imported",
             "step": step,
@@ -185,7 +185,7 @@ def import_reference(
             "imported_from": source,
             "format": "reference",
         }
-        (out / "run.json").write_text(json.dumps(info, indent=2))
+        RunDir(out).write_info(info)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise

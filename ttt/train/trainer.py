@@ -1,8 +1,8 @@
 """`ttt.train.run`: one training run, the unit a sweep trial calls in-process.
 
-A run directory holds `config.yaml`, `run.json` (data fingerprint, status),
-`metrics.jsonl`, `checkpoints/` (Orbax) and `eval/`. Calling `run` again on the same
-directory with the same config resumes from the latest checkpoint, exactly.
+It writes a run directory (`ttt.rundir.RunDir`: config, run.json, metrics, Orbax
+checkpoints, evaluations). Calling `run` again on the same directory with the same config
+resumes from the latest checkpoint, exactly.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import yaml
 from flax import nnx
 
 from ttt import compile_cache
@@ -29,6 +28,7 @@ from ttt.config import Config, load_config
 from ttt.data.loader import Loader, open_split
 from ttt.errors import UserError
 from ttt.model import create_model
+from ttt.rundir import RunDir
 from ttt.train.checkpoint import Checkpoints, load_params, read_run_info
 from ttt.train.evaluate import EvalResult, evaluate
 from ttt.train.flops import flops_per_token, peak_flops
@@ -118,8 +118,8 @@ def max_loss(cfg: Config) -> float:
 def _check_run_dir(out: Path, cfg: Config) -> None:
     """The same config resumes; a larger train.steps extends a run (Levanter's way);
     anything else needs a new --out."""
-    saved = out / "config.yaml"
-    if not saved.exists():
+    run = RunDir(out)
+    if not run.is_run():
         return
     if read_run_info(out).get("status") == "imported":
         raise UserError(
@@ -127,7 +127,7 @@ def _check_run_dir(out: Path, cfg: Config) -> None:
             f"resume; fine-tune it into a new run: train.init_from={out} --out NEW"
         )
     # Runs made before config.yaml stored absolute paths resume from their own folder.
-    old = load_config(yaml.safe_load(saved.read_text())).with_absolute_paths().flat()
+    old = load_config(run.saved_config()).with_absolute_paths().flat()
     diff = [k for k, v in cfg.flat().items() if old.get(k) != v and k != "train.steps"]
     if cfg.train.steps < old["train.steps"]:
         diff.insert(0, "train.steps")
@@ -232,6 +232,7 @@ class Trainer:
         compile_cache.enable()
         cfg = cfg.with_absolute_paths()
         self.cfg, self.out = cfg, Path(out_dir)
+        self.dir = RunDir(self.out)
         tr = cfg.train
         m = cfg.model
         if m.mixer in ("swa", "ttt_e2e") and m.window > cfg.data.seq_len:
@@ -281,13 +282,12 @@ class Trainer:
                 shutil.rmtree(out, ignore_errors=True)
             raise
         if self.lead:  # written once the start state is known good: it pins the run's config
-            (out / "config.yaml").write_text(cfg.to_yaml())
+            self.dir.write_config(cfg)
         self.params = jax.device_put(params, replicated(mesh))
         self.opt_state = jax.device_put(opt_state, replicated(mesh))
         self.put = batch_putter(mesh)
         self.start = start
 
-        run_json = out / "run.json"
         self.previous = read_run_info(out)
         self.run_info = {
             "status": "running",
@@ -298,8 +298,8 @@ class Trainer:
             "device_kind": mesh.devices.flat[0].device_kind,
         }
         if self.lead:
-            run_json.write_text(json.dumps(self.run_info, indent=2))
-        self.log = _Log(out / "metrics.jsonl", start, enabled=self.lead)
+            self.dir.write_info(self.run_info)
+        self.log = _Log(self.dir.metrics_file, start, enabled=self.lead)
         self.train_step = compile_cache.CachedStep("train", cfg, make_train_step(cfg, graphdef))
         self.eval_step = compile_cache.CachedStep("eval", cfg, make_eval_step(cfg, graphdef))
         self.last = min(stop_at if stop_at is not None else tr.steps, tr.steps)
@@ -378,7 +378,7 @@ class Trainer:
         )
         self.log.write({"step": number, "eval_loss": result.loss})
         if self.lead:
-            result.write_parquet(self.out / "eval" / "nll_by_position.parquet")
+            result.write_parquet(self.dir.nll_table())
         self.reporter.evaluation(number, result)
         return result
 
@@ -477,7 +477,7 @@ class Trainer:
             self.ckpt.close()
         self.log.close()
         if self.lead:
-            (self.out / "run.json").write_text(json.dumps(self.run_info, indent=2))
+            self.dir.write_info(self.run_info)
         return result
 
     def run(self) -> RunResult:
@@ -499,7 +499,7 @@ class Trainer:
         self.log.close()
         if self.lead:
             self.run_info.update(status="interrupted", step=kept or 0)
-            (self.out / "run.json").write_text(json.dumps(self.run_info, indent=2))
+            self.dir.write_info(self.run_info)
 
 
 def run(cfg: Config, out_dir: str | Path, reporter: Reporter | None = None, **options):

@@ -250,6 +250,36 @@ def _starts(spec: SweepSpec, stage: Stage, rows: list[dict]) -> list[dict]:
     ]
 
 
+def say_if_waiting(spec: SweepSpec) -> None:
+    """Before a stage starts: when the cluster has fewer free CPUs than one trial needs,
+    say that its trials wait, and for which other sweeps (Tune's table only shows them
+    PENDING)."""
+    import ray
+
+    need = spec.resources["cpu"]
+    free = ray.available_resources().get("CPU", 0.0)
+    if free >= need:
+        return
+    others = []
+    try:
+        from ray.util.state import list_jobs
+
+        mine = os.environ.get("RAY_JOB_SUBMISSION_ID")  # set by Ray in a job's driver
+        for job in list_jobs(raise_on_missing_output=False):
+            name = (job.metadata or {}).get("ttt.sweep")
+            if name and job.status == "RUNNING" and job.submission_id != mine:
+                others.append(name)
+    except (ConnectionError, RuntimeError, ValueError, OSError):
+        pass  # the state API is away: the line below still says why trials wait
+    held = f" (held by sweep {', '.join(sorted(set(others)))})" if others else ""
+    print(
+        f"sweep {spec.name}: its trials wait for {need:g} CPU each; the cluster has {free:g} "
+        f"free{held}. They start as CPUs free up.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def print_monitoring(context, tracking_uri: str, experiment_id: str) -> None:
     url = getattr(context, "dashboard_url", None)
     if url:
@@ -367,6 +397,7 @@ def run_sweep(
             tracking_uri, spec.name, parent_id, "main", params_of, role, spec.metric, spec.mode
         )
         cb.driver_log = log
+        say_if_waiting(spec)
         grid = fit(_tuner(spec, spec.name, space, cb, storage, max_steps, rerun))
         result.stages.append(StageResult("main", _rows(grid, spec)))
         for stage in spec.stages:

@@ -459,3 +459,37 @@ def test_losing_a_node_fails_its_trial_over(tmp_path, corpus, two_nodes, trackin
     resumed = int(tags["ttt.resumed_from"])
     assert resumed >= 20 and resumed % 20 == 0, resumed
     assert all(last_step(r) == 150 for r in runs)
+
+
+def test_trials_waiting_for_cpus_held_by_another_sweep_say_so(monkeypatch, capsys, tmp_path):
+    import ray
+    import ray.util.state
+    from conftest import PICO_SWEEP
+
+    from sweeps.driver import say_if_waiting
+    from sweeps.spec import load_spec
+
+    spec_path = tmp_path / "s.yaml"
+    spec_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "second",
+                "base": {"config": "pico", "overrides": PICO_SWEEP},
+                "resources": {"cpu": 2},
+            }
+        )  # fmt: skip
+    )
+    spec = load_spec(spec_path)
+
+    class Job:
+        metadata, status, submission_id = {"ttt.sweep": "first"}, "RUNNING", "first-1"
+
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.0})
+    monkeypatch.setattr(ray.util.state, "list_jobs", lambda **kw: [Job()])
+    say_if_waiting(spec)
+    err = capsys.readouterr().err
+    assert "sweep second: its trials wait for 2 CPU each; the cluster has 1 free" in err
+    assert "(held by sweep first)" in err
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 4.0})
+    say_if_waiting(spec)
+    assert capsys.readouterr().err == ""

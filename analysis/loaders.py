@@ -19,12 +19,14 @@ from urllib.parse import unquote, urlparse
 
 import polars as pl
 
+from ttt import tags as TAG
+
 TAGS = {
-    "ttt.sweep": "sweep",
-    "ttt.stage": "stage",
-    "ttt.outcome": "outcome",
-    "ttt.role": "role",
-    "ttt.trial_id": "trial_id",
+    TAG.SWEEP: "sweep",
+    TAG.STAGE: "stage",
+    TAG.OUTCOME: "outcome",
+    TAG.ROLE: "role",
+    TAG.TRIAL_ID: "trial_id",
     "mlflow.parentRunId": "parent_run_id",
 }
 
@@ -83,7 +85,7 @@ def runs(
             page = c.search_runs(list(ids), max_results=1000, page_token=token)
             for r in page:
                 tags = r.data.tags
-                if role is not None and tags.get("ttt.role") != role:
+                if role is not None and tags.get(TAG.ROLE) != role:
                     continue
                 row = {
                     "run_id": r.info.run_id,

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ttt import tags as TAG
+
 
 @dataclass
 class FakeRun:
@@ -36,7 +38,7 @@ def write_store(tracking_uri: str, runs: list[FakeRun]) -> list[str]:
     """Create experiments, a parent run each, and the child runs; return child run ids."""
     from mlflow.entities import Metric, Param
 
-    from sweeps.tracking import client, ensure_experiment
+    from ttt.tracking import client, ensure_experiment
 
     c = client(tracking_uri)
     parents: dict[str, str] = {}
@@ -48,17 +50,17 @@ def write_store(tracking_uri: str, runs: list[FakeRun]) -> list[str]:
             parent = c.create_run(
                 exp,
                 run_name=run.experiment,
-                tags={"ttt.role": "sweep", "ttt.sweep": run.experiment},
+                tags={TAG.ROLE: "sweep", TAG.SWEEP: run.experiment},
             )
             parents[run.experiment] = parent.info.run_id
             c.set_terminated(parent.info.run_id)
         r = c.create_run(
             exp,
             tags={
-                "ttt.role": run.role,
-                "ttt.sweep": run.experiment,
-                "ttt.stage": run.stage,
-                "ttt.outcome": run.outcome,
+                TAG.ROLE: run.role,
+                TAG.SWEEP: run.experiment,
+                TAG.STAGE: run.stage,
+                TAG.OUTCOME: run.outcome,
                 "mlflow.parentRunId": parents[run.experiment],
             },
         )
@@ -202,7 +204,7 @@ def bench_analysis(workdir: Path, n_runs: int = 500, steps: int = 1000, keys: in
     hist = metric_history(uri, frame["run_id"].to_list())
     hist_s = time.perf_counter() - t0
     # The non-bulk way for comparison: one MLflow request per run and metric.
-    from sweeps.tracking import client
+    from ttt.tracking import client
 
     c = client(uri)
     keys_ = hist["key"].unique().to_list()

@@ -18,16 +18,19 @@ from pathlib import Path
 from sweeps.cluster import loopback_only
 from sweeps.ray_compat import fit, loopback_mode, name_trial_actors, token_auth, token_source
 from sweeps.spec import Stage, SweepSpec, TrialStart
-from sweeps.tracking import (
-    MlflowSweepCallback,
+from sweeps.tracking import MlflowSweepCallback
+from ttt import tags as TAG
+from ttt.errors import UserError
+from ttt.rundir import RunDir
+from ttt.tracking import (
+    check_uri,
     client,
     ensure_experiment,
     find_run,
     log_params,
+    resolve_uri,
+    run_link,
 )
-from ttt.errors import UserError
-from ttt.rundir import RunDir
-from ttt.tracking import check_uri, resolve_uri, run_link
 
 DEFAULT_STORAGE = "ray_results"
 
@@ -266,7 +269,7 @@ def say_if_waiting(spec: SweepSpec) -> None:
 
         mine = os.environ.get("RAY_JOB_SUBMISSION_ID")  # set by Ray in a job's driver
         for job in list_jobs(raise_on_missing_output=False):
-            name = (job.metadata or {}).get("ttt.sweep")
+            name = (job.metadata or {}).get(TAG.SWEEP)
             if name and job.status == "RUNNING" and job.submission_id != mine:
                 others.append(name)
     except (ConnectionError, RuntimeError, ValueError, OSError):
@@ -327,7 +330,7 @@ def run_sweep(
     c = client(tracking_uri)
     exp_id = ensure_experiment(c, spec.name, tracking_uri)
     c.set_experiment_tag(exp_id, "mlflow.note.content", f"Sweep {spec.name}: {spec.path}")
-    parent = find_run(c, exp_id, {"ttt.role": "sweep", "ttt.sweep": spec.name})
+    parent = find_run(c, exp_id, {TAG.ROLE: "sweep", TAG.SWEEP: spec.name})
     if parent is not None:
         _same_sweep(spec, parent)
     if parent is None:
@@ -335,18 +338,18 @@ def run_sweep(
             exp_id,
             run_name=spec.name,
             tags={
-                "ttt.role": "sweep",
-                "ttt.sweep": spec.name,
-                "ttt.spec": str(Path(spec.path).absolute()),
-                "ttt.spec_digest": spec.digest(),
-                "ttt.overrides": " ".join(spec.cli_overrides),
-                "ttt.storage_path": storage,
+                TAG.ROLE: "sweep",
+                TAG.SWEEP: spec.name,
+                TAG.SPEC: str(Path(spec.path).absolute()),
+                TAG.SPEC_DIGEST: spec.digest(),
+                TAG.OVERRIDES: " ".join(spec.cli_overrides),
+                TAG.STORAGE_PATH: storage,
                 "mlflow.source.name": f"ttt sweep run {spec.path}",  # the UI's Source column
             },
         )
         c.log_artifact(parent.info.run_id, spec.path, artifact_path="spec")
         swept = sorted({k for point in spec.points for k in point} | set(spec.random))
-        c.set_tag(parent.info.run_id, "ttt.swept", ", ".join(swept))
+        c.set_tag(parent.info.run_id, TAG.SWEPT, ", ".join(swept))
         # the parent's params: what each swept key takes (the UI's columns for it)
         values = {k: list(dict.fromkeys(str(p[k]) for p in spec.points if k in p)) for k in swept}
         values.update({k: [f"{kind}{tuple(args)}"] for k, (kind, args) in spec.random.items()})
@@ -495,11 +498,11 @@ def _log_best(c, exp_id: str, parent_id: str, spec: SweepSpec, rows: list[dict])
         return
     best = (min if spec.mode == "min" else max)(done, key=lambda r: r[spec.metric])
     c.log_metric(parent_id, f"best_{spec.metric}", float(best[spec.metric]))
-    run = find_run(c, exp_id, {"ttt.trial_id": best["trial"]}) if best["trial"] else None
+    run = find_run(c, exp_id, {TAG.TRIAL_ID: best["trial"]}) if best["trial"] else None
     if run is not None:
         link = run_link(c.tracking_uri, exp_id, run.info.run_id)
-        c.set_tag(parent_id, "ttt.best_run_id", run.info.run_id)
-        c.set_tag(parent_id, "ttt.best_run", link)
+        c.set_tag(parent_id, TAG.BEST_RUN_ID, run.info.run_id)
+        c.set_tag(parent_id, TAG.BEST_RUN, link)
         c.set_tag(
             parent_id,
             "mlflow.note.content",
@@ -511,9 +514,9 @@ def _log_best(c, exp_id: str, parent_id: str, spec: SweepSpec, rows: list[dict])
 def _same_sweep(spec: SweepSpec, parent) -> None:
     """A re-run resumes only the sweep it started: an edited spec (or other overrides)
     under the same name would silently keep the old trials."""
-    stored = parent.data.tags.get("ttt.spec_digest")
+    stored = parent.data.tags.get(TAG.SPEC_DIGEST)
     if stored is not None and stored != spec.digest():
-        was = parent.data.tags.get("ttt.overrides", "")
+        was = parent.data.tags.get(TAG.OVERRIDES, "")
         raise UserError(
             f"sweep {spec.name!r}: {spec.path} or its overrides changed since it started "
             f"(overrides then: {was or 'none'}); give --name NEW for a new sweep, or restore "
@@ -571,6 +574,6 @@ def _close_runs(c, exp_id: str, parent_id: str, status: str) -> None:
         "and attributes.status = 'RUNNING'",
     )
     for run in children:
-        c.set_tag(run.info.run_id, "ttt.outcome", "interrupted")
+        c.set_tag(run.info.run_id, TAG.OUTCOME, "interrupted")
         c.set_terminated(run.info.run_id, status="KILLED")
     c.set_terminated(parent_id, status=status)

@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ttt import tags as TAG
 from ttt.errors import UserError
 
 # A trial's state, from its MLflow run's status and outcome.
@@ -58,8 +59,9 @@ class _SqliteStore:
     def sweep_names(self) -> list[str]:
         rows = self.db.execute(
             "SELECT DISTINCT t.value FROM tags t JOIN tags r ON r.run_uuid = t.run_uuid "
-            "JOIN runs ON runs.run_uuid = t.run_uuid WHERE t.key = 'ttt.sweep' AND "
-            "r.key = 'ttt.role' AND r.value = 'sweep' AND runs.lifecycle_stage = 'active'"
+            "JOIN runs ON runs.run_uuid = t.run_uuid WHERE t.key = ? AND "
+            "r.key = ? AND r.value = 'sweep' AND runs.lifecycle_stage = 'active'",
+            (TAG.SWEEP, TAG.ROLE),
         )
         return sorted(v for (v,) in rows)
 
@@ -98,10 +100,10 @@ class _MlflowStore:
     def sweep_names(self) -> list[str]:
         runs = self.c.search_runs(
             [e.experiment_id for e in self.c.search_experiments()],
-            "tags.`ttt.role` = 'sweep'",
+            f"tags.`{TAG.ROLE}` = 'sweep'",
             max_results=1000,
         )
-        return sorted({r.data.tags.get("ttt.sweep", "") for r in runs} - {""})
+        return sorted({r.data.tags.get(TAG.SWEEP, "") for r in runs} - {""})
 
     def runs(self, experiment: str) -> list[RunRecord]:
         exp = self.c.get_experiment_by_name(experiment)
@@ -160,7 +162,7 @@ class SweepView:
 
 def _row(run: RunRecord, swept: list[str]) -> Row:
     tags, params, metrics = run.tags, run.params, run.metrics
-    outcome = tags.get("ttt.outcome")
+    outcome = tags.get(TAG.OUTCOME)
     state = STATE.get(run.status, "finished")
     if run.status == "FINISHED":
         state = outcome or "finished"
@@ -171,8 +173,8 @@ def _row(run: RunRecord, swept: list[str]) -> Row:
     tps = metrics.get("tokens_per_s")
     total = int(params.get("train.steps", 0) or 0)
     row = Row(
-        name=run.name or tags.get("ttt.trial_name", run.run_id[:8]),
-        stage=tags.get("ttt.stage", "main"),
+        name=run.name or tags.get(TAG.TRIAL_NAME, run.run_id[:8]),
+        stage=tags.get(TAG.STAGE, "main"),
         point={k: params.get(k, "") for k in swept},
         state=state,
         step=loss[1] if loss else 0,
@@ -198,7 +200,7 @@ def _planned(parent, swept: list[str]) -> tuple[list[dict[str, str]], str, str]:
 
     tags = parent.tags
     try:
-        spec = load_spec(tags["ttt.spec"], tags.get("ttt.overrides", "").split(), tags["ttt.sweep"])
+        spec = load_spec(tags[TAG.SPEC], tags.get(TAG.OVERRIDES, "").split(), tags[TAG.SWEEP])
     except Exception:  # moved, edited or unreadable: the runs alone still answer
         return [], "eval_loss", "min"
     if spec.random or spec.search_alg != "basic":
@@ -214,12 +216,12 @@ def _planned(parent, swept: list[str]) -> tuple[list[dict[str, str]], str, str]:
 def read_sweep(tracking_uri: str, name: str, store=None) -> SweepView:
     store = store or open_store(tracking_uri)
     records = store.runs(name)
-    parents = [r for r in records if r.tags.get("ttt.role") == "sweep"]
+    parents = [r for r in records if r.tags.get(TAG.ROLE) == "sweep"]
     if not parents:
         known = ", ".join(store.sweep_names()) or "none"
         raise UserError(f"sweep {name!r}: not in {tracking_uri} (sweeps there: {known})")
     parent = parents[0]
-    swept = [k for k in parent.tags.get("ttt.swept", "").split(", ") if k]
+    swept = [k for k in parent.tags.get(TAG.SWEPT, "").split(", ") if k]
     stages = parent.params.get("sweep.stages", "main").split(", ")
     runs = [r for r in records if r.tags.get("mlflow.parentRunId") == parent.run_id]
     planned, metric, mode = _planned(parent, swept)

@@ -16,15 +16,9 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from ttt.tracking import (  # noqa: F401  (re-exported: the sweep's view of the conventions)
-    CONSTANT_KEYS,
-    DEFAULT_ARTIFACTS,
-    DEFAULT_DB,
-    METRIC_KEYS,
-    OUTCOME_STATUS,
+from ttt import tags as TAG
+from ttt.tracking import (
     client,
-    default_tracking_uri,
-    ensure_experiment,
     find_run,
     finish,
     log_eval_artifacts,
@@ -109,16 +103,14 @@ class MlflowSweepCallback(Callback):
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
         c, exp = self.client, self.experiment_id()
-        tags = {"ttt.trial_id": trial.trial_id, "ttt.sweep": self.sweep, "ttt.stage": self.stage}
-        found = find_run(c, exp, {"ttt.trial_id": trial.trial_id})
+        tags = {TAG.TRIAL_ID: trial.trial_id, TAG.SWEEP: self.sweep, TAG.STAGE: self.stage}
+        found = find_run(c, exp, {TAG.TRIAL_ID: trial.trial_id})
         if found is not None:
             run_id = found.info.run_id
             history = c.get_metric_history(run_id, "loss")
             self._last_step[run_id] = max((m.step for m in history), default=0)
-            self._nodes[run_id] = [
-                n for n in found.data.tags.get("ttt.node_ids", "").split(",") if n
-            ]
-            if found.data.tags.get("ttt.outcome") == "finished":
+            self._nodes[run_id] = [n for n in found.data.tags.get(TAG.NODE_IDS, "").split(",") if n]
+            if found.data.tags.get(TAG.OUTCOME) == "finished":
                 self._done.add(run_id)  # Tune may restart it; MLflow already has it all
             elif found.info.status != "RUNNING":
                 c.update_run(run_id, status="RUNNING")
@@ -134,14 +126,14 @@ class MlflowSweepCallback(Callback):
             )
             run_id = run.info.run_id
             log_params(c, run_id, self.params_of(trial.config))
-            c.set_tag(run_id, "ttt.run_dir", str(trial.path))
+            c.set_tag(run_id, TAG.RUN_DIR, str(trial.path))
             self._last_step[run_id] = 0
         self._runs[trial.trial_id] = run_id
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
-        self.client.set_tag(run_id, "ttt.trial_name", str(trial))
+        self.client.set_tag(run_id, TAG.TRIAL_NAME, str(trial))
         link = run_link(self.tracking_uri, self.experiment_id(), run_id)
         print(f"trial {trial} (Ray trial {trial.trial_id}): MLflow {link}", flush=True)
         self._update_parent(trials)
@@ -195,9 +187,9 @@ class MlflowSweepCallback(Callback):
             # the trial's code, JAX and devices, in its first report of each attempt
             for k, v in json.loads(result["provenance"]).items():
                 self.client.set_tag(run_id, k, v)
-            for k in CONSTANT_KEYS:
-                if result.get(k) is not None:
-                    self.client.set_tag(run_id, f"ttt.{k}", f"{result[k]:.6g}")
+            if result.get("flops_per_token") is not None:
+                flops = f"{result['flops_per_token']:.6g}"
+                self.client.set_tag(run_id, TAG.FLOPS_PER_TOKEN, flops)
         step = int(result.get("step", result.get("training_iteration", 0)))
         if run_id in self._done or step <= self._last_step.get(run_id, 0):
             return  # already logged before the driver restarted
@@ -208,17 +200,17 @@ class MlflowSweepCallback(Callback):
             result = {k: v for k, v in result.items() if k != "eval_loss"}
         log_metrics(self.client, run_id, result, step)
         if result.get("node_id"):
-            self.client.set_tag(run_id, "ttt.node_id", result["node_id"])
+            self.client.set_tag(run_id, TAG.NODE_ID, result["node_id"])
             if result.get("node_ip"):
-                self.client.set_tag(run_id, "ttt.node_ip", result["node_ip"])
+                self.client.set_tag(run_id, TAG.NODE_IP, result["node_ip"])
             seen = self._nodes.setdefault(run_id, [])
             if result["node_id"] not in seen:  # every node the trial ran on, in order
                 seen.append(result["node_id"])
-                self.client.set_tag(run_id, "ttt.node_ids", ",".join(seen))
+                self.client.set_tag(run_id, TAG.NODE_IDS, ",".join(seen))
                 # JAX processes of this attempt (> 1 for a multi-node trial)
-                self.client.set_tag(run_id, "ttt.processes", str(result.get("processes", 1)))
+                self.client.set_tag(run_id, TAG.PROCESSES, str(result.get("processes", 1)))
         if result.get("start_step"):  # this attempt continued from a checkpoint
-            self.client.set_tag(run_id, "ttt.resumed_from", str(result["start_step"]))
+            self.client.set_tag(run_id, TAG.RESUMED_FROM, str(result["start_step"]))
 
     def _log_eval(self, trial, run_id: str) -> None:
         """The final checkpoint carries the eval outputs (per-token NLL Parquet)."""
@@ -231,7 +223,7 @@ class MlflowSweepCallback(Callback):
             log_eval_artifacts(self.client, run_id, Path(d), eval_figure_files)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        self.client.set_tag(self.run_id(trial), "ttt.checkpoint", checkpoint.path)
+        self.client.set_tag(self.run_id(trial), TAG.CHECKPOINT, checkpoint.path)
 
     def _finish(self, trial, outcome: str, message: str = "") -> None:
         run_id = self.run_id(trial)
@@ -258,8 +250,8 @@ class MlflowSweepCallback(Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
-        retries = int(self.client.get_run(run_id).data.tags.get("ttt.retries", "0")) + 1
-        self.client.set_tag(run_id, "ttt.retries", str(retries))
+        retries = int(self.client.get_run(run_id).data.tags.get(TAG.RETRIES, "0")) + 1
+        self.client.set_tag(run_id, TAG.RETRIES, str(retries))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         error = ""
@@ -268,40 +260,3 @@ class MlflowSweepCallback(Callback):
             error = Path(path).read_text().strip().splitlines()[-1]
         self._finish(trial, "error", error)
         self._update_parent(trials, trial, "failed")
-
-
-def log_bench_rows(tracking_uri: str, rows: list[dict], experiment: str = "bench") -> list[str]:
-    """One run per `ttt bench` row (tag `ttt.role=bench`): what the latency figures read."""
-    from mlflow.entities import Metric, Param
-
-    c = client(tracking_uri)
-    exp = ensure_experiment(c, experiment, tracking_uri)
-    now = int(time.time() * 1000)
-    ids = []
-    for row in rows:
-        run = c.create_run(
-            exp,
-            run_name=f"{row['mode']}-{row['preset']}-{row['mixer']}-T{row['seq_len']}",
-            tags={"ttt.role": "bench", "ttt.outcome": "finished"},
-        )
-        params = [
-            Param(k, str(row[k]))
-            for k in ("mode", "preset", "mixer", "seq_len", "batch", "device", "remat")
-        ]
-        metrics = [
-            Metric(k, float(row[k]), now, 0)
-            for k in (
-                "step_s",
-                "step_s_min",
-                "step_s_max",
-                "tokens_per_s",
-                "compile_s",
-                "mfu",
-                "peak_mem_gb",
-            )
-            if row.get(k) is not None
-        ]
-        c.log_batch(run.info.run_id, metrics=metrics, params=params)
-        c.set_terminated(run.info.run_id)
-        ids.append(run.info.run_id)
-    return ids

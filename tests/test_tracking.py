@@ -164,7 +164,9 @@ def test_tracking_imports_no_figure_code_and_figures_leave_the_backend_alone():
     """Core tracking must not depend on the analysis package (which imports it: a
     circle), and importing the figures must not switch a notebook's Matplotlib backend."""
     code = (
-        "import sys, ttt.tracking, sweeps.tracking; "
+        "import sys, ttt.tracking; "
+        "assert 'ray' not in sys.modules, 'ttt.tracking imports Ray'; "
+        "import sweeps.tracking; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('analysis', 'matplotlib')); "
         "assert not bad, bad; "
         "import matplotlib; matplotlib.use('svg'); import analysis.figures; "

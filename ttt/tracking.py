@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ttt import tags as TAG
 from ttt.errors import UserError
 from ttt.rundir import RunDir
 
@@ -34,8 +35,6 @@ METRIC_KEYS = (
     "mfu",
     "eval_loss",
 )
-# In every report but constant over a run: a tag, set once, instead of a flat curve.
-CONSTANT_KEYS = ("flops_per_token",)
 SYSTEM_PREFIX = "system/"  # MLflow's UI shows these in its "System metrics" tab
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 OUTCOME_STATUS = {
@@ -205,7 +204,7 @@ def run_tags(role: str, source: str, **tags: str) -> dict[str, str]:
     """Tags every run this project creates: its role, the command as Source, and the
     description with units."""
     return {
-        "ttt.role": role,
+        TAG.ROLE: role,
         "mlflow.source.name": source,
         "mlflow.note.content": DESCRIPTION,
         **tags,
@@ -236,14 +235,14 @@ def run_link(
         path += f"/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
     query = {"workflowType": "machine_learning"}
     if trials_chart:
-        query.update(compareRunsMode="CHART", searchFilter="tags.`ttt.role` = 'trial'")
+        query.update(compareRunsMode="CHART", searchFilter=f"tags.`{TAG.ROLE}` = 'trial'")
     return f"{ui_base(tracking_uri)}/{path}?{urlencode(query)}"
 
 
 def finish(c, run_id: str, outcome: str, message: str = "") -> None:
-    c.set_tag(run_id, "ttt.outcome", outcome)
+    c.set_tag(run_id, TAG.OUTCOME, outcome)
     if message:
-        c.set_tag(run_id, "ttt.message", message[:5000])
+        c.set_tag(run_id, TAG.MESSAGE, message[:5000])
     c.set_terminated(run_id, status=OUTCOME_STATUS[outcome])
 
 
@@ -272,7 +271,7 @@ def provenance() -> dict[str, str]:
         pkg = "unknown"
     devices = jax.devices()
     tags = {
-        "ttt.version": pkg,
+        TAG.VERSION: pkg,
         "jax.version": jax.__version__,
         "jax.backend": jax.default_backend(),
         "device.kind": devices[0].device_kind,
@@ -284,8 +283,8 @@ def provenance() -> dict[str, str]:
         dirty = _git("status", "--porcelain", "--untracked-files=no")
         tags.update(
             {
-                "ttt.git_commit": commit,
-                "ttt.git_dirty": str(bool(dirty)).lower(),
+                TAG.GIT_COMMIT: commit,
+                TAG.GIT_DIRTY: str(bool(dirty)).lower(),
                 "mlflow.source.git.commit": commit,  # the UI's "Source" column
             }
         )
@@ -335,7 +334,7 @@ class MlflowReporter:
             return self.run_id
         self.c = c = client(self.uri)
         exp = ensure_experiment(c, self.experiment, self.uri)
-        found = find_run(c, exp, {"ttt.run_dir": str(self.out)})
+        found = find_run(c, exp, {TAG.RUN_DIR: str(self.out)})
         self.last_step = 0
         if found is not None:
             self.run_id = found.info.run_id
@@ -344,14 +343,12 @@ class MlflowReporter:
             c.update_run(self.run_id, status="RUNNING")
             steps = str(self.cfg.train.steps)
             if found.data.params.get("train.steps") != steps:  # params are immutable
-                c.set_tag(self.run_id, "ttt.extended_to_steps", steps)
+                c.set_tag(self.run_id, TAG.EXTENDED_TO_STEPS, steps)
         else:
             run = c.create_run(
                 exp,
                 run_name=self.out.name,
-                tags=run_tags(
-                    "run", f"ttt train --out {self.out}", **{"ttt.run_dir": str(self.out)}
-                ),
+                tags=run_tags("run", f"ttt train --out {self.out}", **{TAG.RUN_DIR: str(self.out)}),
             )
             self.run_id = run.info.run_id
             log_params(c, self.run_id, self.cfg.flat())
@@ -361,8 +358,8 @@ class MlflowReporter:
         flops = flops_per_token(self.cfg, training=True, inner=uses_inner_loop(self.cfg, True))
         tags = {
             **provenance(),
-            "ttt.checkpoint_dir": str(RunDir(self.out).checkpoints),
-            "ttt.flops_per_token": f"{flops:.6g}",
+            TAG.CHECKPOINT_DIR: str(RunDir(self.out).checkpoints),
+            TAG.FLOPS_PER_TOKEN: f"{flops:.6g}",
         }
         for k, v in tags.items():
             c.set_tag(self.run_id, k, v)
@@ -383,7 +380,7 @@ class MlflowReporter:
 
     def checkpoint(self, step: int, directory: Path, values: dict, final: bool = False) -> None:
         self._log(step, values)
-        self.c.set_tag(self.run_id, "ttt.checkpoint", str(directory))
+        self.c.set_tag(self.run_id, TAG.CHECKPOINT, str(directory))
 
     def evaluation(self, step: int, result) -> None:
         self._open()
@@ -410,7 +407,7 @@ def log_evaluation(uri: str, experiment: str, run_dir: Path, summary: dict, parq
         experiment,
         run_dir,
         role="eval",
-        key={"ttt.seq_len": str(seq_len)},
+        key={TAG.SEQ_LEN: str(seq_len)},
         params={"data.seq_len": seq_len, "eval.checkpoint_step": summary["step"]},
         metrics={"final_eval_loss": summary["loss"]},
         artifact=parquet,
@@ -431,7 +428,7 @@ def log_niah(uri: str, experiment: str, run_dir: Path, accuracy, parquet: Path) 
                 experiment,
                 run_dir,
                 role="niah",
-                key={"ttt.seq_len": str(seq_len), "ttt.niah_task": task},
+                key={TAG.SEQ_LEN: str(seq_len), TAG.NIAH_TASK: task},
                 params={"data.seq_len": seq_len, "niah.task": task, "niah.samples": row["samples"]},
                 metrics={"niah_accuracy": row["accuracy"]},
                 artifact=parquet,
@@ -450,14 +447,14 @@ def _log_result(
     cfg = RunDir(run_dir).config()
     c = client(uri)
     exp = ensure_experiment(c, experiment, uri)
-    key = {"ttt.eval_of": str(run_dir), "ttt.role": role, **key}
+    key = {TAG.EVAL_OF: str(run_dir), TAG.ROLE: role, **key}
     found = find_run(c, exp, key)
     if found is not None:
         run_id = found.info.run_id
         c.update_run(run_id, status="RUNNING")
     else:
-        name = f"{run_dir.name} " + " ".join(v for k, v in key.items() if k.startswith("ttt.n"))
-        name = f"{name.strip()} T={key['ttt.seq_len']}"
+        task = key.get(TAG.NIAH_TASK)
+        name = f"{run_dir.name}{' ' + task if task else ''} T={key[TAG.SEQ_LEN]}"
         tags = {**run_tags(role, source), **key, **provenance()}
         run_id = c.create_run(exp, run_name=name, tags=tags).info.run_id
         log_params(c, run_id, {**cfg.flat(), "eval.run": run_dir.name, **params})
@@ -466,3 +463,40 @@ def _log_result(
     c.log_artifact(run_id, str(artifact), artifact_path="eval")
     finish(c, run_id, "finished")
     return run_id
+
+
+def log_bench_rows(tracking_uri: str, rows: list[dict], experiment: str = "bench") -> list[str]:
+    """One run per `ttt bench` row (tag `ttt.role=bench`): what the latency figures read."""
+    from mlflow.entities import Metric, Param
+
+    c = client(tracking_uri)
+    exp = ensure_experiment(c, experiment, tracking_uri)
+    now = int(time.time() * 1000)
+    ids = []
+    for row in rows:
+        run = c.create_run(
+            exp,
+            run_name=f"{row['mode']}-{row['preset']}-{row['mixer']}-T{row['seq_len']}",
+            tags={TAG.ROLE: "bench", TAG.OUTCOME: "finished"},
+        )
+        params = [
+            Param(k, str(row[k]))
+            for k in ("mode", "preset", "mixer", "seq_len", "batch", "device", "remat")
+        ]
+        metrics = [
+            Metric(k, float(row[k]), now, 0)
+            for k in (
+                "step_s",
+                "step_s_min",
+                "step_s_max",
+                "tokens_per_s",
+                "compile_s",
+                "mfu",
+                "peak_mem_gb",
+            )
+            if row.get(k) is not None
+        ]
+        c.log_batch(run.info.run_id, metrics=metrics, params=params)
+        c.set_terminated(run.info.run_id)
+        ids.append(run.info.run_id)
+    return ids

@@ -60,7 +60,7 @@ def _emit(rows, table: str, out: Path | None, tracking_uri: str | None) -> None:
         out.write_text(json.dumps([r.as_dict() for r in rows], indent=2))
         typer.echo(f"wrote {out}")
     if tracking_uri:
-        from sweeps.tracking import log_bench_rows
+        from ttt.tracking import log_bench_rows
 
         log_bench_rows(tracking_uri, [r.as_dict() for r in rows])
         typer.echo(f"logged {len(rows)} rows to {tracking_uri} (experiment 'bench')")

@@ -66,7 +66,7 @@ def serve(
     ),
 ) -> None:
     """Serve tracking and artifacts; point sweeps at it with --tracking-uri http://HOST:PORT."""
-    from sweeps.tracking import default_tracking_uri
+    from ttt.tracking import default_tracking_uri
 
     backend = backend_store_uri or default_tracking_uri()
     artifacts = artifacts_destination or str(Path("mlartifacts").absolute())

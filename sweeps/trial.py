@@ -193,7 +193,8 @@ def trial_main(start: TrialStart, spec: SweepSpec) -> None:
     progress = Progress(ctx.get_trial_name(), ctx.get_experiment_name(), cfg.train.steps)
 
     class TuneReporter(Reporter):
-        pending: dict = {}  # an evaluation rides on the next report, with its own step
+        def __init__(self):
+            self.pending: dict = {}  # an evaluation rides on the next report, at its step
 
         def report(self, step, values) -> dict:
             result = {**self.pending, **values, "step": step, **extras()}

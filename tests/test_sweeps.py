@@ -275,6 +275,14 @@ def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster, capsys):
     from sweeps.status import _MlflowStore, read_sweep, render
 
     assert render(read_sweep(uri, "e2e", _MlflowStore(uri))) == status.rstrip("\n")
+    # ... and needs no Ray (nor MLflow): it answers the same after the cluster is gone.
+    code = (
+        "import sys; from sweeps.status import sweep_status; "
+        f"print(sweep_status('e2e', {uri!r})); "
+        "assert not {'ray', 'mlflow'} & set(sys.modules), 'imported Ray or MLflow'"
+    )
+    alone = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert alone.returncode == 0 and alone.stdout == status, alone.stderr[-2000:]
 
 
 def test_asha_stops_a_trial_early(tmp_path, corpus, ray_cluster):

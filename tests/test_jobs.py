@@ -437,6 +437,9 @@ def test_stop_marks_the_runs_killed_and_a_rerun_resumes(sweeps):
     assert "stopped sweep long" in stopped.stdout
     job_id = sweeps.long_job.submission_id
     assert sweeps.client.get_job_status(job_id).value == "STOPPED"
+    # The stopped driver says how a ttt user resumes, not Tune's Tuner.restore(...) advice
+    log = sweeps.client.get_job_logs(job_id)
+    assert "the same `ttt sweep run` resumes it" in log and "Tuner.restore" not in log, log[-3000:]
     (parent,) = [r for r in runs(sweeps.uri, "long") if r.data.tags["ttt.role"] == "sweep"]
     (child,) = [r for r in runs(sweeps.uri, "long") if r.data.tags["ttt.role"] == "trial"]
     assert parent.info.status == "KILLED"

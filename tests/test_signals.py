@@ -59,11 +59,13 @@ def _steps(run: Path) -> list[int]:
 
 
 def _train(corpus, out):
+    # swa: what a signal does is no mixer's business, and swa compiles in seconds
     return _start(
         [
             "train",
             "pico",
             *PICO_TRAIN,
+            "model.mixer=swa",
             f"data.source={corpus}",
             "train.steps=5000",
             "train.log_every=1",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from ttt import tags as TAG
@@ -152,6 +153,11 @@ class SweepView:
     metric: str = "eval_loss"
     mode: str = "min"
 
+    def summary(self) -> str:
+        """How many trials are in each state: `4 finished, 1 running`."""
+        counts = Counter(r.state for r in self.rows)
+        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials yet"
+
     def best(self) -> Row | None:
         done = [r for r in self.rows if getattr(r, self.metric, None) is not None]
         if not done:
@@ -259,11 +265,7 @@ def render(view: SweepView) -> str:
     """One table per stage: a row per trial, the swept values as columns, the best trial
     (by the spec's metric) marked with *."""
     best = view.best()
-    counts: dict[str, int] = {}
-    for r in view.rows:
-        counts[r.state] = counts.get(r.state, 0) + 1
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    lines = [f"sweep {view.name} ({view.state}): {summary or 'no trials yet'}"]
+    lines = [f"sweep {view.name} ({view.state}): {view.summary()}"]
     for stage in view.stages:
         rows = [r for r in view.rows if r.stage == stage]
         if not rows:
@@ -326,9 +328,5 @@ def list_sweeps(tracking_uri: str) -> str:
     lines = []
     for name in store.sweep_names():
         view = read_sweep(tracking_uri, name, store)
-        counts: dict[str, int] = {}
-        for r in view.rows:
-            counts[r.state] = counts.get(r.state, 0) + 1
-        trials = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        lines.append(f"{name} ({view.state}): {trials or 'no trials yet'}")
+        lines.append(f"{name} ({view.state}): {view.summary()}")
     return "\n".join(lines) if lines else f"no sweeps in {tracking_uri}"

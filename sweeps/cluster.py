@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sweeps.ray_compat import ensure_token, loopback_env, ray_cli, token_auth
 from ttt.errors import UserError
+from ttt.settings import settings
 
 IDLE_S = 20  # with no job running this long (and none asked to keep it), the cluster stops
 FIRST_JOB_S = 180  # a cluster that never got a job stops after this
@@ -48,7 +49,7 @@ def owner() -> str:
 def cluster_dir() -> Path:
     """Ray's temp dir for this cluster (short: Ray's socket paths must fit in 107 bytes):
     one per user, interpreter and code tree (`owner`), or `$TTT_RAY_DIR`."""
-    return Path(os.environ.get("TTT_RAY_DIR") or f"/tmp/ray-ttt-{os.getuid()}-{owner()}")
+    return Path(settings().ray_dir or f"/tmp/ray-ttt-{os.getuid()}-{owner()}")
 
 
 def loopback_only(port: int) -> bool:

@@ -128,11 +128,6 @@ def submit(request: SweepRequest, *, detach: bool, keep_cluster: bool) -> int:
 
 def main(argv: list[str]) -> int:
     """The Ray job's entry point: `python -m sweeps.launch REQUEST_JSON`."""
-    import os
-
-    # Ray folds alike log lines of different trials into "[repeated Nx across cluster]",
-    # which hides the per-trial progress lines; read when Ray is imported.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from ttt.cli.app import run_entry
 
     return run_entry(lambda: drive(SweepRequest.from_json(argv[0])))

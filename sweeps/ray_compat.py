@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ttt.errors import UserError
+from ttt.settings import settings
 
 # The (major, minor) versions of Ray this module was tested with, inclusive; pyproject.toml
 # pins the same range.
@@ -37,7 +38,7 @@ def check_version(version: str | None = None) -> str:
     except metadata.PackageNotFoundError:
         raise UserError("Ray is not installed: pip install -e . (see README)") from None
     lo, hi = TESTED
-    if not lo <= _minor(version) <= hi and os.environ.get("TTT_UNTESTED_RAY") != "1":
+    if not lo <= _minor(version) <= hi and not settings().untested_ray:
         span = ".".join(map(str, lo)) + ("" if lo == hi else "-" + ".".join(map(str, hi)))
         raise UserError(
             f"Ray {version} is installed; ttt is tested with Ray {span}.x (reinstall with "
@@ -47,6 +48,10 @@ def check_version(version: str | None = None) -> str:
 
 
 check_version()
+# Ray folds alike log lines of different trials into "[repeated Nx across cluster]", which
+# hides the per-trial progress lines. Ray reads this once, when it is imported; every
+# `sweeps` module reaches Ray after this one.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 # --- A cluster on this machine only -----------------------------------------------------

@@ -20,16 +20,17 @@ from pathlib import Path
 import jax
 
 from ttt.paths import cache_root
+from ttt.settings import settings
 
 _active: Path | None = None  # the folder `enable` chose, once called
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TTT_COMPILE_CACHE") or cache_root() / "xla")
+    return Path(settings().compile_cache or cache_root() / "xla")
 
 
 def disabled() -> bool:
-    return os.environ.get("TTT_COMPILE_CACHE") == "off"
+    return settings().compile_cache == "off"
 
 
 def enable(path: str | Path | None = None) -> Path:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from ttt.settings import settings
 
 
 def cache_root(cache_dir: str = "") -> Path:
     """`cache_dir`, else `$TTT_CACHE`, else ~/.cache/ttt."""
-    return Path(cache_dir or os.environ.get("TTT_CACHE") or Path.home() / ".cache" / "ttt")
+    return Path(cache_dir) if cache_dir else settings().cache

@@ -85,11 +85,6 @@ def run(
 ) -> None:
     """Run (or resume) a sweep as a Ray job named after it, and follow its log. Re-running
     the same command resumes it (or follows it, while it runs)."""
-    import os
-
-    # Ray folds alike log lines of different trials into "[repeated Nx across cluster]",
-    # which hides the per-trial progress lines; read when Ray is imported.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from sweeps.launch import SweepRequest, launch
 
     request = SweepRequest(

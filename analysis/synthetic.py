@@ -26,55 +26,32 @@ class FakeRun:
     stage: str = "main"  # a sweep's later stages log into the same experiment
 
 
-STATUS = {
-    "finished": "FINISHED",
-    "diverged": "FAILED",
-    "error": "FAILED",
-    "early_stopped": "KILLED",
-}
-
-
 def write_store(tracking_uri: str, runs: list[FakeRun]) -> list[str]:
-    """Create experiments, a parent run each, and the child runs; return child run ids."""
-    from mlflow.entities import Metric, Param
+    """Create experiments, a parent run each, and the child runs (through the project's
+    one writer, `MlflowRun`); return child run ids."""
+    from ttt.tracking import MlflowRun
 
-    from ttt.tracking import client, ensure_experiment
-
-    c = client(tracking_uri)
     parents: dict[str, str] = {}
     ids = []
-    now = int(time.time() * 1000)
     for run in runs:
-        exp = ensure_experiment(c, run.experiment, tracking_uri)
         if run.experiment not in parents:
-            parent = c.create_run(
-                exp,
-                run_name=run.experiment,
-                tags={TAG.ROLE: "sweep", TAG.SWEEP: run.experiment},
-            )
-            parents[run.experiment] = parent.info.run_id
-            c.set_terminated(parent.info.run_id)
-        r = c.create_run(
-            exp,
-            tags={
-                TAG.ROLE: run.role,
-                TAG.SWEEP: run.experiment,
-                TAG.STAGE: run.stage,
-                TAG.OUTCOME: run.outcome,
-                "mlflow.parentRunId": parents[run.experiment],
-            },
+            key = {TAG.ROLE: "sweep", TAG.SWEEP: run.experiment}
+            parent = MlflowRun.open(tracking_uri, run.experiment, None, name=run.experiment,
+                                    tags=key)  # fmt: skip
+            parent.end("FINISHED")
+            parents[run.experiment] = parent.run_id
+        r = MlflowRun.open(
+            tracking_uri,
+            run.experiment,
+            None,
+            name=None,  # MLflow's generated name
+            tags={TAG.ROLE: run.role, TAG.SWEEP: run.experiment, TAG.STAGE: run.stage},
+            params=run.params,
+            parent_id=parents[run.experiment],
         )
-        rid = r.info.run_id
-        params = [Param(k, str(v)) for k, v in run.params.items()]
-        metrics = [Metric(k, float(v), now, s) for k, pts in run.history.items() for s, v in pts]
+        r.log_history(run.history)
         last = max((s for pts in run.history.values() for s, _ in pts), default=0)
-        metrics += [Metric(k, float(v), now, last) for k, v in run.final.items()]
-        for i in range(0, max(len(metrics), len(params), 1), 1000):
-            c.log_batch(
-                rid, metrics=metrics[i : i + 1000], params=params[i : i + 100] if i == 0 else []
-            )
-        for i in range(100, len(params), 100):
-            c.log_batch(rid, params=params[i : i + 100])
+        r.log_summary(run.final, last)
         if run.nll is not None:
             with tempfile.TemporaryDirectory() as d:
                 path = Path(d) / "nll_by_position.parquet"
@@ -85,9 +62,9 @@ def write_store(tracking_uri: str, runs: list[FakeRun]) -> list[str]:
                         "count": np.ones(len(run.nll), np.int64),
                     }
                 ).write_parquet(path)
-                c.log_artifact(rid, str(path), artifact_path="eval")
-        c.set_terminated(rid, status=STATUS[run.outcome])
-        ids.append(rid)
+                r.log_artifact(path, "eval")
+        r.finish(run.outcome)
+        ids.append(r.run_id)
     return ids
 
 

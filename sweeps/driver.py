@@ -22,15 +22,8 @@ from sweeps.tracking import MlflowSweepCallback
 from ttt import tags as TAG
 from ttt.errors import UserError
 from ttt.rundir import RunDir
-from ttt.tracking import (
-    check_uri,
-    client,
-    ensure_experiment,
-    find_run,
-    log_params,
-    resolve_uri,
-    run_link,
-)
+from ttt.settings import settings
+from ttt.tracking import MlflowRun, check_uri, find_run, resolve_uri, run_link
 
 DEFAULT_STORAGE = "ray_results"
 
@@ -213,7 +206,7 @@ def _tuner(
             stop={"time_total_s": spec.stop_time_s} if spec.stop_time_s else None,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            verbose=int(os.environ.get("TTT_TUNE_VERBOSE", "1")),
+            verbose=settings().tune_verbose,
         ),
     )
 
@@ -311,6 +304,57 @@ def check_init_from(spec: SweepSpec) -> None:
             )
 
 
+def open_parent(spec: SweepSpec, tracking_uri: str, storage: str) -> MlflowRun:
+    """The sweep's parent run: found again by the sweep's name (refused when its spec
+    changed since), or created with the spec as an artifact and, as params, the values
+    each swept key takes (the UI's columns for it)."""
+    swept = sorted({k for point in spec.points for k in point} | set(spec.random))
+    values = {k: list(dict.fromkeys(str(p[k]) for p in spec.points if k in p)) for k in swept}
+    values.update({k: [f"{kind}{tuple(args)}"] for k, (kind, args) in spec.random.items()})
+    parent = MlflowRun.open(
+        tracking_uri,
+        spec.name,
+        {TAG.ROLE: "sweep", TAG.SWEEP: spec.name},
+        name=spec.name,
+        tags={
+            TAG.SPEC: str(Path(spec.path).absolute()),
+            TAG.SPEC_DIGEST: spec.digest(),
+            TAG.OVERRIDES: " ".join(spec.cli_overrides),
+            TAG.STORAGE_PATH: storage,
+            TAG.SWEPT: ", ".join(swept),
+            "mlflow.source.name": f"ttt sweep run {spec.path}",  # the UI's Source column
+        },
+        params={
+            **{f"sweep.{k}": ", ".join(v) for k, v in values.items()},
+            "sweep.trials": len(spec.points) * spec.num_samples,
+            "sweep.stages": ", ".join(["main", *(st.name for st in spec.stages)]),
+        },
+        check=functools.partial(_same_sweep, spec),
+    )
+    if parent.found is None:
+        parent.log_artifact(spec.path, "spec")
+    note = f"Sweep {spec.name}: {spec.path}"
+    parent.c.set_experiment_tag(parent.experiment_id, "mlflow.note.content", note)
+    return parent
+
+
+def join_ray(address: str | None):
+    """Ray for the sweep: the caller's (a Ray job's driver), the cluster at `address`, or
+    a cluster of its own. Returns the runtime context and whether it was started here."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context(), False
+    kwargs = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if address is None else {}
+    try:
+        # "local": a cluster of its own, never one that `ray start` left running here
+        return ray.init(address=address or "local", log_to_driver=True, **kwargs), address is None
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        if address is None:
+            raise
+        raise init_error(address, e) from None
+
+
 def run_sweep(
     spec: SweepSpec,
     address: str | None = None,
@@ -319,7 +363,6 @@ def run_sweep(
     rerun: Rerun = Rerun(),
 ) -> SweepResult:
     import ray
-    from ray import tune
 
     tracking_uri = resolve_uri(tracking_uri)
     check_uri(tracking_uri)
@@ -327,98 +370,15 @@ def run_sweep(
     if address is not None:
         connect_env(address)
     storage = storage_root(storage_path, spec)
-    c = client(tracking_uri)
-    exp_id = ensure_experiment(c, spec.name, tracking_uri)
-    c.set_experiment_tag(exp_id, "mlflow.note.content", f"Sweep {spec.name}: {spec.path}")
-    parent = find_run(c, exp_id, {TAG.ROLE: "sweep", TAG.SWEEP: spec.name})
-    if parent is not None:
-        _same_sweep(spec, parent)
-    if parent is None:
-        parent = c.create_run(
-            exp_id,
-            run_name=spec.name,
-            tags={
-                TAG.ROLE: "sweep",
-                TAG.SWEEP: spec.name,
-                TAG.SPEC: str(Path(spec.path).absolute()),
-                TAG.SPEC_DIGEST: spec.digest(),
-                TAG.OVERRIDES: " ".join(spec.cli_overrides),
-                TAG.STORAGE_PATH: storage,
-                "mlflow.source.name": f"ttt sweep run {spec.path}",  # the UI's Source column
-            },
-        )
-        c.log_artifact(parent.info.run_id, spec.path, artifact_path="spec")
-        swept = sorted({k for point in spec.points for k in point} | set(spec.random))
-        c.set_tag(parent.info.run_id, TAG.SWEPT, ", ".join(swept))
-        # the parent's params: what each swept key takes (the UI's columns for it)
-        values = {k: list(dict.fromkeys(str(p[k]) for p in spec.points if k in p)) for k in swept}
-        values.update({k: [f"{kind}{tuple(args)}"] for k, (kind, args) in spec.random.items()})
-        log_params(
-            c,
-            parent.info.run_id,
-            {
-                **{f"sweep.{k}": ", ".join(v) for k, v in values.items()},
-                "sweep.trials": len(spec.points) * spec.num_samples,
-                "sweep.stages": ", ".join(["main", *(st.name for st in spec.stages)]),
-            },
-        )
-    else:
-        c.update_run(parent.info.run_id, status="RUNNING")
-    parent_id = parent.info.run_id
-
-    started_here = not ray.is_initialized() and address is None
-    if not ray.is_initialized():
-        kwargs = (
-            {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if address is None else {}
-        )
-        try:
-            # "local": a cluster of its own, never one that `ray start` left running here
-            context = ray.init(address=address or "local", log_to_driver=True, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            if address is None:
-                raise
-            raise init_error(address, e) from None
-    else:
-        context = ray.get_runtime_context()
-    result = SweepResult(spec, parent_id, tracking_uri)
+    parent = open_parent(spec, tracking_uri, storage)
+    context, started_here = join_ray(address)
+    result = SweepResult(spec, parent.run_id, tracking_uri)
     status = "FAILED"
-    log = DriverLog(c, parent_id)
+    log = DriverLog(parent)
     try:
-        print_monitoring(context, tracking_uri, exp_id)
-        max_steps = spec.config(spec.points[0], {}).train.steps
-        space = {
-            # Optuna samples every trial itself and refuses grid_search; its spec has one
-            # point (load_spec), which is then a constant.
-            "point": spec.points[0]
-            if spec.search_alg == "optuna"
-            else tune.grid_search(spec.points),
-            "sample": {k: _domain(kind, args) for k, (kind, args) in spec.random.items()},
-        }
-        params_of = functools.partial(flat_params, spec)
-        role = "eval" if spec.task == "eval" else "trial"
-        cb = MlflowSweepCallback(
-            tracking_uri, spec.name, parent_id, "main", params_of, role, spec.metric, spec.mode
-        )
-        cb.driver_log = log
-        say_if_waiting(spec)
-        grid = fit(_tuner(spec, spec.name, space, cb, storage, max_steps, rerun))
-        result.stages.append(StageResult("main", _rows(grid, spec)))
-        for stage in spec.stages:
-            starts = _starts(spec, stage, result.stages[0].rows)  # every stage extends the first
-            if not starts:
-                print(f"stage {stage.name}: no finished trial to start from", file=sys.stderr)
-                break
-            space = {"start": tune.grid_search(starts), "stage": stage.name}
-            cb = MlflowSweepCallback(
-                tracking_uri, spec.name, parent_id, stage.name, params_of, "trial", spec.metric,
-                spec.mode,
-            )  # fmt: skip
-            cb.driver_log = log
-            steps = stage.steps or max_steps
-            stage_name = f"{spec.name}-{stage.name}"
-            grid = fit(_tuner(spec, stage_name, space, cb, storage, steps, rerun))
-            result.stages.append(StageResult(stage.name, _rows(grid, spec)))
-        _log_best(c, exp_id, parent_id, spec, result.stages[-1].rows)
+        print_monitoring(context, tracking_uri, parent.experiment_id)
+        _run_stages(spec, result, storage, rerun, log)
+        _log_best(parent, spec, result.stages[-1].rows)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -429,10 +389,45 @@ def run_sweep(
         raise
     finally:
         log.close()
-        _close_runs(c, exp_id, parent_id, status)
+        _close_runs(parent, status)
         if started_here:
             ray.shutdown()
     return result
+
+
+def _run_stages(spec: SweepSpec, result: SweepResult, storage: str, rerun: Rerun, log) -> None:
+    """The grid (stage `main`), then each stage from the grid's finished trials."""
+    from ray import tune
+
+    def callback(stage: str, role: str) -> MlflowSweepCallback:
+        cb = MlflowSweepCallback(
+            result.tracking_uri, spec.name, result.parent_run_id, stage,
+            functools.partial(flat_params, spec), role, spec.metric, spec.mode,
+        )  # fmt: skip
+        cb.driver_log = log
+        return cb
+
+    max_steps = spec.config(spec.points[0], {}).train.steps
+    space = {
+        # Optuna samples every trial itself and refuses grid_search; its spec has one
+        # point (load_spec), which is then a constant.
+        "point": spec.points[0] if spec.search_alg == "optuna" else tune.grid_search(spec.points),
+        "sample": {k: _domain(kind, args) for k, (kind, args) in spec.random.items()},
+    }
+    cb = callback("main", "eval" if spec.task == "eval" else "trial")
+    say_if_waiting(spec)
+    grid = fit(_tuner(spec, spec.name, space, cb, storage, max_steps, rerun))
+    result.stages.append(StageResult("main", _rows(grid, spec)))
+    for stage in spec.stages:
+        starts = _starts(spec, stage, result.stages[0].rows)  # every stage extends the first
+        if not starts:
+            print(f"stage {stage.name}: no finished trial to start from", file=sys.stderr)
+            break
+        space = {"start": tune.grid_search(starts), "stage": stage.name}
+        steps = stage.steps or max_steps
+        tuner = _tuner(spec, f"{spec.name}-{stage.name}", space, callback(stage.name, "trial"),
+                       storage, steps, rerun)  # fmt: skip
+        result.stages.append(StageResult(stage.name, _rows(fit(tuner), spec)))
 
 
 class DriverLog:
@@ -441,11 +436,11 @@ class DriverLog:
     whenever a trial starts or ends, and at the end: a sweep's log stays one click away
     after its Ray cluster, and with it the dashboard's copy, is gone."""
 
-    def __init__(self, c, parent_id: str):
+    def __init__(self, parent: MlflowRun):
         import tempfile
         import time
 
-        self.c, self.parent_id = c, parent_id
+        self.parent = parent
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.path = Path(tempfile.mkdtemp(prefix="ttt-driver-")) / f"driver-{stamp}.log"
         self.file = self.path.open("a", buffering=1)
@@ -455,7 +450,7 @@ class DriverLog:
     def upload(self) -> None:
         try:
             self.file.flush()
-            self.c.log_artifact(self.parent_id, str(self.path), artifact_path="driver")
+            self.parent.log_artifact(self.path, "driver")
         except Exception as e:  # a store that is briefly away: the next upload has it all
             print(f"(driver log not uploaded: {type(e).__name__})", file=self.streams[1])
 
@@ -490,24 +485,25 @@ class _Tee:
         return getattr(self.stream, name)
 
 
-def _log_best(c, exp_id: str, parent_id: str, spec: SweepSpec, rows: list[dict]) -> None:
+def _log_best(parent: MlflowRun, spec: SweepSpec, rows: list[dict]) -> None:
     """The best trial of the last stage, on the parent run: its metric, and a tag with its
     MLflow run id and the UI's path to it."""
     done = [r for r in rows if r.get(spec.metric) is not None]
     if not done:
         return
     best = (min if spec.mode == "min" else max)(done, key=lambda r: r[spec.metric])
-    c.log_metric(parent_id, f"best_{spec.metric}", float(best[spec.metric]))
-    run = find_run(c, exp_id, {TAG.TRIAL_ID: best["trial"]}) if best["trial"] else None
+    parent.log_summary({f"best_{spec.metric}": best[spec.metric]})
+    exp = parent.experiment_id
+    run = find_run(parent.c, exp, {TAG.TRIAL_ID: best["trial"]}) if best["trial"] else None
     if run is not None:
-        link = run_link(c.tracking_uri, exp_id, run.info.run_id)
-        c.set_tag(parent_id, TAG.BEST_RUN_ID, run.info.run_id)
-        c.set_tag(parent_id, TAG.BEST_RUN, link)
-        c.set_tag(
-            parent_id,
-            "mlflow.note.content",
-            f"**Sweep {spec.name}** ended. Best trial: [{run.info.run_name}]({link}), "
-            f"{spec.metric} {best[spec.metric]:.4f}",
+        link = run_link(parent.c.tracking_uri, exp, run.info.run_id)
+        parent.set_tags(
+            {
+                TAG.BEST_RUN_ID: run.info.run_id,
+                TAG.BEST_RUN: link,
+                "mlflow.note.content": f"**Sweep {spec.name}** ended. Best trial: "
+                f"[{run.info.run_name}]({link}), {spec.metric} {best[spec.metric]:.4f}",
+            }
         )
 
 
@@ -565,15 +561,14 @@ def init_error(address: str, e: Exception) -> UserError:
     return UserError(f"--address={address}: could not join the Ray cluster: {first}")
 
 
-def _close_runs(c, exp_id: str, parent_id: str, status: str) -> None:
+def _close_runs(parent: MlflowRun, status: str) -> None:
     """Nothing stays RUNNING after the driver ends: an interrupted trial's run is marked
     KILLED (a resume sets it running again)."""
-    children = c.search_runs(
-        [exp_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
+    children = parent.c.search_runs(
+        [parent.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}' "
         "and attributes.status = 'RUNNING'",
     )
     for run in children:
-        c.set_tag(run.info.run_id, TAG.OUTCOME, "interrupted")
-        c.set_terminated(run.info.run_id, status="KILLED")
-    c.set_terminated(parent_id, status=status)
+        MlflowRun(parent.c, run.info.run_id, parent.experiment_id).finish("interrupted")
+    parent.end(status)

@@ -11,22 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 from ray.tune import Callback
 
 from ttt import tags as TAG
-from ttt.tracking import (
-    client,
-    find_run,
-    finish,
-    log_eval_artifacts,
-    log_metrics,
-    log_params,
-    run_link,
-    run_tags,
-)
+from ttt.tracking import MlflowRun, log_eval_artifacts, run_link, run_tags
 
 
 def short_name(config: dict) -> str:
@@ -73,15 +63,14 @@ class MlflowSweepCallback(Callback):
         self._reset()
 
     def _reset(self):
-        self._client = None
-        self._runs: dict[str, str] = {}  # trial_id -> run_id
-        self._last_step: dict[str, int] = {}
-        self._done: set[str] = set()
+        self._parent: MlflowRun | None = None
+        self._runs: dict[str, MlflowRun] = {}  # trial_id -> its run
+        self._done: set[str] = set()  # run ids already finished
         self._nodes: dict[str, list[str]] = {}  # run_id -> node ids, in order
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for key in ("_client", "_runs", "_last_step", "_done", "_nodes", "driver_log"):
+        for key in ("_parent", "_runs", "_done", "_nodes", "driver_log"):
             state.pop(key, None)
         return state
 
@@ -90,51 +79,50 @@ class MlflowSweepCallback(Callback):
         self._reset()
 
     @property
-    def client(self):
-        if self._client is None:
-            self._client = client(self.tracking_uri)
-        return self._client
+    def parent(self) -> MlflowRun:
+        if self._parent is None:
+            self._parent = MlflowRun.attach(self.tracking_uri, self.parent_run_id)
+        return self._parent
 
     def experiment_id(self) -> str:
-        return self.client.get_run(self.parent_run_id).info.experiment_id
+        return self.parent.experiment_id
 
-    def run_id(self, trial) -> str:
+    def run(self, trial) -> MlflowRun:
         """The trial's child run: found by tag after a restore, created otherwise."""
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
-        c, exp = self.client, self.experiment_id()
-        tags = {TAG.TRIAL_ID: trial.trial_id, TAG.SWEEP: self.sweep, TAG.STAGE: self.stage}
-        found = find_run(c, exp, {TAG.TRIAL_ID: trial.trial_id})
-        if found is not None:
-            run_id = found.info.run_id
-            history = c.get_metric_history(run_id, "loss")
-            self._last_step[run_id] = max((m.step for m in history), default=0)
-            self._nodes[run_id] = [n for n in found.data.tags.get(TAG.NODE_IDS, "").split(",") if n]
-            if found.data.tags.get(TAG.OUTCOME) == "finished":
-                self._done.add(run_id)  # Tune may restart it; MLflow already has it all
-            elif found.info.status != "RUNNING":
-                c.update_run(run_id, status="RUNNING")
-        else:
-            run = c.create_run(
-                exp,
-                run_name=short_name(trial.config),
-                tags={
-                    **run_tags(self.role, f"ttt sweep run ({self.sweep}, stage {self.stage})"),
-                    **tags,
-                    "mlflow.parentRunId": self.parent_run_id,
-                },
-            )
-            run_id = run.info.run_id
-            log_params(c, run_id, self.params_of(trial.config))
-            c.set_tag(run_id, TAG.RUN_DIR, str(trial.path))
-            self._last_step[run_id] = 0
-        self._runs[trial.trial_id] = run_id
-        return run_id
+        run = MlflowRun.open(
+            self.tracking_uri,
+            None,
+            {TAG.TRIAL_ID: trial.trial_id},
+            experiment_id=self.experiment_id(),
+            name=short_name(trial.config),
+            tags={
+                **run_tags(self.role, f"ttt sweep run ({self.sweep}, stage {self.stage})"),
+                TAG.SWEEP: self.sweep,
+                TAG.STAGE: self.stage,
+                TAG.RUN_DIR: str(trial.path),
+            },
+            params=self.params_of(trial.config),
+            parent_id=self.parent_run_id,
+            reopen=False,
+        )
+        if run.found is not None:
+            self._nodes[run.run_id] = [n for n in run.tags.get(TAG.NODE_IDS, "").split(",") if n]
+            if run.tags.get(TAG.OUTCOME) == "finished":
+                self._done.add(run.run_id)  # Tune may restart it; MLflow already has it all
+            else:
+                run.reopen()
+        self._runs[trial.trial_id] = run
+        return run
+
+    def run_id(self, trial) -> str:
+        return self.run(trial).run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        run_id = self.run_id(trial)
-        self.client.set_tag(run_id, TAG.TRIAL_NAME, str(trial))
-        link = run_link(self.tracking_uri, self.experiment_id(), run_id)
+        run = self.run(trial)
+        run.set_tags({TAG.TRIAL_NAME: str(trial)})
+        link = run_link(self.tracking_uri, self.experiment_id(), run.run_id)
         print(f"trial {trial} (Ray trial {trial.trial_id}): MLflow {link}", flush=True)
         self._update_parent(trials)
 
@@ -171,48 +159,44 @@ class MlflowSweepCallback(Callback):
                 f"Best trial so far: [{short_name(best.config)}]({link}), {metric} "
                 f"{value:.4f} at step {best.last_result.get('step', '?')}"
             )
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.parent_run_id, metrics=batch)
-        self.client.set_tag(self.parent_run_id, "mlflow.note.content", "\n\n".join(lines))
+        self.parent.log_summary(metrics, step)
+        self.parent.set_tags({"mlflow.note.content": "\n\n".join(lines)})
         log = getattr(self, "driver_log", None)  # set by the driver; not pickled
         if log is not None:
             log.upload()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self.run_id(trial)
-        if result.get("provenance") and run_id not in self._done:
+        run = self.run(trial)
+        if result.get("provenance") and run.run_id not in self._done:
             # the trial's code, JAX and devices, in its first report of each attempt
-            for k, v in json.loads(result["provenance"]).items():
-                self.client.set_tag(run_id, k, v)
+            tags = json.loads(result["provenance"])
             if result.get("flops_per_token") is not None:
-                flops = f"{result['flops_per_token']:.6g}"
-                self.client.set_tag(run_id, TAG.FLOPS_PER_TOKEN, flops)
+                tags[TAG.FLOPS_PER_TOKEN] = f"{result['flops_per_token']:.6g}"
+            run.set_tags(tags)
         step = int(result.get("step", result.get("training_iteration", 0)))
-        if run_id in self._done or step <= self._last_step.get(run_id, 0):
+        if run.run_id in self._done or step <= run.last_step:
             return  # already logged before the driver restarted
-        self._last_step[run_id] = max(step, self._last_step.get(run_id, 0))
         eval_step = result.get("eval_step")
         if eval_step is not None and eval_step != step:  # an evaluation made before `step`
-            log_metrics(self.client, run_id, {"eval_loss": result["eval_loss"]}, eval_step)
+            run.log_summary({"eval_loss": result["eval_loss"]}, eval_step)
             result = {k: v for k, v in result.items() if k != "eval_loss"}
-        log_metrics(self.client, run_id, result, step)
+        run.log(result, step)
+        tags = {}
         if result.get("node_id"):
-            self.client.set_tag(run_id, TAG.NODE_ID, result["node_id"])
+            tags[TAG.NODE_ID] = result["node_id"]
             if result.get("node_ip"):
-                self.client.set_tag(run_id, TAG.NODE_IP, result["node_ip"])
-            seen = self._nodes.setdefault(run_id, [])
+                tags[TAG.NODE_IP] = result["node_ip"]
+            seen = self._nodes.setdefault(run.run_id, [])
             if result["node_id"] not in seen:  # every node the trial ran on, in order
                 seen.append(result["node_id"])
-                self.client.set_tag(run_id, TAG.NODE_IDS, ",".join(seen))
+                tags[TAG.NODE_IDS] = ",".join(seen)
                 # JAX processes of this attempt (> 1 for a multi-node trial)
-                self.client.set_tag(run_id, TAG.PROCESSES, str(result.get("processes", 1)))
+                tags[TAG.PROCESSES] = str(result.get("processes", 1))
         if result.get("start_step"):  # this attempt continued from a checkpoint
-            self.client.set_tag(run_id, TAG.RESUMED_FROM, str(result["start_step"]))
+            tags[TAG.RESUMED_FROM] = str(result["start_step"])
+        run.set_tags(tags)
 
-    def _log_eval(self, trial, run_id: str) -> None:
+    def _log_eval(self, trial, run: MlflowRun) -> None:
         """The final checkpoint carries the eval outputs (per-token NLL Parquet)."""
         ckpt = trial.checkpoint
         if ckpt is None:
@@ -220,38 +204,33 @@ class MlflowSweepCallback(Callback):
         from analysis.figures import eval_figure_files
 
         with ckpt.as_directory() as d:
-            log_eval_artifacts(self.client, run_id, Path(d), eval_figure_files)
+            log_eval_artifacts(run, Path(d), eval_figure_files, self.params_of(trial.config))
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        self.client.set_tag(self.run_id(trial), TAG.CHECKPOINT, checkpoint.path)
+        self.run(trial).set_tags({TAG.CHECKPOINT: checkpoint.path})
 
     def _finish(self, trial, outcome: str, message: str = "") -> None:
-        run_id = self.run_id(trial)
-        if run_id in self._done:
+        run = self.run(trial)
+        if run.run_id in self._done:
             return
-        self._done.add(run_id)
-        finish(self.client, run_id, outcome, message)
+        self._done.add(run.run_id)
+        run.finish(outcome, message)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         outcome = last.get("outcome") or "early_stopped"
-        if outcome == "finished" and self.run_id(trial) not in self._done:
-            run_id = self.run_id(trial)
-            self._log_eval(trial, run_id)
+        run = self.run(trial)
+        if outcome == "finished" and run.run_id not in self._done:
+            self._log_eval(trial, run)
             if "eval_loss" in last:
-                self.client.log_metric(
-                    run_id,
-                    "final_eval_loss",
-                    float(last["eval_loss"]),
-                    step=int(last.get("step", 0)),
-                )
+                run.log_summary({"final_eval_loss": last["eval_loss"]}, int(last.get("step", 0)))
         self._finish(trial, outcome, last.get("message", ""))
         self._update_parent(trials, trial, "finished")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        run_id = self.run_id(trial)
-        retries = int(self.client.get_run(run_id).data.tags.get(TAG.RETRIES, "0")) + 1
-        self.client.set_tag(run_id, TAG.RETRIES, str(retries))
+        run = self.run(trial)
+        retries = int(run.c.get_run(run.run_id).data.tags.get(TAG.RETRIES, "0")) + 1
+        run.set_tags({TAG.RETRIES: str(retries)})
 
     def on_trial_error(self, iteration, trials, trial, **info):
         error = ""

@@ -174,3 +174,40 @@ def test_tracking_imports_no_figure_code_and_figures_leave_the_backend_alone():
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_a_run_is_found_again_by_its_key_and_continues_after_its_last_step(tmp_path):
+    """Find-or-create, the resume rule and the outcome, as every writer gets them."""
+    from ttt.tracking import MlflowRun, client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    key = {"ttt.run_dir": "/runs/a"}
+    first = MlflowRun.open(uri, "exp", key, name="a", params={"train.steps": 10})
+    assert first.found is None
+    assert first.log({"loss": 2.0, "note": "text", "lr": float("nan")}, 1)
+    assert first.log({"loss": 1.5, "ignored_key": 3.0}, 2)
+    first.finish("interrupted", "stopped by a signal")
+    c = client(uri)
+    assert c.get_run(first.run_id).info.status == "KILLED"
+
+    again = MlflowRun.open(uri, "exp", key, name="a", params={"train.steps": 20})
+    assert again.run_id == first.run_id and again.found is not None
+    assert c.get_run(first.run_id).info.status == "RUNNING"
+    assert again.last_step == 2
+    assert not again.log({"loss": 9.0}, 2)  # logged before the resume
+    assert again.log({"loss": 1.0}, 3)
+    again.finish("finished")
+    run = c.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["ttt.outcome"] == "finished"
+    assert run.data.params == {"train.steps": "10"}  # params are the first start's
+    assert set(run.data.metrics) == {"loss"}  # tracked, finite numbers only
+    assert [m.value for m in c.get_metric_history(first.run_id, "loss")] == [2.0, 1.5, 1.0]
+
+    def refuse(found):
+        raise ValueError(found.info.run_id)
+
+    with pytest.raises(ValueError, match=first.run_id):
+        MlflowRun.open(uri, "exp", key, name="a", check=refuse)
+    assert c.get_run(first.run_id).info.status == "FINISHED"  # left as it was
+    other = MlflowRun.open(uri, "exp", None, name="a")  # no key: always a new run
+    assert other.run_id != first.run_id

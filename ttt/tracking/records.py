@@ -1,0 +1,193 @@
+"""The records each command keeps in MLflow, written through `MlflowRun`: a single
+`ttt train` run (a `ttt.train.Reporter`), an evaluation, a NIAH result and bench rows.
+A sweep's trials and parent are written by `sweeps.tracking` through the same class."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from ttt import tags as TAG
+from ttt.rundir import RunDir
+from ttt.tracking.provenance import SystemSampler, provenance
+from ttt.tracking.tracker import MlflowRun, Tracker, run_tags
+
+
+def log_eval_artifacts(run: Tracker, run_dir: Path, render=None, params=None) -> None:
+    """The per-position NLL (Parquet, what `ttt plots` reads), and beside it what the UI
+    can show, made by `render(parquet, folder, run params) -> files` when the caller has a
+    renderer (`analysis.figures.eval_figure_files`: a PNG and a log-binned CSV). Tracking
+    draws nothing itself: figures are the analysis package's job. `params`: the run's
+    flat config, as MLflow holds it (strings)."""
+    params = {k: str(v) for k, v in (params or {}).items()}
+    files = RunDir(run_dir).nll_tables()  # not the other kinds in eval/ (NIAH's rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in files:
+            run.log_artifact(f, "eval")
+            for extra in render(f, Path(tmp), params) if render is not None else []:
+                run.log_artifact(extra, "eval")
+
+
+class MlflowReporter:
+    """A `ttt.train.Reporter` that records one `ttt train` run in MLflow, with the same
+    params, metrics, tags and artifacts as a sweep trial's run. Running the same --out
+    again continues the same MLflow run."""
+
+    def __init__(
+        self, uri: str, experiment: str, cfg, out_dir: Path, system_metrics=True, render=None
+    ):
+        self.uri, self.experiment, self.cfg = uri, experiment, cfg
+        self.render = render  # draws the eval artifacts (see log_eval_artifacts)
+        self.out = Path(out_dir).absolute()
+        self.system_metrics = system_metrics
+        self.run: MlflowRun | None = (
+            None  # opened at the first report: a start that fails records nothing
+        )
+
+    def _open(self) -> MlflowRun:
+        if self.run is not None:
+            return self.run
+        from ttt.train.flops import flops_per_token
+        from ttt.train.step import uses_inner_loop
+
+        self.run = run = MlflowRun.open(
+            self.uri,
+            self.experiment,
+            {TAG.RUN_DIR: str(self.out)},
+            name=self.out.name,
+            tags=run_tags("run", f"ttt train --out {self.out}"),
+            params=self.cfg.flat(),
+        )
+        steps = str(self.cfg.train.steps)
+        if run.found is not None and run.found.data.params.get("train.steps") != steps:
+            run.set_tags({TAG.EXTENDED_TO_STEPS: steps})  # params are immutable
+        flops = flops_per_token(self.cfg, training=True, inner=uses_inner_loop(self.cfg, True))
+        run.set_tags(
+            {
+                **provenance(),
+                TAG.CHECKPOINT_DIR: str(RunDir(self.out).checkpoints),
+                TAG.FLOPS_PER_TOKEN: f"{flops:.6g}",
+            }
+        )
+        self.sampler = SystemSampler() if self.system_metrics else None
+        return run
+
+    def _log(self, step: int, values: dict) -> None:
+        run = self._open()
+        values = {k: v for k, v in values.items() if k != "eval_loss"}  # see evaluation()
+        if step > run.last_step:  # not logged before a resume
+            run.log({**values, **(self.sampler.read() if self.sampler else {})}, step)
+
+    def metrics(self, step: int, values: dict) -> None:
+        self._log(step, values)
+
+    def checkpoint(self, step: int, directory: Path, values: dict, final: bool = False) -> None:
+        self._log(step, values)
+        self.run.set_tags({TAG.CHECKPOINT: str(directory)})
+
+    def evaluation(self, step: int, result) -> None:
+        self._open().log_summary({"eval_loss": result.loss}, step)
+
+    def close(self, outcome: str, message: str = "", eval_loss: float | None = None) -> None:
+        if self.run is None:
+            return
+        if outcome == "finished":
+            log_eval_artifacts(self.run, self.out, self.render, self.cfg.flat())
+            if eval_loss is not None:
+                self.run.log_summary({"final_eval_loss": eval_loss})
+        self.run.finish(outcome, message)
+
+
+def log_evaluation(uri: str, experiment: str, run_dir: Path, summary: dict, parquet: Path):
+    """One MLflow run per (evaluated run, context length), tagged `ttt.role=eval`: the
+    evaluated run's config with `data.seq_len` at the length evaluated, the loss as
+    `final_eval_loss`, and the per-position NLL. Evaluating the same pair again updates
+    that run instead of adding a duplicate."""
+    seq_len = summary["seq_len"]
+    return _log_result(
+        uri,
+        experiment,
+        run_dir,
+        role="eval",
+        key={TAG.SEQ_LEN: str(seq_len)},
+        params={"data.seq_len": seq_len, "eval.checkpoint_step": summary["step"]},
+        metrics={"final_eval_loss": summary["loss"]},
+        artifact=parquet,
+        source=f"ttt eval {Path(run_dir).absolute()} --seq-len {seq_len}",
+        step=summary["step"],
+    )
+
+
+def log_niah(uri: str, experiment: str, run_dir: Path, accuracy, parquet: Path) -> list[str]:
+    """One MLflow run per (evaluated run, NIAH task, context length), tagged
+    `ttt.role=niah`, with `niah_accuracy` and every sample's output (Parquet)."""
+    ids = []
+    for row in accuracy.iter_rows(named=True):
+        task, seq_len = row["task"], row["seq_len"]
+        ids.append(
+            _log_result(
+                uri,
+                experiment,
+                run_dir,
+                role="niah",
+                key={TAG.SEQ_LEN: str(seq_len), TAG.NIAH_TASK: task},
+                params={"data.seq_len": seq_len, "niah.task": task, "niah.samples": row["samples"]},
+                metrics={"niah_accuracy": row["accuracy"]},
+                artifact=parquet,
+                source=f"ttt eval {Path(run_dir).absolute()} --task niah --seq-len {seq_len}",
+            )
+        )
+    return ids
+
+
+def _log_result(
+    uri, experiment, run_dir, *, role, key, params, metrics, artifact, source, step=0
+) -> str:
+    """An evaluation of a run as an MLflow run (role `eval` or `niah`), found again by
+    the evaluated run's path and `key` so that a repeat updates it."""
+    run_dir = Path(run_dir).absolute()
+    cfg = RunDir(run_dir).config()
+    key = {TAG.EVAL_OF: str(run_dir), TAG.ROLE: role, **key}
+    task = key.get(TAG.NIAH_TASK)
+    run = MlflowRun.open(
+        uri,
+        experiment,
+        key,
+        name=f"{run_dir.name}{' ' + task if task else ''} T={key[TAG.SEQ_LEN]}",
+        tags={**run_tags(role, source), **provenance()},
+        params={**cfg.flat(), "eval.run": run_dir.name, **params},
+    )
+    run.log_summary(metrics, step)
+    run.log_artifact(artifact, "eval")
+    run.finish("finished")
+    return run.run_id
+
+
+BENCH_PARAMS = ("mode", "preset", "mixer", "seq_len", "batch", "device", "remat")
+BENCH_METRICS = (
+    "step_s",
+    "step_s_min",
+    "step_s_max",
+    "tokens_per_s",
+    "compile_s",
+    "mfu",
+    "peak_mem_gb",
+)
+
+
+def log_bench_rows(tracking_uri: str, rows: list[dict], experiment: str = "bench") -> list[str]:
+    """One run per `ttt bench` row (tag `ttt.role=bench`): what the latency figures read."""
+    ids = []
+    for row in rows:
+        run = MlflowRun.open(
+            tracking_uri,
+            experiment,
+            None,  # every measurement is a new run
+            name=f"{row['mode']}-{row['preset']}-{row['mixer']}-T{row['seq_len']}",
+            tags={TAG.ROLE: "bench"},
+            params={k: row[k] for k in BENCH_PARAMS},
+        )
+        run.log_summary({k: row[k] for k in BENCH_METRICS if row.get(k) is not None})
+        run.finish("finished")
+        ids.append(run.run_id)
+    return ids

@@ -1,0 +1,218 @@
+"""The one writer of MLflow records: `MlflowRun`.
+
+Every run this project records (a single `ttt train`, a sweep trial and its sweep's parent,
+an evaluation, a NIAH result, a bench row) is opened here, found again by its key tags
+when it already exists, and written through the same five calls (Levanter's tracker
+shape): `log_hyperparameters`, `log`, `log_summary`, `set_tags`, `log_artifact`, then
+`finish` with an outcome. `Tracker` is the interface, and records nothing itself: what a
+caller holds when nothing is tracked.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from ttt import tags as TAG
+from ttt.tracking.provenance import SYSTEM_PREFIX
+from ttt.tracking.store import client, ensure_experiment, find_run
+
+# What a run reports that is worth a metric history in MLflow (plus `system/...`).
+METRIC_KEYS = (
+    "loss",
+    "grad_norm",
+    "lr",
+    "inner_lr",
+    "tokens_per_s",
+    "mfu",
+    "eval_loss",
+)
+OUTCOME_STATUS = {
+    "finished": "FINISHED",
+    "diverged": "FAILED",
+    "early_stopped": "KILLED",
+    "error": "FAILED",
+    "interrupted": "KILLED",
+}
+# The step metric a resumed run continues after: every run that logs by step logs `loss`.
+STEP_METRIC = "loss"
+BATCH = 100  # MLflow's log_batch takes at most 100 params (and 1000 items)
+
+# The run description (the UI's "Description" box): what each metric is, with its unit.
+DESCRIPTION = """**Metrics** (x axis: optimizer step)
+- `loss`: training loss, nats per token (mean next-token cross-entropy of the outer objective)
+- `eval_loss`, `final_eval_loss`: validation loss, nats per token
+- `grad_norm`: global L2 norm of the outer gradient (before clipping)
+- `lr`: outer learning rate; `inner_lr`: inner (test-time) learning rate, per step (only
+  where there is an inner loop)
+- `tokens_per_s`: training throughput, tokens per second (all devices)
+- `mfu`: fraction of the devices' peak FLOP/s (the tag `ttt.flops_per_token` holds the
+  model FLOPs per token it is computed from)
+- `system/...`: MLflow's system metrics, each named with its unit (percent, megabytes)
+
+**Artifacts**: `eval/nll_by_position.*`: validation NLL by token position (nats per token):
+Parquet (all positions), PNG and a log-binned CSV.
+"""
+
+
+def run_tags(role: str, source: str, **tags: str) -> dict[str, str]:
+    """Tags every run this project creates: its role, the command as Source, and the
+    description with units."""
+    return {
+        TAG.ROLE: role,
+        "mlflow.source.name": source,
+        "mlflow.note.content": DESCRIPTION,
+        **tags,
+    }
+
+
+def _finite(values: dict, keys=None) -> dict[str, float]:
+    """The numbers among `values` MLflow can plot (no bools, NaNs or strings), and with
+    `keys` only the tracked ones."""
+    return {
+        k: float(v)
+        for k, v in values.items()
+        if (keys is None or k in keys or k.startswith(SYSTEM_PREFIX))
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+    }
+
+
+class Tracker:
+    """What a writer calls; this one records nothing."""
+
+    def log_hyperparameters(self, params: dict) -> None: ...
+
+    def log(self, values: dict, step: int) -> bool:
+        """The tracked metrics of one report at `step`; False when that step was already
+        logged (before a resume)."""
+        return False
+
+    def log_summary(self, values: dict, step: int = 0) -> None:
+        """Metrics that are not a report of the loop (a final loss, an evaluation made
+        before the step it rides on): logged as given."""
+
+    def set_tags(self, tags: dict) -> None: ...
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None: ...
+
+    def finish(self, outcome: str, message: str = "") -> None: ...
+
+
+class MlflowRun(Tracker):
+    """One MLflow run. `open` finds it by its key tags in an experiment, or creates it
+    with those tags, `tags` and `params`; `found` says which (the entity as found, or
+    None), and `last_step` is where a found run's history ends."""
+
+    def __init__(self, c, run_id: str, experiment_id: str, found=None):
+        self.c, self.run_id, self.experiment_id, self.found = c, run_id, experiment_id, found
+        self.last_step = 0
+        if found is not None:
+            history = c.get_metric_history(run_id, STEP_METRIC)
+            self.last_step = max((m.step for m in history), default=0)
+
+    @classmethod
+    def open(
+        cls,
+        uri: str,
+        experiment: str | None,
+        key: dict[str, str] | None,
+        *,
+        experiment_id: str | None = None,
+        name: str | None,
+        tags: dict[str, str] | None = None,
+        params: dict | None = None,
+        parent_id: str | None = None,
+        check=None,
+        reopen: bool = True,
+    ) -> MlflowRun:
+        """Find-or-create. `check(found)` may refuse a found run before anything is
+        written; `reopen` marks a found run RUNNING again (a resume). Without a `key`
+        every call creates a run. The experiment is named (and made when missing) or
+        given by `experiment_id`."""
+        c = client(uri)
+        exp = experiment_id or ensure_experiment(c, experiment, uri)
+        found = find_run(c, exp, key) if key else None
+        if found is not None:
+            if check is not None:
+                check(found)
+            run = cls(c, found.info.run_id, exp, found)
+            if reopen:
+                run.reopen()
+            return run
+        tags = {**(tags or {}), **(key or {})}
+        if parent_id is not None:
+            tags["mlflow.parentRunId"] = parent_id
+        run = cls(c, c.create_run(exp, run_name=name, tags=tags).info.run_id, exp)
+        if params:
+            run.log_hyperparameters(params)
+        return run
+
+    @classmethod
+    def attach(cls, uri: str, run_id: str) -> MlflowRun:
+        """A run already open elsewhere (a sweep's parent, from its trials' callback)."""
+        c = client(uri)
+        return cls(c, run_id, c.get_run(run_id).info.experiment_id)
+
+    def reopen(self) -> None:
+        """Mark a found run RUNNING again: it is being resumed."""
+        if self.found is None or self.found.info.status != "RUNNING":
+            self.c.update_run(self.run_id, status="RUNNING")
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """The run's tags when it was found ({} for a new run)."""
+        return dict(self.found.data.tags) if self.found is not None else {}
+
+    def log_hyperparameters(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), BATCH):
+            self.c.log_batch(self.run_id, params=items[i : i + BATCH])
+
+    def _metrics(self, values: dict[str, float], step: int) -> None:
+        self._points([(k, v, step) for k, v in values.items()])
+
+    def _points(self, points: list[tuple[str, float, int]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v, step in points]
+        for i in range(0, len(metrics), 1000):  # log_batch's limit
+            self.c.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+
+    def log_history(self, history: dict[str, list[tuple[int, float]]]) -> None:
+        """Whole metric histories at once (`metric -> [(step, value)]`): a fixture's."""
+        self._points([(k, float(v), step) for k, pts in history.items() for step, v in pts])
+
+    def log(self, values: dict, step: int) -> bool:
+        if step <= self.last_step:  # steps count from 1
+            return False
+        self.last_step = step
+        self._metrics(_finite(values, METRIC_KEYS), step)
+        return True
+
+    def log_summary(self, values: dict, step: int = 0) -> None:
+        self._metrics(_finite(values), step)
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        if items:
+            self.c.log_batch(self.run_id, tags=items)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.c.log_artifact(self.run_id, str(path), artifact_path=folder)
+
+    def finish(self, outcome: str, message: str = "") -> None:
+        tags = {TAG.OUTCOME: outcome, **({TAG.MESSAGE: message} if message else {})}
+        self.set_tags(tags)
+        self.c.set_terminated(self.run_id, status=OUTCOME_STATUS[outcome])
+
+    def end(self, status: str) -> None:
+        """End with an MLflow status alone (a sweep's parent: no outcome of its own)."""
+        self.c.set_terminated(self.run_id, status=status)

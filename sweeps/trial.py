@@ -149,19 +149,48 @@ UNITS = {
 }
 
 
-def trial_main(start: TrialStart, spec: SweepSpec) -> None:
-    _jax_env(spec.resources["gpu"])
-    import jax
-    import ray
+class TuneReporter:
+    """A `ttt.train.Reporter` that reports to Tune: each report with the trial's extras
+    (node, processes, provenance once, system metrics), shown as a progress line; a
+    checkpointed step with a self-contained copy of the run for Tune to persist."""
+
+    def __init__(self, run_dir: Path, progress: Progress, extras):
+        self.run_dir, self.progress, self.extras = run_dir, progress, extras
+        self.pending: dict = {}  # an evaluation rides on the next report, at its step
+
+    def report(self, step: int, values: dict) -> dict:
+        result = {**self.pending, **values, "step": step, **self.extras()}
+        self.pending = {}
+        self.progress.show(result)
+        return result
+
+    def evaluation(self, step, result) -> None:
+        self.pending = {"eval_loss": result.loss, "eval_step": step}
+
+    def metrics(self, step, values) -> None:
+        from ray import tune
+
+        tune.report(self.report(step, values))
+
+    def checkpoint(self, step, directory, values, final=False) -> None:
+        from ray import tune
+
+        result = self.report(step, values)
+        if final:
+            result["outcome"] = "finished"
+        stage_dir = _stage_checkpoint(self.run_dir, step, result if final else None)
+        try:
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(stage_dir))
+        finally:
+            shutil.rmtree(stage_dir, ignore_errors=True)
+
+
+def _scratch_run_dir() -> Path:
+    """The trial's run directory, rebuilt from Tune's checkpoint (empty without one), in
+    node-local scratch outside Tune's trial folder (which Tune syncs to storage as driver
+    artifacts): Tune's checkpoints are what persists."""
     from ray import tune
 
-    from ttt.tracking import SystemSampler, provenance
-    from ttt.train import Reporter, run
-
-    cfg = start.config(spec)
-    node_id = ray.get_runtime_context().get_node_id()
-    # Node-local scratch, outside Tune's trial folder (which Tune syncs to storage as
-    # driver artifacts): Tune's checkpoints are what persists.
     ctx = tune.get_context()
     run_dir = (
         Path(tempfile.gettempdir())
@@ -177,53 +206,53 @@ def trial_main(start: TrialStart, spec: SweepSpec) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             shutil.copytree(d, run_dir)
-    saved = RunDir(run_dir).checkpoints
-    start_step = max((int(p.name) for p in saved.iterdir()), default=0) if saved.is_dir() else 0
-    tags = {"node_id": node_id, "node_ip": ray.util.get_node_ip_address(), "start_step": start_step}
+    return run_dir
+
+
+def _extras(spec: SweepSpec, start_step: int):
+    """What each of this attempt's reports carries besides the loop's metrics: where it
+    runs, and once (when JAX and jax.distributed are up) its provenance."""
+    import jax
+    import ray
+
+    from ttt.tracking import SystemSampler, provenance
+
+    tags = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "start_step": start_step,
+    }
     sampler = SystemSampler() if spec.system_metrics else None
     sent = []
 
     def extras() -> dict:
         out = {**tags, "processes": jax.process_count()}
-        if not sent:  # once per attempt, and only once JAX (and jax.distributed) is up
+        if not sent:
             out["provenance"] = json.dumps(provenance())
             sent.append(True)
         return {**out, **(sampler.read() if sampler else {})}
 
+    return extras
+
+
+def trial_main(start: TrialStart, spec: SweepSpec) -> None:
+    _jax_env(spec.resources["gpu"])
+    import ray
+    from ray import tune
+
+    from ttt.train import run
+
+    cfg = start.config(spec)
+    run_dir = _scratch_run_dir()
+    extras = _extras(spec, RunDir(run_dir).latest_step() or 0)
+    ctx = tune.get_context()
     progress = Progress(ctx.get_trial_name(), ctx.get_experiment_name(), cfg.train.steps)
-
-    class TuneReporter(Reporter):
-        def __init__(self):
-            self.pending: dict = {}  # an evaluation rides on the next report, at its step
-
-        def report(self, step, values) -> dict:
-            result = {**self.pending, **values, "step": step, **extras()}
-            self.pending = {}
-            progress.show(result)
-            return result
-
-        def evaluation(self, step, result):
-            self.pending = {"eval_loss": result.loss, "eval_step": step}
-
-        def metrics(self, step, values):
-            tune.report(self.report(step, values))
-
-        def checkpoint(self, step, directory, values, final=False):
-            result = self.report(step, values)
-            if final:
-                result["outcome"] = "finished"
-            stage_dir = _stage_checkpoint(run_dir, step, result if final else None)
-            try:
-                tune.report(result, checkpoint=tune.Checkpoint.from_directory(stage_dir))
-            finally:
-                shutil.rmtree(stage_dir, ignore_errors=True)
-
     try:
         if (run_dir / FINAL).exists():
             tune.report(json.loads((run_dir / FINAL).read_text()))
             return
         if spec.task == "eval":
-            _evaluate(cfg, run_dir, {**extras(), "node_id": node_id})
+            _evaluate(cfg, run_dir, extras())
             return
         peers = []
         if spec.resources["nodes"] > 1:
@@ -231,7 +260,7 @@ def trial_main(start: TrialStart, spec: SweepSpec) -> None:
 
             coordinator, peers = _start_peers(start, spec)
             initialize(coordinator, int(spec.resources["nodes"]), 0)
-        result = run(cfg, run_dir, reporter=TuneReporter(), progress=False)
+        result = run(cfg, run_dir, reporter=TuneReporter(run_dir, progress, extras), progress=False)
         ray.get(peers)  # a peer's error fails the trial too
         if result.status == "diverged":
             tune.report(
@@ -239,7 +268,7 @@ def trial_main(start: TrialStart, spec: SweepSpec) -> None:
                     "outcome": "diverged",
                     "step": result.step,
                     "message": result.message,
-                    "node_id": node_id,
+                    "node_id": ray.get_runtime_context().get_node_id(),
                 }
             )
     finally:

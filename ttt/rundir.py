@@ -97,6 +97,14 @@ class RunDir:
     def has_checkpoints(self) -> bool:
         return self.checkpoints.is_dir()
 
+    def latest_step(self) -> int | None:
+        """The newest checkpoint's step, from the folder names (None without one)."""
+        if not self.checkpoints.is_dir():
+            return None
+        return max(
+            (int(p.name) for p in self.checkpoints.iterdir() if p.name.isdigit()), default=None
+        )
+
     def saved_config(self) -> dict:
         import yaml
 

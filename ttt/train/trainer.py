@@ -161,7 +161,7 @@ class _Log:
             self.file.close()
 
 
-def _initial_state(cfg: Config, ckpt: Checkpoints | None, params, opt_state):
+def initial_state(cfg: Config, ckpt: Checkpoints | None, params, opt_state):
     """(params, opt_state, step, data position) to start from: the run's latest checkpoint,
     else the weights of `train.init_from`, else the fresh init. In a multi-process run
     process 0 reads the files and every other process receives the values from it."""
@@ -179,6 +179,23 @@ def _initial_state(cfg: Config, ckpt: Checkpoints | None, params, opt_state):
         state = (params, opt_state, np.int64(start), np.int64(position))
         params, opt_state, start, position = multihost_utils.broadcast_one_to_all(state)
     return params, opt_state, int(start), int(position)
+
+
+def _check_shapes(cfg: Config, n_dev: int) -> None:
+    """What no step could train: a window past the sequence, a batch the devices and
+    accumulation steps do not divide."""
+    m, tr = cfg.model, cfg.train
+    if m.mixer in ("swa", "ttt_e2e") and m.window > cfg.data.seq_len:
+        raise UserError(
+            f"model.window={m.window}: larger than data.seq_len={cfg.data.seq_len}, so "
+            f"every token would see its whole context (full attention); use a window of "
+            f"at most {cfg.data.seq_len}, or model.mixer=full"
+        )
+    if cfg.data.batch_size % (n_dev * tr.grad_accum):
+        raise UserError(
+            f"data.batch_size={cfg.data.batch_size}: must be a multiple of "
+            f"{n_dev} devices x train.grad_accum={tr.grad_accum}"
+        )
 
 
 @dataclass(frozen=True)
@@ -233,21 +250,39 @@ class Trainer:
         cfg = cfg.with_absolute_paths()
         self.cfg, self.out = cfg, Path(out_dir)
         self.dir = RunDir(self.out)
-        tr = cfg.train
-        m = cfg.model
-        if m.mixer in ("swa", "ttt_e2e") and m.window > cfg.data.seq_len:
-            raise UserError(
-                f"model.window={m.window}: larger than data.seq_len={cfg.data.seq_len}, so "
-                f"every token would see its whole context (full attention); use a window of "
-                f"at most {cfg.data.seq_len}, or model.mixer=full"
-            )
         mesh = data_mesh(devices)
         self.n_dev = mesh.devices.size
-        if cfg.data.batch_size % (self.n_dev * tr.grad_accum):
-            raise UserError(
-                f"data.batch_size={cfg.data.batch_size}: must be a multiple of "
-                f"{self.n_dev} devices x train.grad_accum={tr.grad_accum}"
-            )
+        _check_shapes(cfg, self.n_dev)
+        train_split = self._open_data()
+        _check_run_dir(self.out, cfg)
+        # In a multi-process run every process trains; process 0 alone writes files and
+        # reports.
+        self.lead = jax.process_index() == 0
+        self.reporter = (reporter or Reporter()) if self.lead else Reporter()
+        graphdef = self._restore(mesh)
+        self.previous = read_run_info(self.out)
+        self.run_info = {
+            "status": "running",
+            "step": self.start,
+            "data_fingerprint": train_split.fingerprint,
+            "bos_id": train_split.bos_id,
+            "devices": self.n_dev,
+            "device_kind": mesh.devices.flat[0].device_kind,
+        }
+        if self.lead:
+            self.dir.write_info(self.run_info)
+        self.log = _Log(self.dir.metrics_file, self.start, enabled=self.lead)
+        self.train_step = compile_cache.CachedStep("train", cfg, make_train_step(cfg, graphdef))
+        self.eval_step = compile_cache.CachedStep("eval", cfg, make_eval_step(cfg, graphdef))
+        self.last = min(stop_at if stop_at is not None else cfg.train.steps, cfg.train.steps)
+        self.result = RunResult("finished", self.start, self.out)
+        self.hooks: list[Hook] = []
+        self.stop_signal: int | None = None  # set by stop_on_signals
+        self._default_hooks(progress)
+
+    def _open_data(self):
+        """The training and validation loaders; returns the training split."""
+        cfg, tr = self.cfg, self.cfg.train
         train_split = open_split(cfg.data.source, "train", cfg.data.cache_dir)
         val_split = open_split(cfg.data.source, "val", cfg.data.cache_dir)
         train_split.check_vocab(cfg.model.vocab_size)
@@ -255,23 +290,22 @@ class Trainer:
             _check_init_bos(tr.init_from, train_split)
         self.loader = Loader(train_split, cfg.data.seq_len, cfg.data.batch_size, seed=tr.seed)
         self.val = Loader(val_split, cfg.data.seq_len, cfg.data.batch_size, shuffle=False)
+        return train_split
 
-        out = self.out
-        _check_run_dir(out, cfg)
-        # In a multi-process run every process trains; process 0 alone writes files and
-        # reports.
-        self.lead = jax.process_index() == 0
-        self.reporter = (reporter or Reporter()) if self.lead else Reporter()
+    def _restore(self, mesh):
+        """Builds the model and its optimizer state, then starts from the run's latest
+        checkpoint, `train.init_from` or the fresh init (`initial_state`), on the
+        devices; pins the run's config once that start is known good. Returns the graph."""
+        cfg, out = self.cfg, self.out
         fresh = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
-
-        graphdef, params = nnx.split(create_model(cfg.model, seed=tr.seed))
+        graphdef, params = nnx.split(create_model(cfg.model, seed=cfg.train.seed))
         opt_state = init_opt_state(cfg, params)
         # Process 0 alone keeps checkpoints: its run dir is the one the sweep persists, and
         # the other processes' nodes need no shared filesystem.
-        self.ckpt = Checkpoints(out, keep=tr.keep_checkpoints) if self.lead else None
+        self.ckpt = Checkpoints(out, keep=cfg.train.keep_checkpoints) if self.lead else None
         try:
-            params, opt_state, start, self.loader.position = _initial_state(
+            params, opt_state, self.start, self.loader.position = initial_state(
                 cfg, self.ckpt, params, opt_state
             )
         except BaseException:
@@ -281,32 +315,12 @@ class Trainer:
             if fresh:
                 shutil.rmtree(out, ignore_errors=True)
             raise
-        if self.lead:  # written once the start state is known good: it pins the run's config
+        if self.lead:
             self.dir.write_config(cfg)
         self.params = jax.device_put(params, replicated(mesh))
         self.opt_state = jax.device_put(opt_state, replicated(mesh))
         self.put = batch_putter(mesh)
-        self.start = start
-
-        self.previous = read_run_info(out)
-        self.run_info = {
-            "status": "running",
-            "step": start,
-            "data_fingerprint": train_split.fingerprint,
-            "bos_id": train_split.bos_id,
-            "devices": self.n_dev,
-            "device_kind": mesh.devices.flat[0].device_kind,
-        }
-        if self.lead:
-            self.dir.write_info(self.run_info)
-        self.log = _Log(self.dir.metrics_file, start, enabled=self.lead)
-        self.train_step = compile_cache.CachedStep("train", cfg, make_train_step(cfg, graphdef))
-        self.eval_step = compile_cache.CachedStep("eval", cfg, make_eval_step(cfg, graphdef))
-        self.last = min(stop_at if stop_at is not None else tr.steps, tr.steps)
-        self.result = RunResult("finished", start, out)
-        self.hooks: list[Hook] = []
-        self.stop_signal: int | None = None  # set by stop_on_signals
-        self._default_hooks(progress)
+        return graphdef
 
     # -- hooks ---------------------------------------------------------------------------
 

@@ -25,6 +25,10 @@ LLAMA3_BOS = 128000
 ITEM = "model_weights"
 
 
+# Where the reference code's run directory keeps its step folders (its layout, not ours).
+REFERENCE_CHECKPOINTS = "checkpoints"
+
+
 def _manager_dir(ckpt: str):
     """The CheckpointManager directory: CKPT itself, or CKPT/checkpoints (a run directory
     of the reference code)."""
@@ -39,7 +43,7 @@ def _manager_dir(ckpt: str):
             f"CKPT={ckpt!r}: is a file; give the checkpoint directory (the one holding the "
             "numbered step folders, or the reference run directory above it)"
         )
-    inner = path / "checkpoints"
+    inner = path / REFERENCE_CHECKPOINTS
     if not any(p.name.isdigit() for p in path.iterdir()) and inner.is_dir():
         return inner
     return path

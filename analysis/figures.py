@@ -21,10 +21,21 @@ from analysis import recipes
 from analysis.recipes import Data
 
 PAPER_DIR = Path(__file__).parent / "paper"
-PAPER_METHOD = {"full_attention": "full", "swa": "swa", "ttt_e2e": "ttt_e2e"}
+# The paper's method names -> the project's (`ttt_kvb` has no mixer here yet).
+PAPER_METHOD = {
+    "full_attention": "full",
+    "swa": "swa",
+    "hybrid_swa_full_5to1": "hybrid",
+    "gated_deltanet": "gated_deltanet",
+    "mamba2": "mamba2",
+    "ttt_e2e": "ttt_e2e",
+}
 COLORS = {
     "full": "tab:blue",
     "swa": "tab:orange",
+    "hybrid": "tab:brown",
+    "gated_deltanet": "tab:purple",
+    "mamba2": "tab:pink",
     "ttt_e2e": "tab:green",
     "ttt_e2e (meta off)": "tab:red",
 }
@@ -79,7 +90,14 @@ def references(ax, table: pl.DataFrame, x: str) -> None:
         )
 
 
-PAPER_MARKER = {"full": "s", "swa": "^", "ttt_e2e": "*"}
+PAPER_MARKER = {
+    "full": "s",
+    "swa": "^",
+    "hybrid": "v",
+    "gated_deltanet": "D",
+    "mamba2": "P",
+    "ttt_e2e": "*",
+}
 
 
 def paper_markers(ax, xs, ys, label: str, method: str | None = None) -> None:

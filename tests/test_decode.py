@@ -53,7 +53,7 @@ def teacher_forced(cfg, model, tokens, prompt_len: int, dec=None) -> np.ndarray:
     return np.asarray(got)
 
 
-@pytest.mark.parametrize("mixer", ["full", "swa", "ttt_e2e"])
+@pytest.mark.parametrize("mixer", ["full", "swa", "hybrid", "gated_deltanet", "mamba2", "ttt_e2e"])
 def test_teacher_forced_decoding_equals_eval(mixer):
     """Prompts of 1 token (all decoded), a whole chunk, one past it and mid-chunk."""
     cfg, model, tokens = setup(mixer)
@@ -191,10 +191,12 @@ def step_flops(mixer: str, max_len: int) -> float:
 
 def test_token_step_cost_is_flat_in_context():
     """XLA's own count of a token step's FLOPs: the same after 64 or 2048 tokens for swa
-    and ttt_e2e (window-sized caches), growing with the context for full attention."""
-    for mixer in ("swa", "ttt_e2e"):
+    and ttt_e2e (window-sized caches) and the recurrent mixers (a fixed state), growing
+    with the context for full attention and the hybrid (its full layers)."""
+    for mixer in ("swa", "ttt_e2e", "gated_deltanet", "mamba2"):
         assert step_flops(mixer, 64) == step_flops(mixer, 2048), mixer
-    assert step_flops("full", 2048) > 2 * step_flops("full", 64)
+    for mixer in ("full", "hybrid"):
+        assert step_flops(mixer, 2048) > 2 * step_flops(mixer, 64), mixer
 
 
 def test_decode_bench_rows_feed_the_decode_latency_figure(tmp_path, capsys):

@@ -566,5 +566,5 @@ def test_small_scale_in_miniature_draws_fig1_with_both_lengths(
     assert "fig1_context_length: " in capsys.readouterr().out
     table = pl.read_parquet(out / "fig1_context_length.parquet")
     points = {(r["method"], r["data.seq_len"]) for r in table.iter_rows(named=True)}
-    methods = ("full", "swa", "ttt_e2e", "ttt_e2e (meta off)")
+    methods = ("full", "swa", "hybrid", "gated_deltanet", "mamba2", "ttt_e2e", "ttt_e2e (meta off)")
     assert points == {(m, t) for m in methods for t in (64, 128)}

@@ -16,8 +16,9 @@ from typing import Any
 import yaml
 
 from ttt.errors import UserError
+from ttt.shapes import RECURRENT, matched_mlp
 
-MIXERS = ("full", "swa", "ttt_e2e")
+MIXERS = ("full", "swa", "hybrid", "gated_deltanet", "mamba2", "ttt_e2e")
 DTYPES = ("auto", "float32", "bfloat16", "float64")
 REMAT = ("none", "block", "inner")
 ATTENTION = ("auto", "dense", "xla", "cudnn")
@@ -32,6 +33,8 @@ class ModelConfig:
     mixer: str = "ttt_e2e"
     window: int = 256  # k: query i sees keys j with i - k < j <= i
     ttt_layers: int = 1  # final blocks that carry a prime MLP and learn at test time
+    full_every: int = 6  # hybrid: every k-th layer attends fully, the rest within `window`
+    ssm_state: int = 128  # mamba2: the state size N of each head
     layers: int = 4
     width: int = 64
     heads: int = 4
@@ -146,7 +149,16 @@ SECTIONS = {"model": ModelConfig, "ttt": TTTConfig, "data": DataConfig, "train":
 # ttt_e2e so that adding prime MLPs keeps the parameter count (the paper's Table 3).
 PRESETS: dict[str, dict[str, Any]] = {
     "pico": dict(
-        model=dict(layers=4, width=64, heads=4, mlp=192, window=64, ttt_layers=1, vocab_size=258),
+        model=dict(
+            layers=4,
+            width=64,
+            heads=4,
+            mlp=192,
+            window=64,
+            ttt_layers=1,
+            vocab_size=258,
+            full_every=4,
+        ),
         mlp_ttt=160,
         ttt=dict(chunk=16),
         data=dict(seq_len=128, batch_size=4),
@@ -362,6 +374,7 @@ def load_config(
     mixer = tree.get("model", {}).get("mixer", ModelConfig.mixer)
     if "model.mlp" not in user and mixer == "ttt_e2e":
         tree["model"]["mlp"] = spec["mlp_ttt"]
+    matched = "model.mlp" not in user and mixer in RECURRENT
     built = {}
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
@@ -371,6 +384,9 @@ def load_config(
         }
         built[section] = cls(**kwargs)
     cfg = Config(preset=preset, **built)
+    if matched:  # the baseline's block as large as attention's (the paper's matching)
+        validate(cfg, backend)  # first: the formula needs valid shapes
+        cfg = cfg.replace(**{"model.mlp": matched_mlp(cfg.model)})
     validate(cfg, backend)
     return cfg
 
@@ -415,6 +431,14 @@ def validate(cfg: Config, backend: str | None = None) -> None:
         m.heads,
         f"must leave an even head_dim (model.width={m.width}); RoPE rotates pairs",
     )
+    if m.mixer == "hybrid":
+        _need(
+            1 <= m.full_every <= m.layers,
+            "model.full_every",
+            m.full_every,
+            f"must be between 1 and model.layers={m.layers} (every k-th layer attends fully)",
+        )
+    _need(m.ssm_state >= 1, "model.ssm_state", m.ssm_state, "must be a positive integer")
     if m.mixer == "ttt_e2e":
         _need(
             1 <= m.ttt_layers <= m.layers,

@@ -52,12 +52,23 @@ ROWS = [
     ("train", "125m", "full", 8192, 8, ("model.attention=dense",)),
     ("train", "125m", "ttt_e2e", 8192, 8, ("ttt.cache_phases=3",)),
     ("prefill", "125m", "ttt_e2e", 32768, 1, ("ttt.cache_phases=2",)),
+    # Fig 1's other baselines: train at 8K, prefill at 32K and 128K
+    ("train", "125m", "hybrid", 8192, 8, ()),
+    ("train", "125m", "gated_deltanet", 8192, 8, ()),
+    ("train", "125m", "mamba2", 8192, 8, ()),
+    ("prefill", "125m", "hybrid", 32768, 1, ()),
+    ("prefill", "125m", "gated_deltanet", 32768, 1, ()),
+    ("prefill", "125m", "mamba2", 32768, 1, ()),
+    ("prefill", "125m", "gated_deltanet", 131072, 1, ()),
+    ("prefill", "125m", "mamba2", 131072, 1, ()),
     # decode: mean latency per generated token after a prompt of T (batch 1)
     ("decode", "125m", "full", 32768, 1, ()),
     ("decode", "125m", "swa", 32768, 1, ()),
     ("decode", "125m", "ttt_e2e", 32768, 1, ()),
     ("decode", "125m", "full", 8192, 1, ()),
     ("decode", "125m", "ttt_e2e", 8192, 1, ()),
+    ("decode", "125m", "gated_deltanet", 32768, 1, ()),
+    ("decode", "125m", "mamba2", 32768, 1, ()),
 ]
 
 
@@ -181,7 +192,7 @@ def main() -> None:
     ap.add_argument("--cache", action="store_true", help="also run the LR-only cache check")
     ap.add_argument("--smoke", action="store_true", help="pico rows at T=128 (CPU smoke test)")
     a = ap.parse_args()
-    smoke = [("train", "pico", m, 128, 2, ()) for m in ("full", "ttt_e2e")]
+    smoke = [("train", "pico", m, 128, 2, ()) for m in ("full", "gated_deltanet", "ttt_e2e")]
     smoke.append(("prefill", "pico", "ttt_e2e", 128, 2, ("ttt.chunk_attention=xla",)))
     smoke.append(("decode", "pico", "ttt_e2e", 128, 1, ()))
     rows_todo = smoke if a.smoke else ROWS

@@ -31,3 +31,27 @@ def show(
     typer.echo("params:")
     for name, n in counts.items():
         typer.echo(f"  {name}: {n:,}  ({n / 1e6:.2f}M)")
+    typer.echo(f"mixer: {describe_mixer(cfg.model)}")
+
+
+def describe_mixer(m) -> str:
+    """What the sequence mixer is, with its shapes, and how its size is matched."""
+    from ttt.shapes import RECURRENT, gdn_dims, mamba_dims, mixer_params, model_params
+
+    per_block = f"{mixer_params(m):,} params per block's mixer; MLP {m.mlp}"
+    what = {
+        "full": "causal attention over every earlier token",
+        "swa": f"sliding-window attention, window {m.window}",
+        "hybrid": f"SWA (window {m.window}) with full attention in every {m.full_every}th "
+        f"layer ({m.layers // m.full_every} of {m.layers})",
+        "ttt_e2e": f"SWA (window {m.window}); the last {m.ttt_layers} blocks learn at test "
+        "time (prime MLPs)",
+    }
+    if m.mixer == "gated_deltanet":
+        h, dk, dv = gdn_dims(m)
+        what[m.mixer] = f"Gated DeltaNet, {h} heads, keys {dk} and values {dv} per head"
+    if m.mixer == "mamba2":
+        inner, h, n = mamba_dims(m)
+        what[m.mixer] = f"Mamba 2, inner width {inner}, {h} heads of {inner // h}, state {n}"
+    matched = " (MLP matched to attention's block size)" if m.mixer in RECURRENT else ""
+    return f"{what[m.mixer]}; {per_block}{matched}; formula total {model_params(m):,}"

@@ -1,8 +1,10 @@
 """Decoding: prefill a prompt, then one token at a time, for every mixer.
 
 Every attention layer keeps a KV cache of fixed size, so each step compiles once:
-`full` keeps every position (prompt + new tokens), `swa` and all layers of `ttt_e2e` the
-last `window`. `ttt_e2e` keeps learning while it generates: it buffers the current
+`full` and `hybrid` keep every position (prompt + new tokens; a hybrid's SWA layers mask
+theirs to the window), `swa` and all layers of `ttt_e2e` the last `window`. The
+recurrent mixers (`gated_deltanet`, `mamba2`) keep their state instead: the same size
+at any context length. `ttt_e2e` keeps learning while it generates: it buffers the current
 chunk's inputs and prefix outputs, and as soon as the token after the chunk is known
 (that chunk's last target) it runs the same inner step as training and evaluation
 (`Suffix.update`, from the suffix KV cache as it was at the chunk's start). Every later
@@ -26,7 +28,9 @@ from ttt.config import Config
 from ttt.model.kernels import Kernels, resolve
 from ttt.model.layers import FastParam
 from ttt.model.loop import Suffix, carry_window, hidden_nll, suffix_loop
-from ttt.model.transformer import TTTModel, scan_blocks, scan_cached, split_layers
+from ttt.model.recurrent import RecurrentState
+from ttt.model.transformer import TTTModel, full_layers, scan_blocks, scan_cached, split_layers
+from ttt.shapes import RECURRENT
 
 
 @jax.tree_util.register_dataclass
@@ -84,8 +88,10 @@ class Decoder:
         m = cfg.model
         self.ttt = m.mixer == "ttt_e2e"
         self.chunk = cfg.ttt.chunk if self.ttt else 1
-        self.window = None if m.mixer == "full" else m.window
-        self.prefix_size = max_len if self.window is None else self.window
+        self.window = None if m.mixer in ("full", *RECURRENT) else m.window
+        self.full = full_layers(m)  # hybrid: the layers that attend fully
+        self.recurrent = m.mixer in RECURRENT
+        self.prefix_size = max_len if self.window is None or self.full is not None else self.window
         self.heads, self.head_dim = m.heads, m.width // m.heads
         from ttt import compile_cache
 
@@ -112,9 +118,17 @@ class Decoder:
         dtype = model.embed_tokens(jnp.zeros((1,), jnp.int32)).dtype
         return Cache.empty(layers, size, self.heads, self.head_dim, dtype)
 
+    def _recurrent(self, model, layers: int) -> RecurrentState:
+        """Every layer's empty state, stacked on the layer axis."""
+        dtype = model.embed_tokens(jnp.zeros((1,), jnp.int32)).dtype
+        one = model.prefix.rnn.empty((), dtype)  # from the layer's static sizes
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (layers, *a.shape)), one)
+
     def empty(self, params) -> State:
         model = self._model(params)
         n_prefix, n_suffix = split_layers(self.cfg.model)
+        if self.recurrent:
+            return State(self._recurrent(model, n_prefix), None, None, None, None, None, None)
         prefix = self._cache(model, n_prefix, self.prefix_size) if n_prefix else None
         if not self.ttt:
             return State(prefix, None, None, None, None, None, None)
@@ -135,9 +149,14 @@ class Decoder:
             state.chunk_h,
             state.chunk_in,
         )
-        if prefix is not None:
+        if self.recurrent:
             graphdef, layers = nnx.split(model.prefix)
-            x, (k, v) = scan_cached(graphdef, (layers,), x, pos, prefix.triple, self.window)
+            x, prefix = scan_cached(graphdef, (layers,), x, pos, prefix, self.window)
+        elif prefix is not None:
+            graphdef, layers = nnx.split(model.prefix)
+            x, (k, v) = scan_cached(
+                graphdef, (layers,), x, pos, prefix.triple, self.window, full=self.full
+            )
             prefix = prefix.push(k, v, pos)
         if self.ttt:
             i = t % self.chunk
@@ -198,7 +217,9 @@ class Decoder:
         x = model.embed_tokens(inputs)
         state = self.empty(params)
         prefix = state.prefix
-        if prefix is not None:
+        if self.recurrent:
+            x, prefix = scan_blocks(model.prefix, x, positions, None, keep=1)
+        elif prefix is not None:
             x, (k, v) = scan_blocks(
                 model.prefix,
                 x,
@@ -206,6 +227,7 @@ class Decoder:
                 self.window,
                 self.kernels.sequence,
                 keep=self.prefix_size,
+                full=self.full,
             )
             pos = jnp.arange(n - self.prefix_size, n)
             prefix = Cache(k, v, jnp.where(pos >= 0, pos, -1).astype(jnp.int32))

@@ -199,12 +199,18 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """attention, then (TTT blocks only) the prime MLP, then the regular MLP."""
+    """The sequence mixer (attention, or a recurrent layer for `gated_deltanet` and
+    `mamba2`), then (TTT blocks only) the prime MLP, then the regular MLP."""
 
     def __init__(self, cfg: ModelConfig, *, prime: bool, dtype, rngs: nnx.Rngs):
+        from ttt.model.recurrent import RECURRENT
+
         d = cfg.width
         self.attn_pre, self.attn_post = RMSNorm(d, dtype), RMSNorm(d, dtype)
-        self.attn = Attention(cfg, dtype, rngs)
+        if cfg.mixer in RECURRENT:
+            self.rnn = RECURRENT[cfg.mixer](cfg, dtype, rngs)
+        else:
+            self.attn = Attention(cfg, dtype, rngs)
         if prime:
             self.prime_pre, self.prime_post = RMSNorm(d, dtype), RMSNorm(d, dtype)
             self.prime_mlp = MLP(d, cfg.mlp, dtype, rngs, param=FastParam)
@@ -213,7 +219,10 @@ class Block(nnx.Module):
         self.mlp = MLP(d, cfg.mlp, dtype, rngs)
 
     def __call__(self, x, positions, window: int | None, kernel: str = "dense", cache=None):
-        a, kv = self.attn(self.attn_pre(x), positions, window, kernel, cache)
+        """Returns the output and the mixer's own: this call's (k, v) for attention, the
+        state after x for a recurrent layer."""
+        mixer = self.rnn if hasattr(self, "rnn") else self.attn
+        a, kv = mixer(self.attn_pre(x), positions, window, kernel, cache)
         x = x + self.attn_post(a)
         if self.has_prime:
             x = x + self.prime_post(self.prime_mlp(self.prime_pre(x)))

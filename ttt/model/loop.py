@@ -90,7 +90,9 @@ def plain_hidden(model: TTTModel, inputs: jax.Array, kernels: Kernels = DENSE) -
     positions = jnp.arange(inputs.shape[-1])
     x = model.embed_tokens(inputs)
     remat = kernels.remat != "none"
-    x = scan_blocks(model.prefix, x, positions, model.window, kernels.sequence, remat)
+    x = scan_blocks(
+        model.prefix, x, positions, model.window, kernels.sequence, remat, full=model.full_layers
+    )
     return scan_blocks(model.suffix, x, positions, model.window, kernels.sequence, remat)
 
 

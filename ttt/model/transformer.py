@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ttt.config import ModelConfig
 from ttt.model.layers import INIT_STD, Block, RMSNorm
+from ttt.model.recurrent import RECURRENT, RecurrentState
 
 
 def compute_dtype(cfg: ModelConfig):
     if cfg.compute_dtype == "auto":
         return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
     return jnp.dtype(cfg.compute_dtype)
+
+
+def full_layers(cfg: ModelConfig):
+    """`hybrid`: a bool per layer, True for full attention (every `full_every`-th layer,
+    the paper's 5 SWA : 1 full at 6); None for every other mixer."""
+    if cfg.mixer != "hybrid":
+        return None
+    return np.arange(1, cfg.layers + 1) % cfg.full_every == 0
 
 
 def split_layers(cfg: ModelConfig) -> tuple[int, int]:
@@ -57,7 +67,13 @@ class TTTModel(nnx.Module):
 
     @property
     def window(self) -> int | None:
-        return None if self.cfg.mixer == "full" else self.cfg.window
+        """The sliding window of the attention layers (of the SWA layers for `hybrid`)."""
+        return None if self.cfg.mixer in ("full", *RECURRENT) else self.cfg.window
+
+    @property
+    def full_layers(self):
+        """`hybrid`: which prefix layers attend fully (every `full_every`-th); else None."""
+        return full_layers(self.cfg)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embed[...], tokens, axis=0).astype(compute_dtype(self.cfg))
@@ -77,10 +93,13 @@ def scan_blocks(
     kernel: str = "dense",
     remat: bool = False,
     keep: int = 0,
+    full=None,
 ):
     """Apply stacked blocks in order over whole sequences (no cache), attending with
     `kernel`. With `keep` > 0, also each layer's keys and values of the last `keep`
-    positions, front-padded with zeros when there are fewer (a decoder's KV cache)."""
+    positions, front-padded with zeros when there are fewer (a decoder's KV cache), or a
+    recurrent layer's state after the sequence. `full` (`hybrid`): a bool per layer,
+    True where the layer attends fully instead of within `window`."""
     if blocks is None:
         return x
     graphdef, state = nnx.split(blocks)
@@ -91,29 +110,62 @@ def scan_blocks(
             return jnp.pad(t, [(0, 0)] * (t.ndim - 3) + [(pad, 0), (0, 0), (0, 0)])
         return t[..., t.shape[-3] - keep :, :, :]
 
-    def body(h, layer_state):
-        h, kv = nnx.merge(graphdef, layer_state)(h, positions, window, kernel)
-        return h, (jax.tree.map(last, kv) if keep else None)
+    def body(h, xs):
+        layer_state, is_full = xs
+        is_full = None if full is None else is_full
+        h, kv = _apply(graphdef, (layer_state,), h, positions, window, kernel, None, is_full)
+        if not keep:
+            return h, None
+        return h, (kv if isinstance(kv, RecurrentState) else jax.tree.map(last, kv))
 
     if remat:
         body = jax.checkpoint(body)
-    x, kv = jax.lax.scan(body, x, state)
+    x, kv = jax.lax.scan(body, x, (state, _flags(full, state)))
     return (x, kv) if keep else x
 
 
-def scan_cached(graphdef, states: tuple, h, positions, cache, window, kernel="dense", remat=False):
+def _flags(full, state):
+    """The per-layer `full` flags as scan input (zeros where there is no hybrid)."""
+    n = jax.tree.leaves(state)[0].shape[0]
+    return jnp.zeros((n,), bool) if full is None else jnp.asarray(full[:n])
+
+
+def _apply(graphdef, parts: tuple, h, positions, window, kernel, cache, is_full=None):
+    """One block. A hybrid's layer (`is_full` given) picks its attention span by its
+    flag: `window`, or where flagged all keys (both spans are compiled; the flag selects
+    one at run time)."""
+    block = lambda w: nnx.merge(graphdef, *parts)(h, positions, w, kernel, cache)  # noqa: E731
+    if is_full is None:
+        return block(window)
+    return jax.lax.cond(is_full, lambda: block(None), lambda: block(window))
+
+
+def scan_cached(
+    graphdef, states: tuple, h, positions, cache, window, kernel="dense", remat=False, full=None
+):
     """Apply stacked blocks (`graphdef` merged with the layer slices of `states`) to `h`
     at `positions`, each layer attending over its KV cache `(k, v, k_pos)` too (k, v
-    stacked on the layer axis). Returns the output and each layer's new (k, v)."""
+    stacked on the layer axis), or, for a recurrent layer, continuing from its state
+    (`cache` is then the stacked `RecurrentState`). Returns the output and each layer's
+    new (k, v), or new state. `full`: as for `scan_blocks`."""
+    flags = _flags(full, states[0])
+    if isinstance(cache, RecurrentState):
+
+        def step(x, xs):
+            *parts, layer_cache, _ = xs
+            return _apply(graphdef, parts, x, positions, window, kernel, layer_cache)
+
+        return jax.lax.scan(step, h, (*states, cache, flags))
     ck, cv, cpos = cache
 
     def layer(x, xs):
-        *parts, k_l, v_l = xs
-        return nnx.merge(graphdef, *parts)(x, positions, window, kernel, (k_l, v_l, cpos))
+        *parts, k_l, v_l, is_full = xs
+        is_full = None if full is None else is_full
+        return _apply(graphdef, parts, x, positions, window, kernel, (k_l, v_l, cpos), is_full)
 
     if remat:
         layer = jax.checkpoint(layer)
-    return jax.lax.scan(layer, h, (*states, ck, cv))
+    return jax.lax.scan(layer, h, (*states, ck, cv, flags))
 
 
 def create_model(cfg: ModelConfig, seed: int = 0) -> TTTModel:

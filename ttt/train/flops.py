@@ -3,7 +3,12 @@
 Counting rules (a multiply-add is 2 FLOPs; only matmuls count):
 - a block's forward costs 2 * (4 d^2 + 3 d m [+ 3 d m for a prime MLP]) per token, plus
   attention: 4 d * keys, where keys is the mean number of keys a query sees
-  (causal: (T + 1) / 2 for `full`; min(i + 1, window) averaged over i for `swa`/`ttt_e2e`);
+  (causal: (T + 1) / 2 for `full`; min(i + 1, window) averaged over i for `swa`/`ttt_e2e`;
+  per layer for `hybrid`);
+- a recurrent block (`gated_deltanet`, `mamba2`) costs 2 * (its projections + 3 d m) plus
+  its recurrence per token: 6 H d_k d_v for the gated delta rule (read the state for the
+  prediction, write, read for the output), 4 * inner * N for Mamba 2 (write, read),
+  whatever the context length;
 - the output projection costs 2 d V per token (tied or not);
 - one differentiation triples a computation's cost (forward + 2x backward).
 
@@ -17,7 +22,8 @@ F_prefix + 3 F_suffix.
 from __future__ import annotations
 
 from ttt.config import Config
-from ttt.model.transformer import split_layers
+from ttt.model.transformer import full_layers, split_layers
+from ttt.shapes import RECURRENT, gdn_dims, mamba_dims, mixer_params
 
 
 def mean_keys(seq_len: int, window: int | None) -> float:
@@ -31,19 +37,38 @@ def mean_keys(seq_len: int, window: int | None) -> float:
 
 def block_flops(cfg: Config, prime: bool, keys: float) -> float:
     d, m = cfg.model.width, cfg.model.mlp
-    dense = 4 * d * d + 3 * d * m * (2 if prime else 1)
-    return 2 * dense + 4 * d * keys
+    mlp = 3 * d * m * (2 if prime else 1)
+    if cfg.model.mixer in RECURRENT:
+        return 2 * (mixer_params(cfg.model) + mlp) + recurrence_flops(cfg)
+    return 2 * (4 * d * d + mlp) + 4 * d * keys
+
+
+def recurrence_flops(cfg: Config) -> float:
+    if cfg.model.mixer == "gated_deltanet":
+        h, dk, dv = gdn_dims(cfg.model)
+        return 6 * h * dk * dv
+    inner, _, n = mamba_dims(cfg.model)
+    return 4 * inner * n
+
+
+def layer_keys(cfg: Config) -> list[float]:
+    """Each layer's mean keys per query (0 for a recurrent layer)."""
+    m, t = cfg.model, cfg.data.seq_len
+    if m.mixer in RECURRENT:
+        return [0.0] * m.layers
+    full = full_layers(m)
+    window = None if m.mixer == "full" else m.window
+    return [mean_keys(t, None if full is not None and full[i] else window) for i in range(m.layers)]
 
 
 def flops_per_token(cfg: Config, *, training: bool, inner: bool) -> float:
     """Model FLOPs per token for one training step (`training`) or one prefill."""
     m = cfg.model
     n_prefix, n_suffix = split_layers(m)
-    window = None if m.mixer == "full" else m.window
-    keys = mean_keys(cfg.data.seq_len, window)
-    prefix = n_prefix * block_flops(cfg, False, keys)
+    keys = layer_keys(cfg)
+    prefix = sum(block_flops(cfg, False, k) for k in keys[:n_prefix])
     logits = 2 * m.width * m.vocab_size
-    suffix = n_suffix * block_flops(cfg, True, keys) + logits
+    suffix = sum(block_flops(cfg, True, k) for k in keys[n_prefix:]) + logits
     if not inner:
         forward = prefix + suffix
         return 3 * forward if training else forward

@@ -167,7 +167,7 @@ def bench_decode(cfg: Config, tokens: int = 64, warmup: int = 4) -> BenchRow:
 
 def format_table(rows: list[BenchRow]) -> str:
     head = (
-        f"{'mode':7} {'preset':6} {'mixer':8} {'T':>7} {'B':>3} {'step s':>9} {'min..max':>17} "
+        f"{'mode':7} {'preset':6} {'mixer':14} {'T':>7} {'B':>3} {'step s':>9} {'min..max':>17} "
         f"{'tok/s':>10} {'compile s':>9} {'MFU':>6} {'mem GB':>7}  ratio"
     )
     lines = [head]
@@ -183,7 +183,7 @@ def format_table(rows: list[BenchRow]) -> str:
         mfu = "-" if r.mfu is None else f"{100 * r.mfu:.1f}%"
         mem = "-" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.3f}"
         lines.append(
-            f"{r.mode:7} {r.preset:6} {r.mixer:8} {r.seq_len:7d} {r.batch:3d} {r.step_s:9.4f} "
+            f"{r.mode:7} {r.preset:6} {r.mixer:14} {r.seq_len:7d} {r.batch:3d} {r.step_s:9.4f} "
             f"{r.step_s_min:8.4f}..{r.step_s_max:<8.4f} {r.tokens_per_s:10.0f} {r.compile_s:9.2f} "
             f"{mfu:>6} {mem:>7}  {ratio}"
         )

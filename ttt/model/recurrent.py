@@ -136,6 +136,22 @@ def _decay_matrix(g_cum, strict: bool = False):
 # -- Gated DeltaNet --------------------------------------------------------------------
 
 
+def unit_lower_inverse(m):
+    """The inverse of unit lower-triangular matrices (..., C, C), by halves:
+    [[A, 0], [B, D]]^-1 = [[A^-1, 0], [-D^-1 B A^-1, D^-1]]. Matrix products only (the
+    form a GPU runs fast, differentiable like any matmul); XLA's CPU triangular solve
+    stalled on batches of these in a training step."""
+    c = m.shape[-1]
+    if c == 1:
+        return jnp.ones_like(m)
+    h = c // 2
+    a_inv = unit_lower_inverse(m[..., :h, :h])
+    d_inv = unit_lower_inverse(m[..., h:, h:])
+    lower_left = -d_inv @ m[..., h:, :h] @ a_inv
+    top = jnp.concatenate([a_inv, jnp.zeros((*m.shape[:-2], h, c - h), m.dtype)], axis=-1)
+    return jnp.concatenate([top, jnp.concatenate([lower_left, d_inv], axis=-1)], axis=-2)
+
+
 def gated_delta_chunked(q, k, v, g, beta, chunk: int = CHUNK, state=None):
     """The gated delta rule over a whole sequence, chunk by chunk.
 
@@ -155,11 +171,9 @@ def gated_delta_chunked(q, k, v, g, beta, chunk: int = CHUNK, state=None):
     # T = (I + strictly_lower(k_beta k^T * decay))^-1: the chunk's writes, each after the
     # earlier ones in the chunk, as one solve (the WY representation)
     a = jnp.einsum("...ik,...jk->...ij", k_beta, k) * decay
-    eye = jnp.eye(chunk, dtype=ft)
-    lower = eye + jnp.where(_lower(chunk, True), a, 0.0)
-    solve = lambda b: jax.scipy.linalg.solve_triangular(lower, b, lower=True, unit_diagonal=True)  # noqa: E731
-    u = solve(v_beta)  # (..., H, n, C, dv)
-    w = solve(k_beta * jnp.exp(g_cum)[..., None])  # (..., H, n, C, dk)
+    inverse = unit_lower_inverse(jnp.eye(chunk, dtype=ft) + jnp.where(_lower(chunk, True), a, 0.0))
+    u = inverse @ v_beta  # (..., H, n, C, dv)
+    w = inverse @ (k_beta * jnp.exp(g_cum)[..., None])  # (..., H, n, C, dk)
     scores = jnp.einsum("...ik,...jk->...ij", q, k) * decay  # causal, diagonal included
     last = g_cum[..., -1:]  # (..., H, n, 1)
     k_out = k * jnp.exp(last - g_cum)[..., None]  # each key's decay to the chunk's end

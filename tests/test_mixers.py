@@ -71,52 +71,42 @@ def per_head_loop(loop, args, heads_axis_of):
     return jnp.stack(outs, 1), jnp.stack(states)
 
 
+def same_as_loop(chunked, loop, args, s0, pick):
+    """The chunked form's outputs, final state and gradients (of a loss of both, with
+    respect to every input) equal the one-head loop's, run head by head."""
+    looped = lambda *xs: per_head_loop(loop, (*xs, s0), pick)  # noqa: E731
+    for got, want in zip(chunked(*args), looped(*args), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-10)
+
+    def loss(fn):
+        return lambda *xs: jnp.sum(jnp.sin(fn(*xs)[0])) + jnp.sum(fn(*xs)[1] ** 2)
+
+    every = tuple(range(len(args)))
+    got = jax.grad(loss(chunked), argnums=every)(*args)
+    want = jax.grad(loss(looped), argnums=every)(*args)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-9)
+
+
 @pytest.mark.parametrize("chunk", [5, 64])  # several chunks, the last padded; one
 def test_gated_delta_chunked_equals_the_recurrence(chunk):
     with jax.enable_x64(True):
-        q, k, v, g, beta, s0 = gdn_inputs()
-        o, s = gated_delta_chunked(q, k, v, g, beta, chunk, s0)
-        pick = lambda j, a, i: a[i] if j == 5 else a[:, i]  # noqa: E731
-        want_o, want_s = per_head_loop(gated_delta_loop, (q, k, v, g, beta, s0), pick)
-        np.testing.assert_allclose(o, want_o, atol=1e-10)
-        np.testing.assert_allclose(s, want_s, atol=1e-10)
-
-        def loss(fn, *xs):
-            o, s = fn(*xs)
-            return jnp.sum(jnp.sin(o)) + jnp.sum(s**2)
-
+        *args, s0 = gdn_inputs()
         chunked = lambda *xs: gated_delta_chunked(*xs, chunk, s0)  # noqa: E731
-        looped = lambda *xs: per_head_loop(gated_delta_loop, (*xs, s0), pick)  # noqa: E731
-        got = jax.grad(lambda *xs: loss(chunked, *xs), argnums=(0, 1, 2, 3, 4))(q, k, v, g, beta)
-        ref = jax.grad(lambda *xs: loss(looped, *xs), argnums=(0, 1, 2, 3, 4))(q, k, v, g, beta)
-        for a, b in zip(got, ref, strict=True):
-            np.testing.assert_allclose(a, b, atol=1e-9)
+        pick = lambda j, a, i: a[i] if j == 5 else a[:, i]  # noqa: E731  state: head axis 0
+        same_as_loop(chunked, gated_delta_loop, args, s0, pick)
 
 
 @pytest.mark.parametrize("chunk", [5, 64])
 def test_ssd_chunked_equals_the_recurrence(chunk):
     with jax.enable_x64(True):
-        x, dt, a, b, c, s0 = ssd_inputs()
-        y, s = ssd_chunked(x, dt, a, b, c, chunk, s0)
+        *args, s0 = ssd_inputs()
+        chunked = lambda *xs: ssd_chunked(*xs, chunk, s0)  # noqa: E731
 
         def pick(j, arr, i):  # x, dt: head axis 1; a, state: 0; B, C: shared
             return arr[:, i] if j in (0, 1) else arr[i] if j in (2, 5) else arr
 
-        want_y, want_s = per_head_loop(ssd_loop, (x, dt, a, b, c, s0), pick)
-        np.testing.assert_allclose(y, want_y, atol=1e-10)
-        np.testing.assert_allclose(s, want_s, atol=1e-10)
-
-        def loss(fn, *xs):
-            y, s = fn(*xs)
-            return jnp.sum(jnp.sin(y)) + jnp.sum(s**2)
-
-        chunked = lambda *xs: ssd_chunked(*xs, chunk, s0)  # noqa: E731
-        looped = lambda *xs: per_head_loop(ssd_loop, (*xs, s0), pick)  # noqa: E731
-        args = (x, dt, a, b, c)
-        got = jax.grad(lambda *xs: loss(chunked, *xs), argnums=(0, 1, 2, 3, 4))(*args)
-        ref = jax.grad(lambda *xs: loss(looped, *xs), argnums=(0, 1, 2, 3, 4))(*args)
-        for u, w in zip(got, ref, strict=True):
-            np.testing.assert_allclose(u, w, atol=1e-9)
+        same_as_loop(chunked, ssd_loop, args, s0, pick)
 
 
 def model_nll(cfg, model, tokens):

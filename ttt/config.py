@@ -396,6 +396,12 @@ def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r}: {allowed}")
 
 
+def _up_to_layers(m: ModelConfig, name: str, low: int, why: str = "") -> None:
+    value = getattr(m, name)
+    allowed = f"must be between {low} and model.layers={m.layers}" + (f" ({why})" if why else "")
+    _need(low <= value <= m.layers, f"model.{name}", value, allowed)
+
+
 def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
     _need(value in choices, key, value, f"allowed are {', '.join(choices)}")
 
@@ -432,27 +438,9 @@ def validate(cfg: Config, backend: str | None = None) -> None:
         f"must leave an even head_dim (model.width={m.width}); RoPE rotates pairs",
     )
     if m.mixer == "hybrid":
-        _need(
-            1 <= m.full_every <= m.layers,
-            "model.full_every",
-            m.full_every,
-            f"must be between 1 and model.layers={m.layers} (every k-th layer attends fully)",
-        )
+        _up_to_layers(m, "full_every", 1, "every k-th layer attends fully")
     _need(m.ssm_state >= 1, "model.ssm_state", m.ssm_state, "must be a positive integer")
-    if m.mixer == "ttt_e2e":
-        _need(
-            1 <= m.ttt_layers <= m.layers,
-            "model.ttt_layers",
-            m.ttt_layers,
-            f"must be between 1 and model.layers={m.layers}",
-        )
-    else:
-        _need(
-            0 <= m.ttt_layers <= m.layers,
-            "model.ttt_layers",
-            m.ttt_layers,
-            f"must be between 0 and model.layers={m.layers}",
-        )
+    _up_to_layers(m, "ttt_layers", 1 if m.mixer == "ttt_e2e" else 0)
     _one_of("model.param_dtype", m.param_dtype, ("float32", "float64"))
     _one_of("model.compute_dtype", m.compute_dtype, DTYPES)
     _one_of("model.remat", m.remat, REMAT)

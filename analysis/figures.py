@@ -491,6 +491,46 @@ def nll_artifacts(parquet: Path, out: Path, method: str) -> list[Path]:
     return [png, csv]
 
 
+WITH_UPDATES, INITIAL_ALONE = "with test-time updates", "initial weights alone"
+
+
+def inner_split(with_inner: Path, without: Path, png: Path, title: str) -> Path:
+    """`ttt eval --no-inner`'s figure: NLL by token index with the test-time updates and
+    with the meta-learned initial weights alone (left), and what the updates buy at each
+    position (right: alone minus with; above 0, the updates help). Both log-binned."""
+    nll = pl.concat(
+        pl.read_parquet(path).select("position", "nll").with_columns(method=pl.lit(name))
+        for path, name in ((with_inner, WITH_UPDATES), (without, INITIAL_ALONE))
+    )
+    table = recipes.nll_by_token_index(nll).filter(pl.col("position") > 0)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    for (name,), g in table.group_by("method", maintain_order=True):
+        a.plot(g["position"], g["mean"], lw=0.5, alpha=0.3)
+        a.plot(g["position"], g["binned"], lw=1.5, label=name, color=a.lines[-1].get_color())
+    a.set(xscale="log", xlabel="token index (log scale)", ylabel="NLL (nats/token)")
+    a.set_title(title, fontsize=9)
+    a.legend(fontsize=7)
+    gain = (
+        table.pivot(on="method", index=["position", "bin"], values="mean")
+        .with_columns((pl.col(INITIAL_ALONE) - pl.col(WITH_UPDATES)).alias("gain"))
+        .with_columns(pl.col("gain").mean().over("bin").alias("binned"))
+        .sort("position")
+    )
+    b.plot(gain["position"], gain["gain"], lw=0.5, alpha=0.3, color="tab:green")
+    b.plot(gain["position"], gain["binned"], lw=1.5, color="tab:green")
+    b.axhline(0, color="black", lw=0.8)
+    b.set(
+        xscale="log",
+        xlabel="token index (log scale)",
+        ylabel="NLL without updates - with (nats)",
+        title="What the test-time updates buy",
+    )
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def niah_heatmap(frame: pl.DataFrame, png: Path, title: str) -> Path:
     """RULER's picture of a NIAH evaluation: accuracy by needle depth (rows) and context
     length (columns), one panel per task, every sample of each cell averaged."""

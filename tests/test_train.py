@@ -191,6 +191,47 @@ def test_eval_cli_writes_per_position_nll(train_cfg, tmp_path, capsys):
     assert exc.value.code == 2 and "multiple of ttt.chunk" in capsys.readouterr().err
 
 
+def test_eval_without_the_test_time_updates(train_cfg, tmp_path, capsys):
+    """`--no-inner` is the meta-learned initial weights alone: the same as the inner loop
+    with a zero inner LR, equal to the updated model on the first chunk (which no update
+    precedes) and not after it; a run with no updates is refused in one line."""
+    import dataclasses
+
+    import numpy as np
+    import polars as pl
+
+    from ttt.train.evaluate_run import evaluate_weights, load_weights, run_config
+
+    run(train_cfg("train.steps=2"), tmp_path / "r", progress=False)
+    args = ["eval", str(tmp_path / "r"), "--seq-len", "128", "--max-batches", "1", "--no-inner"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0
+    assert "nats bought" in capsys.readouterr().out
+    folder = tmp_path / "r" / "eval"
+    on, off = (
+        pl.read_parquet(folder / f"nll_by_position_T128{s}.parquet") for s in ("", "_noinner")
+    )
+    assert (folder / "inner_split_T128.png").exists()
+    chunk = run_config(tmp_path / "r").ttt.chunk
+    np.testing.assert_allclose(off["nll"][:chunk], on["nll"][:chunk], atol=1e-6)
+    assert np.abs((off["nll"] - on["nll"]).to_numpy()[chunk:]).max() > 1e-4
+
+    cfg = run_config(tmp_path / "r", {"data.seq_len": 128}).replace(**{"ttt.inner_lr": 0.0})
+    loaded = load_weights(cfg, tmp_path / "r")
+    zero, _ = evaluate_weights(dataclasses.replace(loaded, cfg=cfg), tmp_path / "z.parquet", 1)
+    np.testing.assert_allclose(
+        pl.read_parquet(tmp_path / "z.parquet")["nll"], off["nll"], atol=1e-5
+    )
+
+    run(train_cfg("train.steps=1", "model.mixer=full"), tmp_path / "f", progress=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(tmp_path / "f"), "--no-inner"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "only ttt_e2e has test-time updates" in err
+    assert not list((tmp_path / "f" / "eval").glob("*_T*.parquet"))  # refused before any work
+
+
 DP_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax

@@ -65,11 +65,16 @@ class RunDir:
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / str(step)
 
-    def nll_table(self, seq_len: int | None = None) -> Path:
+    def nll_table(self, seq_len: int | None = None, inner: bool = True) -> Path:
         """Per-position NLL of an evaluation: at the run's own length (written by
-        training) or at `seq_len` (`ttt eval --seq-len`)."""
-        suffix = "" if seq_len is None else f"_T{seq_len}"
+        training) or at `seq_len` (`ttt eval --seq-len`); `inner=False`: with the
+        test-time updates skipped (`ttt eval --no-inner`)."""
+        suffix = ("" if seq_len is None else f"_T{seq_len}") + ("" if inner else "_noinner")
         return self.eval_dir / f"nll_by_position{suffix}.parquet"
+
+    def inner_split_figure(self, seq_len: int) -> Path:
+        """NLL by position with and without the test-time updates, and their difference."""
+        return self.eval_dir / f"inner_split_T{seq_len}.png"
 
     def tokens_table(self, name: str) -> Path:
         """Per-token NLL of `ttt eval --tokens NAME.npy`."""

@@ -135,11 +135,19 @@ def evaluate(
     tokenizer: str = typer.Option(
         None, "--tokenizer", help="tokenizer.json for --task niah (default: the dataset's)."
     ),
+    no_inner: bool = typer.Option(
+        False,
+        "--no-inner",
+        help="ttt_e2e: also evaluate with the test-time updates skipped (the meta-learned "
+        "initial weights alone), and draw both (eval/inner_split_T*.png).",
+    ),
 ) -> None:
     """Evaluate with test-time training: mean loss and per-token NLL by position (Parquet),
     or needle-in-a-haystack accuracy (--task niah)."""
     if task not in ("loss", "niah"):
         raise UserError(f"--task={task!r}: allowed are loss, niah")
+    if no_inner and (task == "niah" or tokens is not None):
+        raise UserError("--no-inner: only with --task loss over the validation split")
     if task == "niah":
         for flag, value in (("--tokens", tokens), ("--out", out), ("--max-batches", max_batches),
                             ("--batch-size", batch_size)):  # fmt: skip
@@ -172,15 +180,41 @@ def evaluate(
         raise UserError("--out: only with --tokens")
     uri = optional_uri(tracking_uri)
     for t in seq_len or [None]:
-        result, path, summary = evaluate_run(run_dir, t, max_batches, batch_size)
-        typer.echo(
-            f"eval loss {result.loss:.4f} over {result.sequences} sequences of "
-            f"{result.seq_len} tokens; per-position NLL in {path}"
-        )
-        if uri:
-            from ttt.tracking import log_evaluation
+        evaluated = []
+        # without the updates first: a run that has none is refused before any work
+        for inner in (False, True) if no_inner else (True,):
+            result, path, summary = evaluate_run(run_dir, t, max_batches, batch_size, inner)
+            typer.echo(
+                f"eval loss {result.loss:.4f} over {result.sequences} sequences of "
+                f"{result.seq_len} tokens{'' if inner else ', test-time updates skipped'}; "
+                f"per-position NLL in {path}"
+            )
+            evaluated.append((result, path))
+            if uri:
+                from ttt.tracking import log_evaluation
 
-            log_evaluation(uri, experiment, run_dir, summary, path)
+                log_evaluation(uri, experiment, run_dir, summary, path)
+        if no_inner:
+            _inner_split(run_dir, evaluated)
+
+
+def _inner_split(run_dir: Path, evaluated: list) -> None:
+    """The split of `ttt eval --no-inner`: what the test-time updates buy, in one line
+    and one figure."""
+    from analysis.figures import inner_split
+    from ttt.rundir import RunDir
+
+    (off, off_path), (on, on_path) = evaluated
+    png = inner_split(
+        on_path,
+        off_path,
+        RunDir(run_dir).inner_split_figure(on.seq_len),
+        f"{run_dir}: T={on.seq_len}",
+    )
+    typer.echo(
+        f"test-time updates: loss {off.loss:.4f} without, {on.loss:.4f} with "
+        f"({off.loss - on.loss:+.4f} nats bought); figure {png}"
+    )
 
 
 def _niah(run_dir, seq_len, niah_tasks, depths, samples, tokenizer, tracking_uri, experiment):

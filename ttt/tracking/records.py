@@ -102,18 +102,21 @@ def log_evaluation(uri: str, experiment: str, run_dir: Path, summary: dict, parq
     """One MLflow run per (evaluated run, context length), tagged `ttt.role=eval`: the
     evaluated run's config with `data.seq_len` at the length evaluated, the loss as
     `final_eval_loss`, and the per-position NLL. Evaluating the same pair again updates
-    that run instead of adding a duplicate."""
+    that run instead of adding a duplicate. An evaluation with the test-time updates
+    skipped (`--no-inner`) is its own run, of role `eval_noinner`."""
     seq_len = summary["seq_len"]
+    inner = summary.get("inner", True)
     return _log_result(
         uri,
         experiment,
         run_dir,
-        role="eval",
+        role="eval" if inner else "eval_noinner",
         key={TAG.SEQ_LEN: str(seq_len)},
         params={"data.seq_len": seq_len, "eval.checkpoint_step": summary["step"]},
         metrics={"final_eval_loss": summary["loss"]},
         artifact=parquet,
-        source=f"ttt eval {Path(run_dir).absolute()} --seq-len {seq_len}",
+        source=f"ttt eval {Path(run_dir).absolute()} --seq-len {seq_len}"
+        + ("" if inner else " --no-inner"),
         step=summary["step"],
     )
 
@@ -153,7 +156,8 @@ def _log_result(
         uri,
         experiment,
         key,
-        name=f"{run_dir.name}{' ' + task if task else ''} T={key[TAG.SEQ_LEN]}",
+        name=f"{run_dir.name}{' ' + task if task else ''} T={key[TAG.SEQ_LEN]}"
+        + (" (no inner)" if role == "eval_noinner" else ""),
         tags={**run_tags(role, source), **provenance()},
         params={**cfg.flat(), "eval.run": run_dir.name, **params},
     )

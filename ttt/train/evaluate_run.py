@@ -56,10 +56,11 @@ def check_bos(run: LoadedRun, split: TokenSplit) -> None:
 
 
 def evaluate_weights(
-    run: LoadedRun, out: Path, max_batches: int | None = None
+    run: LoadedRun, out: Path, max_batches: int | None = None, inner: bool = True
 ) -> tuple[EvalResult, dict]:
     """Evaluate loaded weights on the validation split of `run.cfg`'s dataset; writes the
-    per-position NLL to `out` (Parquet) and its summary beside it (JSON)."""
+    per-position NLL to `out` (Parquet) and its summary beside it (JSON). `inner=False`
+    skips the test-time updates."""
     cfg = run.cfg
     split = open_split(cfg.data.source, "val", cfg.data.cache_dir)
     vocab = cfg.model.vocab_size
@@ -73,8 +74,9 @@ def evaluate_weights(
         )
     check_bos(run, split)
     val = Loader(split, cfg.data.seq_len, cfg.data.batch_size, shuffle=False, name="--seq-len")
+    name = "eval" if inner else "eval-noinner"
     result = evaluate(
-        compile_cache.CachedStep("eval", cfg, make_eval_step(cfg, run.graphdef)),
+        compile_cache.CachedStep(name, cfg, make_eval_step(cfg, run.graphdef, inner)),
         run.params,
         val,
         max_batches or cfg.train.eval_batches,
@@ -87,6 +89,7 @@ def evaluate_weights(
         "seq_len": cfg.data.seq_len,
         "loss": result.loss,
         "sequences": result.sequences,
+        "inner": inner,
     }
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return result, summary
@@ -97,17 +100,24 @@ def evaluate_run(
     seq_len: int | None = None,
     max_batches: int | None = None,
     batch_size: int | None = None,
+    inner: bool = True,
 ) -> tuple[EvalResult, Path, dict]:
     """(result, per-position NLL Parquet, summary) of the run's latest weights on the
-    validation split of its dataset."""
+    validation split of its dataset; `inner=False`: with the test-time updates skipped
+    (ttt_e2e runs only)."""
     overrides = {"data.seq_len": seq_len} if seq_len is not None else {}
     if batch_size is not None:  # evaluation takes no gradient to accumulate
         overrides.update({"data.batch_size": batch_size, "train.grad_accum": 1})
     flags = {"data.seq_len": "--seq-len", "data.batch_size": "--batch-size"}
     cfg = run_config(run_dir, overrides, **flags)
+    if not inner and cfg.model.mixer != "ttt_e2e":
+        raise UserError(
+            f"--no-inner: {run_dir} is a {cfg.model.mixer} run; only ttt_e2e has test-time "
+            "updates to skip"
+        )
     run = load_weights(cfg, run_dir)
-    path = RunDir(run_dir).nll_table(cfg.data.seq_len)
-    result, summary = evaluate_weights(run, path, max_batches)
+    path = RunDir(run_dir).nll_table(cfg.data.seq_len, inner)
+    result, summary = evaluate_weights(run, path, max_batches, inner)
     return result, path, summary
 
 

@@ -101,11 +101,12 @@ def make_train_step(cfg: Config, graphdef):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_eval_step(cfg: Config, graphdef):
+def make_eval_step(cfg: Config, graphdef, inner: bool = True):
     """`eval(params, batch, eta) -> (per-token NLL (B, T), loss)`; runs the inner loop for
-    ttt_e2e whatever `meta` says (test-time training). The loss is the training objective:
-    with the inner loop, the mean over sequences of each one's mean chunk loss."""
-    inner = uses_inner_loop(cfg, training=False)
+    ttt_e2e whatever `meta` says (test-time training), unless `inner` is False (the
+    meta-learned initial weights alone). The loss is the training objective: with the
+    inner loop, the mean over sequences of each one's mean chunk loss."""
+    inner = inner and uses_inner_loop(cfg, training=False)
     # Nothing differentiates evaluation, so the chunks may use ttt.chunk_attention.
     kernels = resolve(cfg, first_order=True)
 

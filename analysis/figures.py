@@ -531,6 +531,35 @@ def inner_split(with_inner: Path, without: Path, png: Path, title: str) -> Path:
     return png
 
 
+def inner_loop_by_chunk(table: pl.DataFrame, png: Path, title: str) -> Path:
+    """`ttt eval --telemetry`'s figure: by chunk, what each inner step bought on the chunk
+    it learned from and on the next one (loss before minus after: above 0, the step
+    helped), and per TTT layer the gradient norm (before and after clipping) and the
+    update's size relative to the weights."""
+    losses = table.group_by("chunk").agg(pl.all().exclude("layer").first()).sort("chunk")
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
+    a.plot(losses["chunk"], losses["loss_before"] - losses["loss_after"], marker=".",
+           label="on its own chunk")  # fmt: skip
+    a.plot(losses["chunk"], losses["next_before"] - losses["next_after"], marker=".",
+           label="on the next chunk")  # fmt: skip
+    a.axhline(0, color="black", lw=0.8)
+    a.set(xlabel="chunk", ylabel="loss before - after the step (nats)", title=title)
+    a.legend(fontsize=7)
+    for (layer,), g in table.group_by("layer", maintain_order=True):
+        g = g.sort("chunk")
+        line = b.plot(g["chunk"], g["grad_norm"], label=f"layer {layer}")[0]
+        b.plot(g["chunk"], g["clipped_grad_norm"], ls="--", color=line.get_color())
+        c.plot(g["chunk"], g["update_rel"], label=f"layer {layer}")
+    b.set(xlabel="chunk", ylabel="inner gradient norm", title="Gradient (dashed: clipped)")
+    c.set(xlabel="chunk", ylabel="||dW|| / ||W||", title="Update size", yscale="log")
+    for ax in (b, c):
+        ax.legend(fontsize=7)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def niah_heatmap(frame: pl.DataFrame, png: Path, title: str) -> Path:
     """RULER's picture of a NIAH evaluation: accuracy by needle depth (rows) and context
     length (columns), one panel per task, every sample of each cell averaged."""

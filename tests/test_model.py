@@ -192,3 +192,37 @@ def test_cudnn_attention_off_the_gpu_is_one_line(capsys, field, mixer):
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: {field}='cudnn': needs a GPU")
+
+
+def test_inner_telemetry_agrees_with_the_loop():
+    """Telemetry's loss before each step is the loop's chunk loss, the next chunk's loss
+    after the step is that chunk's own loss before its step, and with a zero inner LR no
+    step changes anything."""
+    from ttt.config import load_config
+    from ttt.model.loop import inner_loop_nll, masked_mean
+    from ttt.model.telemetry import inner_telemetry
+
+    cfg = load_config("pico", ["model.window=24", "ttt.chunk=16", "model.ttt_layers=2"])
+    model = create_model(cfg.model, seed=3)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 256, (2, 65)), jnp.int32)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    mask = targets != 7
+    lr = jnp.float32(1.0)
+    tel = inner_telemetry(model, inputs, targets, mask, lr, cfg.ttt)
+    nll, _ = inner_loop_nll(model, inputs, targets, mask, lr, cfg.ttt)
+    chunks = [
+        [masked_mean(nll[b, i : i + 16], mask[b, i : i + 16]) for i in range(0, 64, 16)]
+        for b in range(2)
+    ]
+    np.testing.assert_allclose(tel["loss_before"], np.array(chunks), atol=2e-5)
+    np.testing.assert_allclose(tel["next_after"][:, :-1], tel["loss_before"][:, 1:], atol=2e-5)
+    assert np.isnan(tel["next_after"][:, -1]).all()
+    assert tel["grad_norm"].shape == (2, 4, 2)  # sequences, chunks, TTT layers
+    clipped = np.sqrt((np.asarray(tel["clipped_grad_norm"]) ** 2).sum(-1))
+    assert (clipped <= cfg.ttt.inner_clip + 1e-5).all()
+    assert (np.asarray(tel["loss_after"]) < np.asarray(tel["loss_before"])).mean() > 0.5
+
+    off = inner_telemetry(model, inputs, targets, mask, jnp.float32(0.0), cfg.ttt)
+    np.testing.assert_allclose(off["loss_after"], off["loss_before"], atol=1e-6)
+    np.testing.assert_allclose(off["update_rel"], 0.0, atol=0)

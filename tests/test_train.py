@@ -205,10 +205,13 @@ def test_eval_without_the_test_time_updates(train_cfg, tmp_path, capsys):
     run(train_cfg("train.steps=2"), tmp_path / "r", progress=False)
     args = ["eval", str(tmp_path / "r"), "--seq-len", "128", "--max-batches", "1", "--no-inner"]
     with pytest.raises(SystemExit) as exc:
-        main(args)
+        main([*args, "--telemetry"])
     assert exc.value.code == 0
-    assert "nats bought" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nats bought" in out and "nats on their own chunk" in out
     folder = tmp_path / "r" / "eval"
+    telemetry = pl.read_parquet(folder / "inner_loop_T128.parquet")  # and its figure
+    assert len(telemetry) == 128 // 16 and (folder / "inner_loop_T128.png").exists()
     on, off = (
         pl.read_parquet(folder / f"nll_by_position_T128{s}.parquet") for s in ("", "_noinner")
     )
@@ -229,6 +232,10 @@ def test_eval_without_the_test_time_updates(train_cfg, tmp_path, capsys):
         main(["eval", str(tmp_path / "f"), "--no-inner"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "only ttt_e2e has test-time updates" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(tmp_path / "f"), "--telemetry"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "only ttt_e2e has an inner loop" in err
     assert not list((tmp_path / "f" / "eval").glob("*_T*.parquet"))  # refused before any work
 
 

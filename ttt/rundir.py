@@ -72,6 +72,10 @@ class RunDir:
         suffix = ("" if seq_len is None else f"_T{seq_len}") + ("" if inner else "_noinner")
         return self.eval_dir / f"nll_by_position{suffix}.parquet"
 
+    def telemetry_table(self, seq_len: int) -> Path:
+        """Each inner step's losses, gradient norms and update size (`--telemetry`)."""
+        return self.eval_dir / f"inner_loop_T{seq_len}.parquet"
+
     def inner_split_figure(self, seq_len: int) -> Path:
         """NLL by position with and without the test-time updates, and their difference."""
         return self.eval_dir / f"inner_split_T{seq_len}.png"

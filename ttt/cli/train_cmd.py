@@ -135,6 +135,12 @@ def evaluate(
     tokenizer: str = typer.Option(
         None, "--tokenizer", help="tokenizer.json for --task niah (default: the dataset's)."
     ),
+    telemetry: bool = typer.Option(
+        False,
+        "--telemetry",
+        help="ttt_e2e: each inner step's losses (its chunk, the next), gradient norms and "
+        "update size, by chunk and layer (eval/inner_loop_T*.parquet and .png).",
+    ),
     no_inner: bool = typer.Option(
         False,
         "--no-inner",
@@ -146,8 +152,9 @@ def evaluate(
     or needle-in-a-haystack accuracy (--task niah)."""
     if task not in ("loss", "niah"):
         raise UserError(f"--task={task!r}: allowed are loss, niah")
-    if no_inner and (task == "niah" or tokens is not None):
-        raise UserError("--no-inner: only with --task loss over the validation split")
+    for flag, value in (("--no-inner", no_inner), ("--telemetry", telemetry)):
+        if value and (task == "niah" or tokens is not None):
+            raise UserError(f"{flag}: only with --task loss over the validation split")
     if task == "niah":
         for flag, value in (("--tokens", tokens), ("--out", out), ("--max-batches", max_batches),
                             ("--batch-size", batch_size)):  # fmt: skip
@@ -180,6 +187,8 @@ def evaluate(
         raise UserError("--out: only with --tokens")
     uri = optional_uri(tracking_uri)
     for t in seq_len or [None]:
+        if telemetry:  # first: a run without an inner loop is refused before any work
+            _telemetry(run_dir, t, max_batches, batch_size)
         evaluated = []
         # without the updates first: a run that has none is refused before any work
         for inner in (False, True) if no_inner else (True,):
@@ -196,6 +205,23 @@ def evaluate(
                 log_evaluation(uri, experiment, run_dir, summary, path)
         if no_inner:
             _inner_split(run_dir, evaluated)
+
+
+def _telemetry(run_dir: Path, seq_len, max_batches, batch_size) -> None:
+    from analysis.figures import inner_loop_by_chunk
+    from ttt.train.evaluate_run import inner_telemetry_run
+
+    path, table = inner_telemetry_run(run_dir, seq_len, max_batches, batch_size)
+    png = inner_loop_by_chunk(table, path.with_suffix(".png"), f"{run_dir}: inner loop by chunk")
+    import numpy as np
+
+    chunks = table.filter(table["layer"] == table["layer"].min())  # losses: one row a chunk
+    own = np.nanmean(chunks["loss_before"] - chunks["loss_after"])
+    ahead = np.nanmean(chunks["next_before"] - chunks["next_after"])  # the last has no next
+    typer.echo(
+        f"inner steps: {own:+.4f} nats on their own chunk, {ahead:+.4f} on the next "
+        f"(mean over chunks); {path}, {png}"
+    )
 
 
 def _inner_split(run_dir: Path, evaluated: list) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,9 @@ from ttt.rundir import RunDir, require_bos
 from ttt.train.checkpoint import load_params, read_run_info
 from ttt.train.evaluate import EvalResult, evaluate
 from ttt.train.step import batch_putter, data_mesh, make_eval_step, replicated
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 @dataclass
@@ -119,6 +123,64 @@ def evaluate_run(
     path = RunDir(run_dir).nll_table(cfg.data.seq_len, inner)
     result, summary = evaluate_weights(run, path, max_batches, inner)
     return result, path, summary
+
+
+def inner_telemetry_run(
+    run_dir: str | Path,
+    seq_len: int | None = None,
+    max_batches: int | None = None,
+    batch_size: int | None = None,
+) -> tuple[Path, pl.DataFrame]:
+    """`ttt eval --telemetry`: each inner step of a ttt_e2e run's latest weights over the
+    validation batches evaluation reads (`ttt.model.telemetry`), averaged over the
+    sequences: one row per (chunk, TTT layer). Written to RUN/eval/inner_loop_T*.parquet."""
+    import polars as pl
+
+    from ttt.model.kernels import resolve
+    from ttt.model.telemetry import LOSSES, PER_LAYER, inner_telemetry
+
+    overrides = {"data.seq_len": seq_len} if seq_len is not None else {}
+    if batch_size is not None:
+        overrides.update({"data.batch_size": batch_size, "train.grad_accum": 1})
+    cfg = run_config(run_dir, overrides, **{"data.seq_len": "--seq-len"})
+    if cfg.model.mixer != "ttt_e2e":
+        raise UserError(
+            f"--telemetry: {run_dir} is a {cfg.model.mixer} run; only ttt_e2e has an inner loop"
+        )
+    run = load_weights(cfg, run_dir)
+    split = open_split(cfg.data.source, "val", cfg.data.cache_dir)
+    check_bos(run, split)
+    val = Loader(split, cfg.data.seq_len, cfg.data.batch_size, shuffle=False, name="--seq-len")
+    kernels = resolve(cfg, first_order=True)
+
+    @jax.jit
+    def measure(params, batch):
+        inputs, targets, mask = batch
+        model = nnx.merge(run.graphdef, params)
+        eta = jnp.float32(cfg.ttt.inner_lr)
+        return inner_telemetry(model, inputs, targets, mask, eta, cfg.ttt, kernels)
+
+    put = batch_putter(data_mesh())
+    batches = min(max_batches or cfg.train.eval_batches, max(val.num_samples // val.batch_size, 1))
+    parts = []
+    for i in range(batches):
+        inputs, targets, mask = val.batch_at(i * val.batch_size)
+        out = jax.device_get(measure(run.params, put((inputs, targets, mask))))
+        parts.append({k: np.asarray(v, np.float64) for k, v in out.items()})
+    stats = {k: np.concatenate([p[k] for p in parts]).mean(0) for k in parts[0]}
+    chunks, layers = stats["grad_norm"].shape
+    table = pl.DataFrame(
+        {
+            "chunk": np.repeat(np.arange(chunks), layers),
+            "layer": np.tile(np.arange(cfg.model.layers - layers, cfg.model.layers), chunks),
+            **{k: np.repeat(stats[k], layers) for k in LOSSES},
+            **{k: stats[k].reshape(-1) for k in PER_LAYER},
+        }
+    ).with_columns(seq_len=pl.lit(cfg.data.seq_len), step=pl.lit(run.step))
+    path = RunDir(run_dir).telemetry_table(cfg.data.seq_len)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.write_parquet(path)
+    return path, table
 
 
 @dataclass

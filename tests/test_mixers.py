@@ -82,13 +82,13 @@ def same_as_loop(chunked, loop, args, s0, pick):
         return lambda *xs: jnp.sum(jnp.sin(fn(*xs)[0])) + jnp.sum(fn(*xs)[1] ** 2)
 
     every = tuple(range(len(args)))
-    got = jax.grad(loss(chunked), argnums=every)(*args)
-    want = jax.grad(loss(looped), argnums=every)(*args)
+    got = jax.jit(jax.grad(loss(chunked), argnums=every))(*args)
+    want = jax.jit(jax.grad(loss(looped), argnums=every))(*args)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-9)
 
 
-@pytest.mark.parametrize("chunk", [5, 64])  # several chunks, the last padded; one
+@pytest.mark.parametrize("chunk", [5, 16])  # 37 tokens: 8 chunks or 3, the last padded
 def test_gated_delta_chunked_equals_the_recurrence(chunk):
     with jax.enable_x64(True):
         *args, s0 = gdn_inputs()
@@ -97,7 +97,7 @@ def test_gated_delta_chunked_equals_the_recurrence(chunk):
         same_as_loop(chunked, gated_delta_loop, args, s0, pick)
 
 
-@pytest.mark.parametrize("chunk", [5, 64])
+@pytest.mark.parametrize("chunk", [5, 16])
 def test_ssd_chunked_equals_the_recurrence(chunk):
     with jax.enable_x64(True):
         *args, s0 = ssd_inputs()

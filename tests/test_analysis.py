@@ -248,16 +248,18 @@ K = 1024
 # Each shipped spec, the figure it exists for, and the points (x value per line) that its
 # runs must draw. The stores are the runs each spec logs (`spec_like`: every grid point,
 # seed and stage, with the params and stage tags the sweep callback writes).
+# Fig 1's baselines, which the context specs train beside TTT-E2E
+FIG1 = ("full", "swa", "hybrid", "gated_deltanet", "mamba2")
 SPEC_FIGURES = {
     "context_scaling": (
         "fig1_context_length",
         "data.seq_len",
-        {m: {8 * K, 16 * K, 32 * K, 64 * K, 128 * K} for m in ("full", "swa", "ttt_e2e")},
+        {m: {8 * K, 16 * K, 32 * K, 64 * K, 128 * K} for m in (*FIG1, "ttt_e2e")},
     ),
     "small_scale": (
         "fig1_context_length",
         "data.seq_len",
-        {m: {256, K} for m in ("full", "swa", "ttt_e2e", "ttt_e2e (meta off)")},
+        {m: {256, K} for m in (*FIG1, "ttt_e2e", "ttt_e2e (meta off)")},
     ),
     "ttt_layers_ablation": (
         "fig4_ttt_layers",

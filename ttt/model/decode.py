@@ -29,7 +29,14 @@ from ttt.model.kernels import Kernels, resolve
 from ttt.model.layers import FastParam
 from ttt.model.loop import Suffix, carry_window, hidden_nll, suffix_loop
 from ttt.model.recurrent import RecurrentState
-from ttt.model.transformer import TTTModel, full_layers, scan_blocks, scan_cached, split_layers
+from ttt.model.transformer import (
+    TTTModel,
+    attention_window,
+    full_layers,
+    scan_blocks,
+    scan_cached,
+    split_layers,
+)
 from ttt.shapes import RECURRENT
 
 
@@ -88,7 +95,7 @@ class Decoder:
         m = cfg.model
         self.ttt = m.mixer == "ttt_e2e"
         self.chunk = cfg.ttt.chunk if self.ttt else 1
-        self.window = None if m.mixer in ("full", *RECURRENT) else m.window
+        self.window = attention_window(m)
         self.full = full_layers(m)  # hybrid: the layers that attend fully
         self.recurrent = m.mixer in RECURRENT
         self.prefix_size = max_len if self.window is None or self.full is not None else self.window

@@ -157,14 +157,23 @@ class Suffix:
         nll = hidden_nll(self.model, x, targets)
         return masked_mean(nll, mask), (nll, kv)
 
+    def grad(self, fast, cache, h, positions, targets, mask):
+        """A chunk's loss, NLL and (k, v) with `fast`, and the gradient of that loss."""
+        grad_fn = jax.value_and_grad(self.chunk_loss, has_aux=True)
+        (loss, (nll, kv)), g = grad_fn(fast, cache, h, positions, targets, mask)
+        return loss, nll, kv, g
+
+    @staticmethod
+    def step(fast, g, inner_lr, ttt: TTTConfig):
+        """`fast - inner_lr * clip(g)`, and the clipped gradient."""
+        g = clip_by_global_norm(g, ttt.inner_clip)
+        return jax.tree.map(lambda w, gw: w - (inner_lr * gw).astype(w.dtype), fast, g), g
+
     def update(self, fast, cache, h, positions, targets, mask, inner_lr, ttt: TTTConfig):
         """One inner step on a chunk: its loss and NLL with `fast` (before the update, so
         prediction stays causal), then `fast - inner_lr * clip(grad)`."""
-        grad_fn = jax.value_and_grad(self.chunk_loss, has_aux=True)
-        (loss, (nll, kv)), g = grad_fn(fast, cache, h, positions, targets, mask)
-        g = clip_by_global_norm(g, ttt.inner_clip)
-        fast = jax.tree.map(lambda w, gw: w - (inner_lr * gw).astype(w.dtype), fast, g)
-        return fast, loss, nll, kv
+        loss, nll, kv, g = self.grad(fast, cache, h, positions, targets, mask)
+        return self.step(fast, g, inner_lr, ttt)[0], loss, nll, kv
 
 
 def inner_loop_nll(
@@ -179,16 +188,20 @@ def inner_loop_nll(
     """Per-token NLL (B, T) under test-time training, and each sequence's loss (B,):
     the mean of its chunk losses. The prefix blocks run once over the whole sequences;
     the chunks attend with `kernels.chunk`."""
-    positions = jnp.arange(inputs.shape[-1])
-    h = scan_blocks(
+    h = prefix_hidden(model, inputs, kernels)
+    return suffix_loop(model, h, targets, mask, inner_lr, ttt, kernels)
+
+
+def prefix_hidden(model: TTTModel, inputs: jax.Array, kernels: Kernels = DENSE) -> jax.Array:
+    """ttt_e2e's prefix blocks once over whole sequences (SWA): the suffix's input."""
+    return scan_blocks(
         model.prefix,
         model.embed_tokens(inputs),
-        positions,
+        jnp.arange(inputs.shape[-1]),
         model.cfg.window,
         kernels.sequence,
         kernels.remat == "block",
     )
-    return suffix_loop(model, h, targets, mask, inner_lr, ttt, kernels)
 
 
 def suffix_loop(

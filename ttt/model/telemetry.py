@@ -26,8 +26,8 @@ from flax import nnx
 from ttt.config import TTTConfig
 from ttt.model.kernels import DENSE, Kernels
 from ttt.model.layers import FastParam
-from ttt.model.loop import Suffix, carry_window, clip_by_global_norm
-from ttt.model.transformer import TTTModel, scan_blocks
+from ttt.model.loop import Suffix, carry_window, prefix_hidden
+from ttt.model.transformer import TTTModel
 
 LOSSES = ("loss_before", "loss_after", "next_before", "next_after")
 PER_LAYER = ("grad_norm", "clipped_grad_norm", "update_rel")
@@ -53,7 +53,7 @@ def inner_telemetry(
     seq_len, chunk, window = inputs.shape[-1], ttt.chunk, model.cfg.window
     n_chunks = seq_len // chunk
     positions = jnp.arange(seq_len)
-    h = scan_blocks(model.prefix, model.embed_tokens(inputs), positions, window, kernels.sequence)
+    h = prefix_hidden(model, inputs, kernels)
     graphdef, fast0, slow = nnx.split(model.suffix, FastParam, ...)
     suffix = Suffix(model, graphdef, slow, kernels)
     layers, heads = model.cfg.ttt_layers, model.cfg.heads
@@ -63,10 +63,8 @@ def inner_telemetry(
         fast, ck, cv, cpos = carry
         (h_c, pos_c, tgt_c, mask_c), (h_n, pos_n, tgt_n, mask_n), has_next = xs
         cache = (ck, cv, cpos)
-        grad_fn = jax.value_and_grad(suffix.chunk_loss, has_aux=True)
-        (before, (_, (k_new, v_new))), g = grad_fn(fast, cache, h_c, pos_c, tgt_c, mask_c)
-        clipped = clip_by_global_norm(g, ttt.inner_clip)
-        new = jax.tree.map(lambda w, gw: w - (inner_lr * gw).astype(w.dtype), fast, clipped)
+        before, _, (k_new, v_new), g = suffix.grad(fast, cache, h_c, pos_c, tgt_c, mask_c)
+        new, clipped = suffix.step(fast, g, inner_lr, ttt)
         after, _ = suffix.chunk_loss(new, cache, h_c, pos_c, tgt_c, mask_c)
         ck, cv = carry_window(ck, k_new, axis=1), carry_window(cv, v_new, axis=1)
         cpos = carry_window(cpos, pos_c, axis=0)

@@ -23,6 +23,12 @@ def compute_dtype(cfg: ModelConfig):
     return jnp.dtype(cfg.compute_dtype)
 
 
+def attention_window(cfg: ModelConfig) -> int | None:
+    """The attention layers' sliding window (the SWA layers' for `hybrid`); None for
+    full attention and for the recurrent mixers, which have no window."""
+    return None if cfg.mixer in ("full", *RECURRENT) else cfg.window
+
+
 def full_layers(cfg: ModelConfig):
     """`hybrid`: a bool per layer, True for full attention (every `full_every`-th layer,
     the paper's 5 SWA : 1 full at 6); None for every other mixer."""
@@ -68,7 +74,7 @@ class TTTModel(nnx.Module):
     @property
     def window(self) -> int | None:
         """The sliding window of the attention layers (of the SWA layers for `hybrid`)."""
-        return None if self.cfg.mixer in ("full", *RECURRENT) else self.cfg.window
+        return attention_window(self.cfg)
 
     @property
     def full_layers(self):

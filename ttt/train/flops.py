@@ -22,7 +22,7 @@ F_prefix + 3 F_suffix.
 from __future__ import annotations
 
 from ttt.config import Config
-from ttt.model.transformer import full_layers, split_layers
+from ttt.model.transformer import attention_window, full_layers, split_layers
 from ttt.shapes import RECURRENT, gdn_dims, mamba_dims, mixer_params
 
 
@@ -57,7 +57,7 @@ def layer_keys(cfg: Config) -> list[float]:
     if m.mixer in RECURRENT:
         return [0.0] * m.layers
     full = full_layers(m)
-    window = None if m.mixer == "full" else m.window
+    window = attention_window(m)
     return [mean_keys(t, None if full is not None and full[i] else window) for i in range(m.layers)]
 
 

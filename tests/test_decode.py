@@ -16,11 +16,16 @@ from ttt.model.loop import sequence_nll
 BOS, T = 256, 64
 
 
+# Table 1's multi-head rung: fast weights in every block, split into heads
+MULTIHEAD = "ttt_e2e:model.ttt_layers=4,model.fast_heads=4"
+
+
 def setup(mixer: str, inner_lr: float = 1.0):
+    mixer, _, extra = mixer.partition(":")
     cfg = load_config(
         "pico",
         [f"model.mixer={mixer}", "model.window=24", "ttt.chunk=16", f"data.seq_len={T}"]
-        + [f"ttt.inner_lr={inner_lr}"],
+        + [f"ttt.inner_lr={inner_lr}", *filter(None, extra.split(","))],
     )
     model = create_model(cfg.model, seed=1)
     tokens = np.random.default_rng(0).integers(0, 256, T + 1).astype(np.int32)
@@ -53,7 +58,10 @@ def teacher_forced(cfg, model, tokens, prompt_len: int, dec=None) -> np.ndarray:
     return np.asarray(got)
 
 
-@pytest.mark.parametrize("mixer", ["full", "swa", "hybrid", "gated_deltanet", "mamba2", "ttt_e2e"])
+@pytest.mark.parametrize(
+    "mixer",
+    ["full", "swa", "hybrid", "gated_deltanet", "mamba2", "ttt_kvb", "ttt_e2e", MULTIHEAD],
+)
 def test_teacher_forced_decoding_equals_eval(mixer):
     """Prompts of 1 token (all decoded), a whole chunk, one past it and mid-chunk."""
     cfg, model, tokens = setup(mixer)

@@ -161,7 +161,9 @@ def test_hybrid_attends_fully_in_every_kth_layer():
 
 
 @pytest.mark.parametrize("preset", ["pico", "nano", "125m", "1b"])
-@pytest.mark.parametrize("mixer", ["full", "swa", "hybrid", "gated_deltanet", "mamba2", "ttt_e2e"])
+@pytest.mark.parametrize(
+    "mixer", ["full", "swa", "hybrid", "gated_deltanet", "mamba2", "ttt_kvb", "ttt_e2e"]
+)
 def test_parameter_formula_is_the_built_model_and_baselines_match(mixer, preset):
     import math
 

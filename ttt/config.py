@@ -18,7 +18,9 @@ import yaml
 from ttt.errors import UserError
 from ttt.shapes import RECURRENT, matched_mlp
 
-MIXERS = ("full", "swa", "hybrid", "gated_deltanet", "mamba2", "ttt_e2e")
+MIXERS = ("full", "swa", "hybrid", "gated_deltanet", "mamba2", "ttt_kvb", "ttt_e2e")
+KVB_LOSSES = ("mse", "dot")
+KVB_OUTPUTS = ("query", "key")
 DTYPES = ("auto", "float32", "bfloat16", "float64")
 REMAT = ("none", "block", "inner")
 ATTENTION = ("auto", "dense", "xla", "cudnn")
@@ -35,6 +37,20 @@ class ModelConfig:
     ttt_layers: int = 1  # final blocks that carry a prime MLP and learn at test time
     full_every: int = 6  # hybrid: every k-th layer attends fully, the rest within `window`
     ssm_state: int = 128  # mamba2: the state size N of each head
+    # ttt_kvb (docs/ladder.md): fast-weight heads beside SWA in every block, trained at
+    # test time on a layer-local key-value binding loss, `mse` ||g(k) - v||^2 (the
+    # paper's) or `dot` -<g(k), v> (LaCT's code); the output reads g(q) (`query`) or, the
+    # simplified output, the inner loss's own prediction g(k) (`key`); `kvb_lr` is the
+    # per-token inner LR at initialisation (learned); `kvb_chunk` tokens per update, 0:
+    # ttt.chunk.
+    kvb_loss: str = "mse"
+    kvb_output: str = "query"
+    kvb_lr: float = 0.01
+    kvb_chunk: int = 0
+    # ttt_e2e: 0 = each TTT block's prime MLP is one regular MLP (the paper's TTT-E2E);
+    # h >= 1 = it is split into h heads of width/h, each its own SwiGLU (Table 1's
+    # "all layers, multi-head" rung, with model.ttt_layers = model.layers).
+    fast_heads: int = 0
     layers: int = 4
     width: int = 64
     heads: int = 4
@@ -371,10 +387,14 @@ def load_config(
             _set(tree, f"{section}.{name}", value)
     for key, value in user.items():
         _set(tree, key, value)
-    mixer = tree.get("model", {}).get("mixer", ModelConfig.mixer)
-    if "model.mlp" not in user and mixer == "ttt_e2e":
+    model = tree.get("model", {})
+    mixer = model.get("mixer", ModelConfig.mixer)
+    fast_heads = model.get("fast_heads", ModelConfig.fast_heads)
+    if "model.mlp" not in user and mixer == "ttt_e2e" and not fast_heads:
         tree["model"]["mlp"] = spec["mlp_ttt"]
-    matched = "model.mlp" not in user and mixer in RECURRENT
+    # Every other mixer with weights beyond attention's gets the MLP that gives the
+    # whole model `full`'s parameter count (as the paper does for each baseline).
+    matched = "model.mlp" not in user and (mixer in (*RECURRENT, "ttt_kvb") or fast_heads)
     built = {}
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
@@ -384,7 +404,11 @@ def load_config(
         }
         built[section] = cls(**kwargs)
     cfg = Config(preset=preset, **built)
-    if matched:  # the baseline's block as large as attention's (the paper's matching)
+    if cfg.model.kvb_chunk == 0:  # ttt_kvb's chunk follows the inner loop's
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, kvb_chunk=cfg.ttt.chunk)
+        )
+    if matched:  # the baseline as large as full attention (the paper's matching)
         validate(cfg, backend)  # first: the formula needs valid shapes
         cfg = cfg.replace(**{"model.mlp": matched_mlp(cfg.model)})
     validate(cfg, backend)
@@ -441,6 +465,20 @@ def validate(cfg: Config, backend: str | None = None) -> None:
         _up_to_layers(m, "full_every", 1, "every k-th layer attends fully")
     _need(m.ssm_state >= 1, "model.ssm_state", m.ssm_state, "must be a positive integer")
     _up_to_layers(m, "ttt_layers", 1 if m.mixer == "ttt_e2e" else 0)
+    _one_of("model.kvb_loss", m.kvb_loss, KVB_LOSSES)
+    _one_of("model.kvb_output", m.kvb_output, KVB_OUTPUTS)
+    _need(m.kvb_lr > 0, "model.kvb_lr", m.kvb_lr, "must be > 0")
+    _need(m.kvb_chunk >= 1, "model.kvb_chunk", m.kvb_chunk, "must be a positive integer")
+    _need(m.fast_heads >= 0, "model.fast_heads", m.fast_heads, "must be >= 0 (0: one MLP)")
+    if m.fast_heads:
+        _need(m.mixer == "ttt_e2e", "model.fast_heads", m.fast_heads, "needs model.mixer=ttt_e2e")
+        for name in ("width", "mlp"):
+            _need(
+                getattr(m, name) % m.fast_heads == 0,
+                "model.fast_heads",
+                m.fast_heads,
+                f"must divide model.{name}={getattr(m, name)}",
+            )
     _one_of("model.param_dtype", m.param_dtype, ("float32", "float64"))
     _one_of("model.compute_dtype", m.compute_dtype, DTYPES)
     _one_of("model.remat", m.remat, REMAT)

@@ -11,6 +11,7 @@ CONV = 4  # the recurrent layers' short convolution (both authors' default)
 GDN_EXPAND_K, GDN_EXPAND_V = 0.75, 1.5  # Gated DeltaNet: key and value widths over d
 MAMBA_EXPAND, MAMBA_HEAD = 2, 64  # Mamba 2: inner width over d, channels per head
 RECURRENT = ("gated_deltanet", "mamba2")
+KVB_EXPAND = 1  # ttt_kvb: each fast-weight head's hidden width over its head width
 MLP_MULTIPLE = 8  # a matched MLP's hidden size is a multiple of this
 
 
@@ -48,13 +49,33 @@ def mixer_params(m) -> int:
         # in-projection (z, x, B, C, dt); convolution and its bias; A_log, dt_bias, D;
         # the gated norm; the out-projection
         return d * (2 * inner + 2 * n + h) + (CONV + 1) * conv + 3 * h + inner + inner * d
-    return 4 * d * d + 2 * (d // m.heads)  # q, k, v, o and the QK-norm scales
+    attention = 4 * d * d + 2 * (d // m.heads)  # q, k, v, o and the QK-norm scales
+    if m.mixer == "ttt_kvb":
+        h, hd, f = kvb_dims(m)
+        # the initial fast weights (a SwiGLU per head), the per-token LR projection and
+        # the fast output's per-head norm
+        return attention + 3 * h * hd * f + d * h + hd
+    return attention
+
+
+def kvb_dims(m) -> tuple[int, int, int]:
+    """ttt_kvb's fast weights: (heads, width per head, hidden width per head); the
+    attention's heads, as in LaCT."""
+    hd = m.width // m.heads
+    return m.heads, hd, KVB_EXPAND * hd
+
+
+def prime_params(m) -> int:
+    """A TTT block's prime MLP and its two norms; split into `fast_heads` heads, each
+    head's SwiGLU is (width/h -> mlp/h -> width/h)."""
+    heads = max(m.fast_heads, 1)
+    return 3 * m.width * m.mlp // heads + 2 * m.width
 
 
 def block_params(m, prime: bool = False) -> int:
     d = m.width
     mlp = 3 * d * m.mlp + 4 * d  # the MLP and the four norms around mixer and MLP
-    return mixer_params(m) + mlp + (3 * d * m.mlp + 2 * d if prime else 0)
+    return mixer_params(m) + mlp + (prime_params(m) if prime else 0)
 
 
 def model_params(m) -> int:
@@ -67,9 +88,14 @@ def model_params(m) -> int:
 
 
 def matched_mlp(m) -> int:
-    """The MLP hidden size that gives a recurrent mixer's block the parameters of an
-    attention block with MLP `m.mlp` (to a multiple of `MLP_MULTIPLE`)."""
-    attention = 4 * m.width * m.width + 2 * (m.width // m.heads)
-    extra = mixer_params(m) - attention
-    hidden = m.mlp - extra / (3 * m.width)
-    return max(MLP_MULTIPLE, MLP_MULTIPLE * round(hidden / MLP_MULTIPLE))
+    """The MLP hidden size that gives the model the parameters of `full` with MLP
+    `m.mlp` (to a multiple of `MLP_MULTIPLE` and of `fast_heads`, which splits the prime
+    MLP). The count is linear in the MLP width, so two evaluations solve it."""
+    import dataclasses
+    import math
+
+    target = model_params(dataclasses.replace(m, mixer="full"))
+    at = lambda mlp: model_params(dataclasses.replace(m, mlp=mlp))  # noqa: E731
+    step = math.lcm(MLP_MULTIPLE, max(m.fast_heads, 1))
+    hidden = m.mlp + step * (target - at(m.mlp)) / (at(m.mlp + step) - at(m.mlp))
+    return max(step, step * round(hidden / step))

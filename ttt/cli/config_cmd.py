@@ -36,7 +36,7 @@ def show(
 
 def describe_mixer(m) -> str:
     """What the sequence mixer is, with its shapes, and how its size is matched."""
-    from ttt.shapes import RECURRENT, gdn_dims, mamba_dims, mixer_params, model_params
+    from ttt.shapes import RECURRENT, gdn_dims, kvb_dims, mamba_dims, mixer_params, model_params
 
     per_block = f"{mixer_params(m):,} params per block's mixer; MLP {m.mlp}"
     what = {
@@ -45,13 +45,25 @@ def describe_mixer(m) -> str:
         "hybrid": f"SWA (window {m.window}) with full attention in every {m.full_every}th "
         f"layer ({m.layers // m.full_every} of {m.layers})",
         "ttt_e2e": f"SWA (window {m.window}); the last {m.ttt_layers} blocks learn at test "
-        "time (prime MLPs)",
+        "time (prime MLPs"
+        + (f" of {m.fast_heads} heads each)" if m.fast_heads else ")")
+        + "; the inner loss is next-token prediction at the network's end",
     }
+    if m.mixer == "ttt_kvb":
+        h, hd, f = kvb_dims(m)
+        rule = "g(k), the inner loss's own prediction" if m.kvb_output == "key" else "g(q)"
+        loss = "||g(k) - v||^2" if m.kvb_loss == "mse" else "-<g(k), v>"
+        what[m.mixer] = (
+            f"TTT-KVB: SWA (window {m.window}) and, in every block, {h} fast-weight heads "
+            f"(SwiGLU {hd}->{f}->{hd}) trained every {m.kvb_chunk} tokens on {loss}; "
+            f"output {rule}"
+        )
     if m.mixer == "gated_deltanet":
         h, dk, dv = gdn_dims(m)
         what[m.mixer] = f"Gated DeltaNet, {h} heads, keys {dk} and values {dv} per head"
     if m.mixer == "mamba2":
         inner, h, n = mamba_dims(m)
         what[m.mixer] = f"Mamba 2, inner width {inner}, {h} heads of {inner // h}, state {n}"
-    matched = " (MLP matched to attention's block size)" if m.mixer in RECURRENT else ""
+    matched = m.mixer in (*RECURRENT, "ttt_kvb") or m.fast_heads
+    matched = " (MLP matched to full attention's parameter count)" if matched else ""
     return f"{what[m.mixer]}; {per_block}{matched}; formula total {model_params(m):,}"

@@ -26,6 +26,7 @@ from flax import nnx
 
 from ttt.config import Config
 from ttt.model.kernels import Kernels, resolve
+from ttt.model.kvb import FastState
 from ttt.model.layers import FastParam
 from ttt.model.loop import Suffix, carry_window, hidden_nll, suffix_loop
 from ttt.model.recurrent import RecurrentState
@@ -78,6 +79,7 @@ class State:
     chunk_h: jax.Array | None  # (chunk, d): prefix outputs of the current chunk
     chunk_in: jax.Array | None  # (chunk,): its input tokens
     filled: jax.Array | None = None  # positions of the current chunk seen so far
+    kvb: FastState | None = None  # ttt_kvb: every layer's fast state, stacked
 
 
 class Decoder:
@@ -94,7 +96,10 @@ class Decoder:
         self.kernels = kernels or resolve(cfg, first_order=True)
         m = cfg.model
         self.ttt = m.mixer == "ttt_e2e"
-        self.chunk = cfg.ttt.chunk if self.ttt else 1
+        self.kvb = m.mixer == "ttt_kvb"
+        # Prefill whole chunks: ttt_e2e's inner loop and ttt_kvb's fast state then stand
+        # at a chunk boundary, where token-by-token decoding takes over.
+        self.chunk = cfg.ttt.chunk if self.ttt else m.kvb_chunk if self.kvb else 1
         self.window = attention_window(m)
         self.full = full_layers(m)  # hybrid: the layers that attend fully
         self.recurrent = m.mixer in RECURRENT
@@ -137,6 +142,9 @@ class Decoder:
         if self.recurrent:
             return State(self._recurrent(model, n_prefix), None, None, None, None, None, None)
         prefix = self._cache(model, n_prefix, self.prefix_size) if n_prefix else None
+        if self.kvb:  # from the layers' stacked initial weights
+            kvb = model.prefix.attn.empty((), prefix.k.dtype)
+            return State(prefix, None, None, None, None, None, None, kvb=kvb)
         if not self.ttt:
             return State(prefix, None, None, None, None, None, None)
         suffix = self._cache(model, n_suffix, self.window)
@@ -159,6 +167,12 @@ class Decoder:
         if self.recurrent:
             graphdef, layers = nnx.split(model.prefix)
             x, prefix = scan_cached(graphdef, (layers,), x, pos, prefix, self.window)
+        elif self.kvb:
+            graphdef, layers = nnx.split(model.prefix)
+            cache = (prefix.triple, state.kvb)
+            x, ((k, v), kvb) = scan_cached(graphdef, (layers,), x, pos, cache, self.window)
+            prefix = prefix.push(k, v, pos)
+            state = State(prefix, None, None, None, None, None, None, kvb=kvb)
         elif prefix is not None:
             graphdef, layers = nnx.split(model.prefix)
             x, (k, v) = scan_cached(
@@ -173,7 +187,8 @@ class Decoder:
             suffix = suffix.push(k, v, pos)
         logits = model.logits(x)[0].astype(jnp.float32)
         filled = state.filled + 1 if self.ttt else None
-        return State(prefix, suffix, state.start, state.fast, chunk_h, chunk_in, filled), logits
+        new = State(prefix, suffix, state.start, state.fast, chunk_h, chunk_in, filled, state.kvb)
+        return new, logits
 
     def _update_fn(self, params, state: State, token, t):
         """The inner step on the chunk that ends before position t, whose last target is
@@ -224,8 +239,20 @@ class Decoder:
         x = model.embed_tokens(inputs)
         state = self.empty(params)
         prefix = state.prefix
+        kvb = None
         if self.recurrent:
             x, prefix = scan_blocks(model.prefix, x, positions, None, keep=1)
+        elif self.kvb:
+            x, ((k, v), kvb) = scan_blocks(
+                model.prefix,
+                x,
+                positions,
+                self.window,
+                self.kernels.sequence,
+                keep=self.prefix_size,
+            )
+            pos = jnp.arange(n - self.prefix_size, n)
+            prefix = Cache(k, v, jnp.where(pos >= 0, pos, -1).astype(jnp.int32))
         elif prefix is not None:
             x, (k, v) = scan_blocks(
                 model.prefix,
@@ -240,7 +267,7 @@ class Decoder:
             prefix = Cache(k, v, jnp.where(pos >= 0, pos, -1).astype(jnp.int32))
         if not self.ttt:
             nll = hidden_nll(model, x, targets)
-            return State(prefix, None, None, None, None, None, None), nll
+            return State(prefix, None, None, None, None, None, None, kvb=kvb), nll
         mask = targets != self.bos
         nll, _, (fast, ck, cv, cpos) = suffix_loop(
             model,

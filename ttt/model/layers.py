@@ -22,6 +22,11 @@ class FastParam(nnx.Param):
     """A weight the inner loop trains at test time (W1, W2, W3 of a prime MLP)."""
 
 
+class InitialFast(nnx.Param):
+    """ttt_kvb: a fast weight's initial value. Slow (the outer loop learns it); each
+    sequence starts from a copy that its layer trains at test time (`ttt.model.kvb`)."""
+
+
 def _at_least_f32(dtype):
     """fp32 for bf16/fp32 compute, fp64 when a test runs the model in float64."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -165,13 +170,27 @@ class Attention(nnx.Module):
         Returns the output and this call's own (k, v), already normed and rotated, so a
         caller can carry them into the next chunk's cache.
         """
+        out, kv = self.attend(*self.qkv(x), positions, window, kernel, cache)
+        return self.output(out), kv
+
+    def qkv(self, x):
+        """Per head (..., T, H, D): q and k normed (before RoPE), and v."""
         dt = x.dtype
         split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.head_dim)  # noqa: E731
         q = split(x @ self.wq[...].astype(dt))
         k = split(x @ self.wk[...].astype(dt))
         v = split(x @ self.wv[...].astype(dt))
-        q = rope(self.q_norm(q), positions)
-        k = rope(self.k_norm(k), positions)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def output(self, out):
+        """(..., T, H, D) -> (..., T, d) through the output projection."""
+        return out.reshape(*out.shape[:-2], -1) @ self.wo[...].astype(out.dtype)
+
+    @staticmethod
+    def attend(q, k, v, positions, window, kernel, cache):
+        """RoPE, then attention over the sequence or over `cache` and the new keys:
+        (..., T, H, D) per head, and this call's rotated (k, v)."""
+        q, k = rope(q, positions), rope(k, positions)
         if cache is None:  # the whole sequence at positions 0..T-1
             out = attend_sequence(q, k, v, window, kernel)
         else:
@@ -180,7 +199,6 @@ class Attention(nnx.Module):
             v_all = jnp.concatenate([cv, v], axis=-3)
             k_pos = jnp.concatenate([cpos, positions])
             out = attend_cached(q, k_all, v_all, positions, k_pos, window, kernel)
-        out = out.reshape(*out.shape[:-2], -1) @ self.wo[...].astype(dt)
         return out, (k, v)
 
 
@@ -198,6 +216,31 @@ class MLP(nnx.Module):
         return (gate * (x @ self.w3[...].astype(dt))) @ self.w2[...].astype(dt)
 
 
+def head_swiglu(w: dict, x: jax.Array) -> jax.Array:
+    """A SwiGLU per head: w2(silu(w1 x) * w3 x). x: (..., T, H, D); w1, w3: (..., H, D, f);
+    w2: (..., H, f, D), leading dims broadcasting against x's."""
+    dt = x.dtype
+    up = lambda name: jnp.einsum("...thd,...hdf->...thf", x, w[name].astype(dt))  # noqa: E731
+    return jnp.einsum("...thf,...hfd->...thd", jax.nn.silu(up("w1")) * up("w3"), w["w2"].astype(dt))
+
+
+class HeadMLP(nnx.Module):
+    """A prime MLP split into `heads` heads: each slice of width/heads channels has its own
+    SwiGLU (width/heads -> hidden/heads -> width/heads). One head is `MLP` itself."""
+
+    def __init__(self, d: int, hidden: int, heads: int, dtype, rngs: nnx.Rngs, param=nnx.Param):
+        hd, f = d // heads, hidden // heads
+        self.heads = heads
+        self.w1 = param(_normal(rngs, (heads, hd, f), dtype))
+        self.w3 = param(_normal(rngs, (heads, hd, f), dtype))
+        self.w2 = param(_normal(rngs, (heads, f, hd), dtype))
+
+    def __call__(self, x):
+        xh = x.reshape(*x.shape[:-1], self.heads, -1)
+        w = {"w1": self.w1[...], "w2": self.w2[...], "w3": self.w3[...]}
+        return head_swiglu(w, xh).reshape(x.shape)
+
+
 class Block(nnx.Module):
     """The sequence mixer (attention, or a recurrent layer for `gated_deltanet` and
     `mamba2`), then (TTT blocks only) the prime MLP, then the regular MLP."""
@@ -209,11 +252,18 @@ class Block(nnx.Module):
         self.attn_pre, self.attn_post = RMSNorm(d, dtype), RMSNorm(d, dtype)
         if cfg.mixer in RECURRENT:
             self.rnn = RECURRENT[cfg.mixer](cfg, dtype, rngs)
+        elif cfg.mixer == "ttt_kvb":
+            from ttt.model.kvb import KVBAttention
+
+            self.attn = KVBAttention(cfg, dtype, rngs)
         else:
             self.attn = Attention(cfg, dtype, rngs)
         if prime:
             self.prime_pre, self.prime_post = RMSNorm(d, dtype), RMSNorm(d, dtype)
-            self.prime_mlp = MLP(d, cfg.mlp, dtype, rngs, param=FastParam)
+            if cfg.fast_heads:
+                self.prime_mlp = HeadMLP(d, cfg.mlp, cfg.fast_heads, dtype, rngs, FastParam)
+            else:
+                self.prime_mlp = MLP(d, cfg.mlp, dtype, rngs, param=FastParam)
         self.has_prime = prime
         self.mlp_pre, self.mlp_post = RMSNorm(d, dtype), RMSNorm(d, dtype)
         self.mlp = MLP(d, cfg.mlp, dtype, rngs)

@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from ttt.config import ModelConfig
+from ttt.model.kvb import FastState
 from ttt.model.layers import INIT_STD, Block, RMSNorm
 from ttt.model.recurrent import RECURRENT, RecurrentState
 
@@ -122,7 +123,11 @@ def scan_blocks(
         h, kv = _apply(graphdef, (layer_state,), h, positions, window, kernel, None, is_full)
         if not keep:
             return h, None
-        return h, (kv if isinstance(kv, RecurrentState) else jax.tree.map(last, kv))
+        if isinstance(kv, RecurrentState):
+            return h, kv
+        if isinstance(kv[-1], FastState):  # ttt_kvb: the KV cache and the fast state
+            return h, (jax.tree.map(last, kv[0]), kv[1])
+        return h, jax.tree.map(last, kv)
 
     if remat:
         body = jax.checkpoint(body)
@@ -153,7 +158,8 @@ def scan_cached(
     at `positions`, each layer attending over its KV cache `(k, v, k_pos)` too (k, v
     stacked on the layer axis), or, for a recurrent layer, continuing from its state
     (`cache` is then the stacked `RecurrentState`). Returns the output and each layer's
-    new (k, v), or new state. `full`: as for `scan_blocks`."""
+    new (k, v), or new state. `ttt_kvb`: `cache` is `((k, v, k_pos), FastState)`, both
+    stacked on the layer axis, and so is the output. `full`: as for `scan_blocks`."""
     flags = _flags(full, states[0])
     if isinstance(cache, RecurrentState):
 
@@ -162,6 +168,15 @@ def scan_cached(
             return _apply(graphdef, parts, x, positions, window, kernel, layer_cache)
 
         return jax.lax.scan(step, h, (*states, cache, flags))
+    if isinstance(cache[-1], FastState):
+        (ck, cv, cpos), fast = cache
+
+        def kvb_layer(x, xs):
+            *parts, k_l, v_l, fast_l = xs
+            layer_cache = ((k_l, v_l, cpos), fast_l)
+            return _apply(graphdef, parts, x, positions, window, kernel, layer_cache)
+
+        return jax.lax.scan(kvb_layer, h, (*states, ck, cv, fast))
     ck, cv, cpos = cache
 
     def layer(x, xs):

@@ -9,6 +9,9 @@ Counting rules (a multiply-add is 2 FLOPs; only matmuls count):
   its recurrence per token: 6 H d_k d_v for the gated delta rule (read the state for the
   prediction, write, read for the output), 4 * inner * N for Mamba 2 (write, read),
   whatever the context length;
+- a `ttt_kvb` block adds its fast branch: per head and token, 6 D f for the output g(q)
+  and 18 D f for the update (g(k) forward, then backward), plus 2 d H for the LR;
+- a prime MLP split into `fast_heads` heads costs 1/heads of one MLP;
 - the output projection costs 2 d V per token (tied or not);
 - one differentiation triples a computation's cost (forward + 2x backward).
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 from ttt.config import Config
 from ttt.model.transformer import attention_window, full_layers, split_layers
-from ttt.shapes import RECURRENT, gdn_dims, mamba_dims, mixer_params
+from ttt.shapes import RECURRENT, gdn_dims, kvb_dims, mamba_dims, mixer_params
 
 
 def mean_keys(seq_len: int, window: int | None) -> float:
@@ -37,10 +40,14 @@ def mean_keys(seq_len: int, window: int | None) -> float:
 
 def block_flops(cfg: Config, prime: bool, keys: float) -> float:
     d, m = cfg.model.width, cfg.model.mlp
-    mlp = 3 * d * m * (2 if prime else 1)
+    mlp = 3 * d * m * (1 + (1 / max(cfg.model.fast_heads, 1) if prime else 0))
     if cfg.model.mixer in RECURRENT:
         return 2 * (mixer_params(cfg.model) + mlp) + recurrence_flops(cfg)
-    return 2 * (4 * d * d + mlp) + 4 * d * keys
+    fast = 0.0
+    if cfg.model.mixer == "ttt_kvb":
+        h, hd, f = kvb_dims(cfg.model)
+        fast = 24 * h * hd * f + 2 * d * h
+    return 2 * (4 * d * d + mlp) + 4 * d * keys + fast
 
 
 def recurrence_flops(cfg: Config) -> float:

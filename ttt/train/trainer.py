@@ -185,7 +185,7 @@ def _check_shapes(cfg: Config, n_dev: int) -> None:
     """What no step could train: a window past the sequence, a batch the devices and
     accumulation steps do not divide."""
     m, tr = cfg.model, cfg.train
-    if m.mixer in ("swa", "hybrid", "ttt_e2e") and m.window > cfg.data.seq_len:
+    if m.mixer in ("swa", "hybrid", "ttt_kvb", "ttt_e2e") and m.window > cfg.data.seq_len:
         raise UserError(
             f"model.window={m.window}: larger than data.seq_len={cfg.data.seq_len}, so "
             f"every token would see its whole context (full attention); use a window of "

@@ -21,13 +21,14 @@ from analysis import recipes
 from analysis.recipes import Data
 
 PAPER_DIR = Path(__file__).parent / "paper"
-# The paper's method names -> the project's (`ttt_kvb` has no mixer here yet).
+# The paper's method names -> the project's.
 PAPER_METHOD = {
     "full_attention": "full",
     "swa": "swa",
     "hybrid_swa_full_5to1": "hybrid",
     "gated_deltanet": "gated_deltanet",
     "mamba2": "mamba2",
+    "ttt_kvb": "ttt_kvb",
     "ttt_e2e": "ttt_e2e",
 }
 COLORS = {
@@ -36,6 +37,9 @@ COLORS = {
     "hybrid": "tab:brown",
     "gated_deltanet": "tab:purple",
     "mamba2": "tab:pink",
+    "ttt_kvb": "tab:olive",
+    recipes.KVB_SIMPLIFIED: "tab:cyan",
+    recipes.MULTIHEAD: "tab:gray",
     "ttt_e2e": "tab:green",
     "ttt_e2e (meta off)": "tab:red",
 }
@@ -96,6 +100,7 @@ PAPER_MARKER = {
     "hybrid": "v",
     "gated_deltanet": "D",
     "mamba2": "P",
+    "ttt_kvb": "X",
     "ttt_e2e": "*",
 }
 
@@ -235,6 +240,38 @@ def _token_index(t):
         title="Loss by token index (faint: per position; bold: log-binned)",
     )
     ax.legend(fontsize=7)
+    return fig
+
+
+def _ladder(t):
+    """Table 1 as two panels of rungs: this store's loss minus SWA's (seed mean, min/max
+    bars) and the paper's 760M numbers minus its SWA's; a rung is a step to the right."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    names = t["method"].to_list()
+    x = list(range(len(names)))
+    swa = t.filter(pl.col("method") == "swa")["mean"]
+    base = swa[0] if swa.len() else 0.0
+    err = [
+        [m - lo for m, lo in zip(t["mean"], t["min"], strict=True)],
+        [hi - m for m, hi in zip(t["mean"], t["max"], strict=True)],
+    ]
+    colors = [COLORS.get(n, "gray") for n in names]
+    a.errorbar(x, t["mean"] - base, yerr=err, fmt="none", ecolor="black", capsize=4)
+    a.scatter(x, t["mean"] - base, c=colors, s=60, zorder=3)
+    runs = int(t["runs"].min())
+    a.set(ylabel="loss minus SWA's (nats)", title=f"This store ({runs}+ seeds per rung)")
+    if "paper_loss" in t.columns and t["paper_loss"].is_not_null().any():
+        p_swa = t.filter(pl.col("method") == "swa")["paper_loss"]
+        ref = p_swa[0] if p_swa.len() else 0.0
+        b.scatter(x, t["paper_loss"] - ref, c=colors, s=60, marker="D")
+        for i, v in zip(x, t["paper_loss"], strict=True):
+            if v is not None:
+                b.annotate(f"{v:.3f}", (i, v - ref), textcoords="offset points", xytext=(0, 6),
+                           ha="center", fontsize=7)  # fmt: skip
+    b.set(ylabel="loss minus SWA's (nats)", title="The paper, 760M, DCLM 8K (Table 1)")
+    for ax in (a, b):
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(x, [n.replace(" (", "\n(") for n in names], fontsize=7)
     return fig
 
 
@@ -379,6 +416,12 @@ FIGURES: dict[str, Figure] = {
             lambda d: recipes.latency(d, "train"),
             _latency("Training latency", None),
             "ttt bench train PRESET data.seq_len=T --tracking-uri URI",
+        ),
+        Figure(
+            "table1_ladder",
+            lambda d: recipes.ladder(d, paper("table1_760m.csv")),
+            _ladder,
+            "sweeps/table1_ladder.yaml (or sweeps/ladder_small.yaml on a CPU)",
         ),
         Figure(
             "fig4_window",

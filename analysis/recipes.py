@@ -66,15 +66,35 @@ class Data:
         return token_nll(self.tracking_uri, list(run_ids))
 
 
+# Table 1's rungs other than a mixer's own name (docs/ladder.md).
+KVB_SIMPLIFIED = "ttt_kvb (simplified output)"
+MULTIHEAD = "ttt_e2e (all layers, multi-head)"
+
+
 def with_method(frame: pl.DataFrame) -> pl.DataFrame:
-    """`method`: the mixer, with meta-learning off marked (TTT-naive)."""
+    """`method`: the mixer, with meta-learning off marked (TTT-naive) and Table 1's rungs
+    named: TTT-KVB's simplified output, and TTT-E2E's multi-head prime MLPs ("all
+    layers" when every block has them)."""
     if frame.is_empty() or "model.mixer" not in frame.columns:
         return frame.with_columns(pl.lit(None, pl.String).alias("method"))
-    meta = pl.col("ttt.meta") if "ttt.meta" in frame.columns else pl.lit(True)
+
+    def col(name, default):
+        return pl.col(name) if name in frame.columns else pl.lit(default)
+
+    mixer = pl.col("model.mixer")
+    e2e = mixer == "ttt_e2e"
+    heads = col("model.fast_heads", 0).cast(pl.Int64, strict=False).fill_null(0)
+    all_layers = col("model.ttt_layers", None) == col("model.layers", None)
     return frame.with_columns(
-        pl.when((pl.col("model.mixer") == "ttt_e2e") & (meta == False))  # noqa: E712
+        pl.when(e2e & (col("ttt.meta", True) == False))  # noqa: E712
         .then(pl.lit("ttt_e2e (meta off)"))
-        .otherwise(pl.col("model.mixer"))
+        .when(e2e & (heads > 0) & all_layers.fill_null(False))
+        .then(pl.lit(MULTIHEAD))
+        .when(e2e & (heads > 0))
+        .then(pl.lit("ttt_e2e (multi-head)"))
+        .when((mixer == "ttt_kvb") & (col("model.kvb_output", "query") == "key"))
+        .then(pl.lit(KVB_SIMPLIFIED))
+        .otherwise(mixer)
         .alias("method")
     )
 
@@ -204,6 +224,39 @@ def niah(data: Data):
     if frame.is_empty():
         return None
     return aggregate(frame, ["niah.task", "method", "data.seq_len"], "niah_accuracy")
+
+
+# Table 1 from SWA to TTT-E2E, each rung with the name the paper's table gives it.
+LADDER = {
+    "swa": "swa_k8k",
+    "ttt_kvb": "ttt_kvb",
+    KVB_SIMPLIFIED: "ttt_kvb_simplified_output",
+    MULTIHEAD: "ttt_e2e_all_layers_multihead",
+    "ttt_e2e": "ttt_e2e",
+}
+
+
+def ladder(data: Data, paper: pl.DataFrame | None = None):
+    """Table 1: each rung's final loss (seed mean, min, max) in the paper's order, its
+    difference to SWA's, and the paper's 760M number for the rung beside it."""
+    frame = finished(data.runs)
+    if frame.is_empty():
+        return None
+    frame = hold_others(frame.filter(pl.col("method").is_in(list(LADDER))), [])
+    table = aggregate(frame, ["method"])
+    if table.height < 2:
+        return None
+    order = pl.DataFrame(
+        {"method": list(LADDER), "rung": range(len(LADDER)), "variant": list(LADDER.values())}
+    )
+    table = order.join(table, on="method", how="inner").sort("rung")
+    swa = table.filter(pl.col("method") == "swa")["mean"]
+    table = table.with_columns(
+        (pl.col("mean") - (swa[0] if swa.len() else None)).alias("delta_swa")
+    )
+    if paper is not None:
+        table = table.join(paper.rename({"loss": "paper_loss"}), on="variant", how="left")
+    return table
 
 
 def window(data: Data):

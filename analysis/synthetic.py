@@ -113,7 +113,11 @@ def quickstart_like(tracking_uri: str, experiment: str = "quickstart", seeds=(0,
 _METHOD_OFFSET = {
     "full": 0.0,
     "ttt_e2e": 0.01,
+    "ttt_e2e (all layers, multi-head)": 0.011,
+    "ttt_e2e (multi-head)": 0.012,
     "hybrid": 0.02,
+    "ttt_kvb": 0.022,
+    "ttt_kvb (simplified output)": 0.023,
     "ttt_e2e (meta off)": 0.04,
     "gated_deltanet": 0.05,
     "swa": 0.06,
@@ -122,9 +126,9 @@ _METHOD_OFFSET = {
 
 
 def model_loss(flat: dict, seed: int = 0) -> float:
-    method = flat["model.mixer"]
-    if method == "ttt_e2e" and not flat.get("ttt.meta", True):
-        method = "ttt_e2e (meta off)"
+    from analysis.recipes import with_method
+
+    method = with_method(pl.DataFrame([flat]))["method"][0]
     context = np.log2(flat["data.seq_len"] / 1024)
     width = np.log2(flat["model.width"] * flat["model.layers"])
     gap = _METHOD_OFFSET[method] * (1 + 0.1 * context)

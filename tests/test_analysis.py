@@ -250,6 +250,14 @@ K = 1024
 # seed and stage, with the params and stage tags the sweep callback writes).
 # Fig 1's baselines, which the context specs train beside TTT-E2E
 FIG1 = ("full", "swa", "hybrid", "gated_deltanet", "mamba2")
+# Table 1's rungs: each drawn once, at the paper's name for it
+LADDER = {
+    "swa": {"swa_k8k"},
+    "ttt_kvb": {"ttt_kvb"},
+    "ttt_kvb (simplified output)": {"ttt_kvb_simplified_output"},
+    "ttt_e2e (all layers, multi-head)": {"ttt_e2e_all_layers_multihead"},
+    "ttt_e2e": {"ttt_e2e"},
+}
 SPEC_FIGURES = {
     "context_scaling": (
         "fig1_context_length",
@@ -261,6 +269,8 @@ SPEC_FIGURES = {
         "data.seq_len",
         {m: {256, K} for m in (*FIG1, "ttt_e2e", "ttt_e2e (meta off)")},
     ),
+    "table1_ladder": ("table1_ladder", "variant", LADDER),
+    "ladder_small": ("table1_ladder", "variant", LADDER),
     "ttt_layers_ablation": (
         "fig4_ttt_layers",
         "data.seq_len",

@@ -18,6 +18,9 @@ BOS, T = 256, 64
 
 # Table 1's multi-head rung: fast weights in every block, split into heads
 MULTIHEAD = "ttt_e2e:model.ttt_layers=4,model.fast_heads=4"
+# TTT-KVB with a per-token LR large enough that its updates move the NLL by far more
+# than the tolerance (test_kvb_updates_are_seen)
+KVB = "ttt_kvb:model.kvb_lr=1.0"
 
 
 def setup(mixer: str, inner_lr: float = 1.0):
@@ -60,7 +63,7 @@ def teacher_forced(cfg, model, tokens, prompt_len: int, dec=None) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "mixer",
-    ["full", "swa", "hybrid", "gated_deltanet", "mamba2", "ttt_kvb", "ttt_e2e", MULTIHEAD],
+    ["full", "swa", "hybrid", "gated_deltanet", "mamba2", KVB, "ttt_e2e", MULTIHEAD],
 )
 def test_teacher_forced_decoding_equals_eval(mixer):
     """Prompts of 1 token (all decoded), a whole chunk, one past it and mid-chunk."""
@@ -83,6 +86,19 @@ def test_decoding_keeps_learning():
     gap = np.abs(teacher_forced(off, model, tokens, 1) - eval_nll(cfg, model, tokens))
     assert gap[:16].max() < 1e-5  # the first chunk precedes every update
     assert gap[16:].max() > 1e-3
+
+
+def test_kvb_updates_are_seen():
+    """The control for TTT-KVB: with its LR near zero the NLL is the same on the first
+    chunk (no update precedes it) and differs after it, by far more than the tolerance
+    that decoding is held to."""
+    cfg, model, tokens = setup(KVB)
+    low, _, _ = setup("ttt_kvb:model.kvb_lr=1e-9")
+    gap = np.abs(
+        eval_nll(cfg, model, tokens) - eval_nll(low, create_model(low.model, seed=1), tokens)
+    )
+    assert gap[:16].max() < 1e-6
+    assert gap[16:].max() > 1e-2
 
 
 def test_causality_and_one_compile_per_shape():

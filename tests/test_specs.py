@@ -35,17 +35,18 @@ BASE = {
 # sweep over the reference checkpoint through Ray); the small-scale spec has its own
 # miniature there too.
 REAL = sorted(set(SPEC_FIGURES) - {"released_eval", "small_scale"})
-# All eight take 17 minutes on two cores (about 15 s of compiling per trial), more than
-# the suite can spend: by default it runs one staged spec and one size sweep, the shapes
-# whose figures once came out empty (the small-scale miniature is the other staged one).
-DEFAULT = {"ttt_layers_ablation", "model_size"}
+# All of them take about 20 minutes on two cores (about 15 s of compiling per trial), more
+# than the suite can spend: by default it runs one staged spec and one size sweep, the
+# shapes whose figures once came out empty (the small-scale miniature is the other staged
+# one), and Table 1's ladder, whose rungs are settings beyond the mixer.
+DEFAULT = {"ttt_layers_ablation", "model_size", "table1_ladder"}
 ALL = os.environ.get("TTT_TEST_ALL_SPECS") == "1"
 CASES = [
     pytest.param(
         stem,
         marks=pytest.mark.skipif(
             stem not in DEFAULT and not ALL,
-            reason="TTT_TEST_ALL_SPECS=1 runs this spec's miniature (17 min for all eight)",
+            reason="TTT_TEST_ALL_SPECS=1 runs this spec's miniature (about 20 min for all)",
         ),
     )
     for stem in REAL
@@ -73,6 +74,9 @@ def miniature(stem: str, corpus: Path) -> dict:
         raw["search"] = {k: _grid(k, v) for k, v in raw["search"].items()}
     if "variants" in raw:
         raw["variants"] = [{k: _grid(k, v) for k, v in var.items()} for var in raw["variants"]]
+        for var in raw["variants"]:  # Table 1's multi-head rung keeps "all layers"
+            if "model.fast_heads" in var:
+                var.update({"model.ttt_layers": 4, "model.fast_heads": 4})
     for i, stage in enumerate(raw.get("stages", [])):
         over = stage.get("overrides", {})
         over = {k: v for k, v in over.items() if k not in ("data.source", "train.grad_accum")}

@@ -61,6 +61,10 @@ ROWS = [
     ("prefill", "125m", "mamba2", 32768, 1, ()),
     ("prefill", "125m", "gated_deltanet", 131072, 1, ()),
     ("prefill", "125m", "mamba2", 131072, 1, ()),
+    # Table 1's lower rungs
+    ("train", "125m", "ttt_kvb", 8192, 8, ()),
+    ("train", "125m", "ttt_e2e", 8192, 8, ("model.ttt_layers=12", "model.fast_heads=12")),
+    ("prefill", "125m", "ttt_kvb", 32768, 1, ()),
     # decode: mean latency per generated token after a prompt of T (batch 1)
     ("decode", "125m", "full", 32768, 1, ()),
     ("decode", "125m", "swa", 32768, 1, ()),
@@ -69,6 +73,7 @@ ROWS = [
     ("decode", "125m", "ttt_e2e", 8192, 1, ()),
     ("decode", "125m", "gated_deltanet", 32768, 1, ()),
     ("decode", "125m", "mamba2", 32768, 1, ()),
+    ("decode", "125m", "ttt_kvb", 32768, 1, ()),
 ]
 
 

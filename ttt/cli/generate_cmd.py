@@ -33,7 +33,8 @@ def generate(
     bos: bool = typer.Option(True, "--bos/--no-bos", help="Start the prompt with BOS."),
 ) -> None:
     """Continue a prompt, writing the text as it is made; ttt_e2e keeps training its prime
-    MLPs on what it reads and writes, one inner step per chunk, exactly as in evaluation."""
+    MLPs (ttt_kvb its fast weights) on what it reads and writes, one inner step per
+    chunk, exactly as in evaluation."""
     from ttt.generate import Stream, generate_from_run
 
     if (prompt_file is None) == (prompt_ids is None):

@@ -9,7 +9,10 @@ chunk's inputs and prefix outputs, and as soon as the token after the chunk is k
 (that chunk's last target) it runs the same inner step as training and evaluation
 (`Suffix.update`, from the suffix KV cache as it was at the chunk's start). Every later
 position then sees the updated fast weights, exactly as in `ttt eval`, which a
-teacher-forced decode reproduces (tests/test_decode.py).
+teacher-forced decode reproduces (tests/test_decode.py). `ttt_kvb` keeps a window-sized
+KV cache and, per layer, its fast weights and the current chunk's keys, values and LRs;
+its update needs no target, so it runs as soon as the chunk's last token has been read
+(`ttt.model.kvb.kvb_step`).
 
 One sequence at a time. The prompt's complete chunks are prefilled in parallel (the
 inner loop of evaluation); the rest of the prompt, up to one chunk, goes token by token.

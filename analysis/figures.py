@@ -83,6 +83,20 @@ def lines(
             ax.fill_between(g[x], g[lo], g[hi], alpha=0.2, color=color)
 
 
+def within_noise(ax, table: pl.DataFrame, x: str) -> None:
+    """Grey rings on paired differences that are within seed noise (their interval holds
+    zero, or they are no larger than the store's seed spread), so none reads as an effect."""
+    if "noise" not in table.columns:
+        return
+    noisy = table.filter(pl.col("noise"))
+    if noisy.is_empty():
+        return
+    spread = table["seed_spread"].drop_nulls()
+    what = f"within seed noise (spread {spread[0]:.3f})" if spread.len() else "within seed noise"
+    ax.scatter(noisy[x], noisy["delta"], s=160, facecolor="none", edgecolor="gray", lw=1.5,
+               zorder=6, label=what)  # fmt: skip
+
+
 def references(ax, table: pl.DataFrame, x: str) -> None:
     """Rows with no x value (a method that ignores the swept knob) as horizontal lines."""
     for row in table.filter(pl.col(x).is_null()).iter_rows(named=True):
@@ -140,7 +154,8 @@ def _context_length(t):
     context_axis(a, [*t["data.seq_len"].to_list(), *ref["context"].to_list()])
     a.set(xlabel="context length (tokens)", ylabel="eval loss (nats/token)", title="Loss")
     d = t.filter(pl.col("delta").is_not_null())
-    lines(b, d, "data.seq_len", "delta", "delta_min", "delta_max")
+    lines(b, d, "data.seq_len", "delta", "delta_lo", "delta_hi")
+    within_noise(b, d, "data.seq_len")
     full = ref.filter(pl.col("method") == "full_attention").select(
         "context", pl.col("loss").alias("f")
     )
@@ -158,7 +173,7 @@ def _context_length(t):
     b.set(
         xlabel="context length (tokens)",
         ylabel="loss - full attention (nats)",
-        title="Loss difference to full attention",
+        title="Loss difference to full attention (paired by seed, 95% CI)",
     )
     for ax in (a, b):
         ax.legend(fontsize=7)
@@ -244,22 +259,21 @@ def _token_index(t):
 
 
 def _ladder(t):
-    """Table 1 as two panels of rungs: this store's loss minus SWA's (seed mean, min/max
-    bars) and the paper's 760M numbers minus its SWA's; a rung is a step to the right."""
+    """Table 1 as two panels of rungs: this store's loss minus SWA's (paired by seed, with
+    its 95% bootstrap interval) and the paper's 760M numbers minus its SWA's."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     names = t["method"].to_list()
     x = list(range(len(names)))
-    swa = t.filter(pl.col("method") == "swa")["mean"]
-    base = swa[0] if swa.len() else 0.0
-    err = [
-        [m - lo for m, lo in zip(t["mean"], t["min"], strict=True)],
-        [hi - m for m, hi in zip(t["mean"], t["max"], strict=True)],
-    ]
     colors = [COLORS.get(n, "gray") for n in names]
-    a.errorbar(x, t["mean"] - base, yerr=err, fmt="none", ecolor="black", capsize=4)
-    a.scatter(x, t["mean"] - base, c=colors, s=60, zorder=3)
-    runs = int(t["runs"].min())
-    a.set(ylabel="loss minus SWA's (nats)", title=f"This store ({runs}+ seeds per rung)")
+    paired = t.with_columns(pl.col("delta").fill_null(0.0), pl.col("delta_lo").fill_null(0.0),
+                            pl.col("delta_hi").fill_null(0.0))  # fmt: skip
+    err = [paired["delta"] - paired["delta_lo"], paired["delta_hi"] - paired["delta"]]
+    a.errorbar(x, paired["delta"], yerr=err, fmt="none", ecolor="black", capsize=4)
+    a.scatter(x, paired["delta"], c=colors, s=60, zorder=3)
+    within_noise(a, paired.with_columns(pl.Series("rung_x", x)).filter(pl.col("method") != "swa"),
+                 "rung_x")  # fmt: skip
+    a.set(ylabel="loss minus SWA's (nats)", title=f"This store ({int(t['runs'].min())}+ seeds "
+          "per rung; paired, 95% CI)")  # fmt: skip
     if "paper_loss" in t.columns and t["paper_loss"].is_not_null().any():
         p_swa = t.filter(pl.col("method") == "swa")["paper_loss"]
         ref = p_swa[0] if p_swa.len() else 0.0
@@ -272,6 +286,8 @@ def _ladder(t):
     for ax in (a, b):
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(x, [n.replace(" (", "\n(") for n in names], fontsize=7)
+    if a.get_legend_handles_labels()[0]:
+        a.legend(fontsize=7)
     return fig
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from analysis.loaders import metric_history, runs, token_nll
+from analysis.paired import paired_delta
 from ttt.config import preset_keys
 
 LOSS = "final_eval_loss"
@@ -175,27 +176,33 @@ def delta_to_full(table: pl.DataFrame, on: list[str]) -> pl.DataFrame:
     )
 
 
-def _sweep_figure(data: Data, x: str, methods=None, vary_extra=()) -> pl.DataFrame | None:
+def _held(data: Data, x: str, methods=None, vary_extra=()) -> pl.DataFrame | None:
+    """The finished runs a figure over `x` draws: one setting per method (`hold_others`)."""
     frame = finished(data.runs)
     if frame.is_empty() or x not in frame.columns:
         return None
     if methods is not None:
         frame = frame.filter(pl.col("method").is_in(methods))
-    frame = hold_others(frame, [x, *vary_extra])
-    table = aggregate(frame.filter(pl.col(x).is_not_null()), ["method", *vary_extra, x])
+    return hold_others(frame, [x, *vary_extra]).filter(pl.col(x).is_not_null())
+
+
+def _sweep_figure(data: Data, x: str, methods=None, vary_extra=()) -> pl.DataFrame | None:
+    frame = _held(data, x, methods, vary_extra)
+    if frame is None:
+        return None
+    table = aggregate(frame, ["method", *vary_extra, x])
     if table.is_empty() or table[x].n_unique() < 2:
         return None
     return table
 
 
 def context_length(data: Data):
-    """Fig 1 left / Fig 9: loss and loss minus full attention's against context length."""
+    """Fig 1 left / Fig 9: loss against context length, and each method minus full
+    attention from paired runs (same seed), with the pairs' bootstrap interval."""
     table = _sweep_figure(data, "data.seq_len")
     if table is None or "full" not in table["method"].to_list():
         return None
-    delta = delta_to_full(table, ["data.seq_len"]).select(
-        "method", "data.seq_len", "delta", "delta_min", "delta_max"
-    )
+    delta = paired_delta(_held(data, "data.seq_len"), "full", ["data.seq_len"], LOSS)
     return table.join(delta, on=["method", "data.seq_len"], how="left")
 
 
@@ -238,7 +245,8 @@ LADDER = {
 
 def ladder(data: Data, paper: pl.DataFrame | None = None):
     """Table 1: each rung's final loss (seed mean, min, max) in the paper's order, its
-    difference to SWA's, and the paper's 760M number for the rung beside it."""
+    difference to SWA's (paired by seed, with a bootstrap interval), and the paper's 760M
+    number for the rung beside it. None without SWA, the rung the others are read from."""
     frame = finished(data.runs)
     if frame.is_empty():
         return None
@@ -250,10 +258,9 @@ def ladder(data: Data, paper: pl.DataFrame | None = None):
         {"method": list(LADDER), "rung": range(len(LADDER)), "variant": list(LADDER.values())}
     )
     table = order.join(table, on="method", how="inner").sort("rung")
-    swa = table.filter(pl.col("method") == "swa")["mean"]
-    table = table.with_columns(
-        (pl.col("mean") - (swa[0] if swa.len() else None)).alias("delta_swa")
-    )
+    if "swa" not in table["method"].to_list():  # Table 1 is read as steps from SWA
+        return None
+    table = table.join(paired_delta(frame, "swa", [], LOSS), on="method", how="left")
     if paper is not None:
         table = table.join(paper.rename({"loss": "paper_loss"}), on="variant", how="left")
     return table

@@ -328,6 +328,19 @@ def _latency(title: str, paper_csv: str | None, ylabel: str = "seconds per 1K to
     return f
 
 
+def _compute(t):
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    lines(ax, t, "flops")
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="training FLOPs (the project's count)",
+        ylabel="training loss (nats/token)",
+        title="Loss at equal compute",
+    )
+    ax.legend(fontsize=7)
+    return fig
+
+
 def _curves(t):
     exps = t["experiment"].unique(maintain_order=True).to_list()
     fig, axes = plt.subplots(1, len(exps), figsize=(6 * len(exps), 4), squeeze=False)
@@ -480,6 +493,12 @@ FIGURES: dict[str, Figure] = {
             recipes.inner_lr_meta,
             _inner_lr_meta,
             "sweeps/inner_lr.yaml and sweeps/meta.yaml (or sweeps/quickstart.yaml)",
+        ),
+        Figure(
+            "compute",
+            recipes.compute,
+            _compute,
+            "any sweep with two methods (sweeps/small_scale.yaml, sweeps/ladder_small.yaml)",
         ),
         Figure(
             "curves",

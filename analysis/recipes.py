@@ -346,6 +346,48 @@ def training_tokens(data: Data):
     return delta_to_full(table, ["tokens"])
 
 
+def run_flops_per_token(row: dict) -> float:
+    """Training FLOPs per token of a tracked run (`ttt.train.flops`, the count behind MFU),
+    from its logged config."""
+    from ttt.config import SECTIONS, load_config
+    from ttt.train.flops import flops_per_token
+
+    keys = {k: v for k, v in row.items() if k.split(".")[0] in SECTIONS and v is not None}
+    cfg = load_config(row.get("preset") or "pico", keys)
+    inner = cfg.model.mixer == "ttt_e2e" and cfg.ttt.meta
+    return flops_per_token(cfg, training=True, inner=inner)
+
+
+def compute(data: Data):
+    """Training loss against training FLOPs per method (seed mean, min, max at each
+    logged step): the comparison at equal compute, beside the one at equal tokens.
+    TTT-E2E spends more FLOPs per token than attention (the paper: 3.4x at 8K), so its
+    line is stretched to the right by that ratio."""
+    frame = finished(data.runs)
+    if frame.is_empty() or "model.mixer" not in frame.columns:
+        return None
+    frame = hold_others(frame, [])
+    if frame["method"].n_unique() < 2:
+        return None
+    per_step = {
+        row["run_id"]: run_flops_per_token(row) * row["data.batch_size"] * row["data.seq_len"]
+        for row in frame.iter_rows(named=True)
+    }
+    hist = data.history(list(per_step), ["loss"])
+    if hist.is_empty():
+        return None
+    hist = hist.join(frame.select("run_id", "method"), on="run_id").with_columns(
+        (pl.col("step") * pl.col("run_id").replace_strict(per_step, return_dtype=pl.Float64)).alias(
+            "flops"
+        ),
+        pl.col("value").alias(LOSS),
+    )
+    table = aggregate(hist, ["method", "step"], LOSS).join(
+        hist.group_by("method", "step").agg(pl.col("flops").mean()), on=["method", "step"]
+    )
+    return table.sort("method", "step")
+
+
 def token_index(data: Data):
     """Fig 6: loss by token index (log x), per method, averaged over sequences and seeds."""
     frame = finished(data.runs)

@@ -165,7 +165,7 @@ class TuneReporter:
         return result
 
     def evaluation(self, step, result) -> None:
-        self.pending = {"eval_loss": result.loss, "eval_step": step}
+        self.pending = {**result.metrics, "eval_step": step}
 
     def metrics(self, step, values) -> None:
         from ray import tune

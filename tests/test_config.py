@@ -123,3 +123,8 @@ def test_cudnn_is_checked_against_where_the_config_runs(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(SpecError, match="trial 0 {}: model.attention='cudnn': needs a GPU"):
         load_spec(path)
+
+
+def test_telemetry_needs_an_inner_loop():
+    with pytest.raises(ConfigError, match="train.telemetry=True: needs model.mixer=ttt_e2e"):
+        load_config("pico", ["model.mixer=swa", "train.telemetry=true"])

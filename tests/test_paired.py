@@ -60,3 +60,32 @@ def test_interval_covers_the_resampled_means():
 def test_seed_spread_needs_two_seeds():
     one = runs([("full", 256, 0, 2.0), ("swa", 256, 0, 2.5)])
     assert paired_delta(one, "full", ["data.seq_len"], "loss")["seed_spread"][0] is None
+
+
+def test_compute_axis_is_each_runs_own_flop_count(tmp_path):
+    """The compute figure puts a run's step at step x batch x length x its training FLOPs
+    per token (`ttt.train.flops`, with the inner loop's cost for meta-learned TTT-E2E)."""
+    from pathlib import Path
+
+    from analysis.recipes import Data, compute
+    from analysis.synthetic import spec_like
+    from sweeps.spec import load_spec
+    from ttt.config import load_config
+    from ttt.train.flops import flops_per_token
+
+    spec = Path(__file__).parent.parent / "sweeps" / "ladder_small.yaml"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec_like(uri, load_spec(spec, []))
+    table = compute(Data(uri))
+    base = ["data.batch_size=4", "train.eval_batches=4"]
+    for method, overrides in {
+        "swa": ["model.mixer=swa"],
+        "ttt_e2e": ["model.mixer=ttt_e2e"],
+    }.items():
+        cfg = load_config("nano", [*base, *overrides])
+        per_step = cfg.data.batch_size * cfg.data.seq_len
+        per_step *= flops_per_token(cfg, training=True, inner=method == "ttt_e2e")
+        rows = table.filter(pl.col("method") == method)
+        np.testing.assert_allclose(rows["flops"], rows["step"] * per_step, rtol=1e-9)
+    e2e, swa = (table.filter(pl.col("method") == m)["flops"].max() for m in ("ttt_e2e", "swa"))
+    assert e2e > 1.5 * swa  # the same steps cost TTT-E2E more

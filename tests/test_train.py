@@ -202,13 +202,28 @@ def test_eval_without_the_test_time_updates(train_cfg, tmp_path, capsys):
 
     from ttt.train.evaluate_run import evaluate_weights, load_weights, run_config
 
-    run(train_cfg("train.steps=2"), tmp_path / "r", progress=False)
+    import json
+
+    # train.telemetry: every evaluation also measures the inner steps
+    tele = ("train.telemetry=true", "train.eval_every=1", "train.eval_batches=1")
+    run(train_cfg("train.steps=2", *tele), tmp_path / "r", progress=False)
+    rows = [
+        json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    ]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert all(np.isfinite(r["inner_gain_own"]) and r["inner_update_rel"] > 0 for r in evals)
+    uri = f"sqlite:///{tmp_path / 'evals.db'}"
     args = ["eval", str(tmp_path / "r"), "--seq-len", "128", "--max-batches", "1", "--no-inner"]
     with pytest.raises(SystemExit) as exc:
-        main([*args, "--telemetry"])
+        main([*args, "--telemetry", "--tracking-uri", uri])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "nats bought" in out and "nats on their own chunk" in out
+    from analysis.loaders import runs as tracked
+
+    logged = tracked(uri, role="telemetry")
+    assert logged.height == 1 and logged["inner_gain_own"][0] > 0
     folder = tmp_path / "r" / "eval"
     telemetry = pl.read_parquet(folder / "inner_loop_T128.parquet")  # and its figure
     assert len(telemetry) == 128 // 16 and (folder / "inner_loop_T128.png").exists()

@@ -110,6 +110,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     init_from: str = ""
     peak_flops: float = 0.0  # 0: from the device kind
+    # ttt_e2e: at every evaluation, also what the inner steps bought (`ttt eval
+    # --telemetry` on the evaluated batches): inner_gain_own, inner_gain_next and
+    # inner_update_rel as metrics, the table in RUN/eval/inner_loop_T*.parquet.
+    telemetry: bool = False
     # A loss above this ends the run as diverged, like a NaN would; 0: 3 x ln(vocab_size),
     # three times the loss of a uniform guess.
     max_loss: float = 0.0
@@ -232,6 +236,7 @@ TRACED_KEYS = {
     "train.init_from",
     "train.peak_flops",
     "train.max_loss",
+    "train.telemetry",
     "ttt.inner_lr",
     "ttt.inner_lr_init",
     "ttt.inner_lr_warmup",
@@ -535,6 +540,8 @@ def validate(cfg: Config, backend: str | None = None) -> None:
     )
     _need(tr.peak_flops >= 0, "train.peak_flops", tr.peak_flops, "must be >= 0")
     _need(tr.max_loss >= 0, "train.max_loss", tr.max_loss, "must be >= 0 (0: 3 x ln(vocab))")
+    if tr.telemetry:
+        _need(m.mixer == "ttt_e2e", "train.telemetry", True, "needs model.mixer=ttt_e2e")
     _kernels_exist(cfg, backend)
 
 

@@ -8,7 +8,7 @@ by `ROLE`. A new tag is a constant here, written where the run's other tags are 
 PREFIX = "ttt."
 
 # What a run is, and where it belongs
-ROLE = "ttt.role"  # run | trial | sweep | eval | eval_noinner | niah | bench
+ROLE = "ttt.role"  # run | trial | sweep | eval | eval_noinner | telemetry | niah | bench
 SWEEP = "ttt.sweep"
 STAGE = "ttt.stage"
 TRIAL_ID = "ttt.trial_id"  # Ray Tune's trial id

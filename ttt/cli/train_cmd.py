@@ -188,7 +188,7 @@ def evaluate(
     uri = optional_uri(tracking_uri)
     for t in seq_len or [None]:
         if telemetry:  # first: a run without an inner loop is refused before any work
-            _telemetry(run_dir, t, max_batches, batch_size)
+            _telemetry(run_dir, t, max_batches, batch_size, uri, experiment)
         evaluated = []
         # without the updates first: a run that has none is refused before any work
         for inner in (False, True) if no_inner else (True,):
@@ -207,21 +207,21 @@ def evaluate(
             _inner_split(run_dir, evaluated)
 
 
-def _telemetry(run_dir: Path, seq_len, max_batches, batch_size) -> None:
+def _telemetry(run_dir: Path, seq_len, max_batches, batch_size, uri, experiment) -> None:
     from analysis.figures import inner_loop_by_chunk
-    from ttt.train.evaluate_run import inner_telemetry_run
+    from ttt.train.evaluate_run import inner_telemetry_run, telemetry_summary
 
     path, table = inner_telemetry_run(run_dir, seq_len, max_batches, batch_size)
     png = inner_loop_by_chunk(table, path.with_suffix(".png"), f"{run_dir}: inner loop by chunk")
-    import numpy as np
-
-    chunks = table.filter(table["layer"] == table["layer"].min())  # losses: one row a chunk
-    own = np.nanmean(chunks["loss_before"] - chunks["loss_after"])
-    ahead = np.nanmean(chunks["next_before"] - chunks["next_after"])  # the last has no next
+    gains = telemetry_summary(table)
     typer.echo(
-        f"inner steps: {own:+.4f} nats on their own chunk, {ahead:+.4f} on the next "
-        f"(mean over chunks); {path}, {png}"
+        f"inner steps: {gains['inner_gain_own']:+.4f} nats on their own chunk, "
+        f"{gains['inner_gain_next']:+.4f} on the next (mean over chunks); {path}, {png}"
     )
+    if uri:
+        from ttt.tracking.records import log_telemetry
+
+        log_telemetry(uri, experiment, run_dir, table, [path, png])
 
 
 def _inner_split(run_dir: Path, evaluated: list) -> None:

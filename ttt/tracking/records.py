@@ -86,7 +86,7 @@ class MlflowReporter:
         self.run.set_tags({TAG.CHECKPOINT: str(directory)})
 
     def evaluation(self, step: int, result) -> None:
-        self._open().log_summary({"eval_loss": result.loss}, step)
+        self._open().log_summary(result.metrics, step)
 
     def close(self, outcome: str, message: str = "", eval_loss: float | None = None) -> None:
         if self.run is None:
@@ -118,6 +118,26 @@ def log_evaluation(uri: str, experiment: str, run_dir: Path, summary: dict, parq
         source=f"ttt eval {Path(run_dir).absolute()} --seq-len {seq_len}"
         + ("" if inner else " --no-inner"),
         step=summary["step"],
+    )
+
+
+def log_telemetry(uri: str, experiment: str, run_dir: Path, table, files: list[Path]) -> str:
+    """`ttt eval --telemetry` as an MLflow run (role `telemetry`) per (evaluated run,
+    context length): what the inner steps bought as metrics, the table and its figure."""
+    from ttt.train.evaluate_run import telemetry_summary
+
+    seq_len, step = int(table["seq_len"][0]), int(table["step"][0])
+    return _log_result(
+        uri,
+        experiment,
+        run_dir,
+        role="telemetry",
+        key={TAG.SEQ_LEN: str(seq_len)},
+        params={"data.seq_len": seq_len, "eval.checkpoint_step": step},
+        metrics=telemetry_summary(table),
+        artifact=files,
+        source=f"ttt eval {Path(run_dir).absolute()} --seq-len {seq_len} --telemetry",
+        step=step,
     )
 
 
@@ -157,12 +177,13 @@ def _log_result(
         experiment,
         key,
         name=f"{run_dir.name}{' ' + task if task else ''} T={key[TAG.SEQ_LEN]}"
-        + (" (no inner)" if role == "eval_noinner" else ""),
+        + {"eval_noinner": " (no inner)", "telemetry": " (inner loop)"}.get(role, ""),
         tags={**run_tags(role, source), **provenance()},
         params={**cfg.flat(), "eval.run": run_dir.name, **params},
     )
     run.log_summary(metrics, step)
-    run.log_artifact(artifact, "eval")
+    for path in artifact if isinstance(artifact, list) else [artifact]:
+        run.log_artifact(path, "eval")
     run.finish("finished")
     return run.run_id
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -19,6 +19,12 @@ class EvalResult:
     count_by_position: np.ndarray
     sequences: int
     seq_len: int
+    # more metrics of the same evaluation (`train.telemetry`: what the inner steps bought)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict:
+        return {"eval_loss": self.loss, **self.extra}
 
     def write_parquet(self, path: Path) -> Path:
         import polars as pl

@@ -125,6 +125,59 @@ def evaluate_run(
     return result, path, summary
 
 
+def telemetry_step(cfg, graphdef):
+    """The jitted telemetry of one batch (`ttt.model.telemetry.inner_telemetry`)."""
+    from ttt.model.kernels import resolve
+    from ttt.model.telemetry import inner_telemetry
+
+    kernels = resolve(cfg, first_order=True)
+
+    @jax.jit
+    def measure(params, batch):
+        inputs, targets, mask = batch
+        model = nnx.merge(graphdef, params)
+        eta = jnp.float32(cfg.ttt.inner_lr)
+        return inner_telemetry(model, inputs, targets, mask, eta, cfg.ttt, kernels)
+
+    return measure
+
+
+def telemetry_table(cfg, measure, params, val: Loader, max_batches: int, put):
+    """Each inner step over the first `max_batches` validation batches, averaged over the
+    sequences: one row per (chunk, TTT layer)."""
+    import polars as pl
+
+    from ttt.model.telemetry import LOSSES, PER_LAYER
+
+    batches = min(max_batches, max(val.num_samples // val.batch_size, 1))
+    parts = []
+    for i in range(batches):
+        inputs, targets, mask = val.batch_at(i * val.batch_size)
+        out = jax.device_get(measure(params, put((inputs, targets, mask))))
+        parts.append({k: np.asarray(v, np.float64) for k, v in out.items()})
+    stats = {k: np.concatenate([p[k] for p in parts]).mean(0) for k in parts[0]}
+    chunks, layers = stats["grad_norm"].shape
+    return pl.DataFrame(
+        {
+            "chunk": np.repeat(np.arange(chunks), layers),
+            "layer": np.tile(np.arange(cfg.model.layers - layers, cfg.model.layers), chunks),
+            **{k: np.repeat(stats[k], layers) for k in LOSSES},
+            **{k: stats[k].reshape(-1) for k in PER_LAYER},
+        }
+    ).with_columns(seq_len=pl.lit(cfg.data.seq_len))
+
+
+def telemetry_summary(table) -> dict[str, float]:
+    """What the inner steps bought, as metrics: nats on their own chunk and on the next
+    (mean over chunks; the last chunk has no next) and the mean relative update."""
+    chunks = table.filter(table["layer"] == table["layer"].min())  # losses: one row a chunk
+    return {
+        "inner_gain_own": float(np.nanmean(chunks["loss_before"] - chunks["loss_after"])),
+        "inner_gain_next": float(np.nanmean(chunks["next_before"] - chunks["next_after"])),
+        "inner_update_rel": float(np.nanmean(table["update_rel"])),
+    }
+
+
 def inner_telemetry_run(
     run_dir: str | Path,
     seq_len: int | None = None,
@@ -135,9 +188,6 @@ def inner_telemetry_run(
     validation batches evaluation reads (`ttt.model.telemetry`), averaged over the
     sequences: one row per (chunk, TTT layer). Written to RUN/eval/inner_loop_T*.parquet."""
     import polars as pl
-
-    from ttt.model.kernels import resolve
-    from ttt.model.telemetry import LOSSES, PER_LAYER, inner_telemetry
 
     overrides = {"data.seq_len": seq_len} if seq_len is not None else {}
     if batch_size is not None:
@@ -151,32 +201,10 @@ def inner_telemetry_run(
     split = open_split(cfg.data.source, "val", cfg.data.cache_dir)
     check_bos(run, split)
     val = Loader(split, cfg.data.seq_len, cfg.data.batch_size, shuffle=False, name="--seq-len")
-    kernels = resolve(cfg, first_order=True)
-
-    @jax.jit
-    def measure(params, batch):
-        inputs, targets, mask = batch
-        model = nnx.merge(run.graphdef, params)
-        eta = jnp.float32(cfg.ttt.inner_lr)
-        return inner_telemetry(model, inputs, targets, mask, eta, cfg.ttt, kernels)
-
-    put = batch_putter(data_mesh())
-    batches = min(max_batches or cfg.train.eval_batches, max(val.num_samples // val.batch_size, 1))
-    parts = []
-    for i in range(batches):
-        inputs, targets, mask = val.batch_at(i * val.batch_size)
-        out = jax.device_get(measure(run.params, put((inputs, targets, mask))))
-        parts.append({k: np.asarray(v, np.float64) for k, v in out.items()})
-    stats = {k: np.concatenate([p[k] for p in parts]).mean(0) for k in parts[0]}
-    chunks, layers = stats["grad_norm"].shape
-    table = pl.DataFrame(
-        {
-            "chunk": np.repeat(np.arange(chunks), layers),
-            "layer": np.tile(np.arange(cfg.model.layers - layers, cfg.model.layers), chunks),
-            **{k: np.repeat(stats[k], layers) for k in LOSSES},
-            **{k: stats[k].reshape(-1) for k in PER_LAYER},
-        }
-    ).with_columns(seq_len=pl.lit(cfg.data.seq_len), step=pl.lit(run.step))
+    measure = telemetry_step(cfg, run.graphdef)
+    batches = max_batches or cfg.train.eval_batches
+    table = telemetry_table(cfg, measure, run.params, val, batches, batch_putter(data_mesh()))
+    table = table.with_columns(step=pl.lit(run.step))
     path = RunDir(run_dir).telemetry_table(cfg.data.seq_len)
     path.parent.mkdir(parents=True, exist_ok=True)
     table.write_parquet(path)

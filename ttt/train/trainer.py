@@ -259,7 +259,7 @@ class Trainer:
         # reports.
         self.lead = jax.process_index() == 0
         self.reporter = (reporter or Reporter()) if self.lead else Reporter()
-        graphdef = self._restore(mesh)
+        graphdef = self.graphdef = self._restore(mesh)
         self.previous = read_run_info(self.out)
         self.run_info = {
             "status": "running",
@@ -390,11 +390,32 @@ class Trainer:
         result = evaluate(
             self.eval_step, self.params, self.val, tr.eval_batches, self.cfg.ttt.inner_lr, self.put
         )
-        self.log.write({"step": number, "eval_loss": result.loss})
+        if tr.telemetry:
+            result.extra = self.telemetry(number)
+        self.log.write({"step": number, **result.metrics})
         if self.lead:
             result.write_parquet(self.dir.nll_table())
         self.reporter.evaluation(number, result)
         return result
+
+    def telemetry(self, number: int) -> dict[str, float]:
+        """`train.telemetry`: the inner steps over the evaluated batches, as metrics and as
+        RUN/eval/inner_loop_T*.parquet (the latest evaluation's)."""
+        import polars as pl
+
+        from ttt.train.evaluate_run import telemetry_step, telemetry_summary, telemetry_table
+
+        if not hasattr(self, "_telemetry_step"):
+            self._telemetry_step = telemetry_step(self.cfg, self.graphdef)
+        table = telemetry_table(
+            self.cfg, self._telemetry_step, self.params, self.val, self.cfg.train.eval_batches,
+            self.put,
+        )  # fmt: skip
+        if self.lead:
+            path = self.dir.telemetry_table(self.cfg.data.seq_len)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            table.with_columns(step=pl.lit(number)).write_parquet(path)
+        return telemetry_summary(table)
 
     def save(self, number: int, values: dict, final: bool = False) -> None:
         if self.ckpt is None:

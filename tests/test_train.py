@@ -196,13 +196,12 @@ def test_eval_without_the_test_time_updates(train_cfg, tmp_path, capsys):
     with a zero inner LR, equal to the updated model on the first chunk (which no update
     precedes) and not after it; a run with no updates is refused in one line."""
     import dataclasses
+    import json
 
     import numpy as np
     import polars as pl
 
     from ttt.train.evaluate_run import evaluate_weights, load_weights, run_config
-
-    import json
 
     # train.telemetry: every evaluation also measures the inner steps
     tele = ("train.telemetry=true", "train.eval_every=1", "train.eval_batches=1")

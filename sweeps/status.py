@@ -211,11 +211,12 @@ def _planned(parent, swept: list[str]) -> tuple[list[dict[str, str]], str, str]:
         return [], "eval_loss", "min"
     if spec.random or spec.search_alg != "basic":
         return [], spec.metric, spec.mode  # points drawn at run time are not known ahead
-    points = [
-        {k: str(p[k]) if k in p else "" for k in swept}
-        for p in spec.points
-        for _ in range(spec.num_samples)
-    ]
+    # Each point resolved as its trial's run logs it: a key that one variant sets and
+    # another leaves to the config (model.fast_heads of a swa trial) has its config value.
+    points = []
+    for p in spec.points:
+        flat = spec.config(p, {}).flat()
+        points += [{k: str(flat.get(k, p.get(k, ""))) for k in swept}] * spec.num_samples
     return points, spec.metric, spec.mode
 
 

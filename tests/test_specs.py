@@ -120,6 +120,10 @@ def test_each_shipped_spec_in_miniature_draws_its_figure(stem, tmp_path, corpus,
     result = run_sweep(spec, tracking_uri=uri, storage_path=str(tmp_path / "ray"))
     for stage in result.stages:
         assert {r["outcome"] for r in stage.rows} <= {"finished", "early_stopped"}, stage.rows
+    from sweeps.status import sweep_status
+
+    # every planned trial is matched to its run, also where variants set different keys
+    assert "not started" not in sweep_status(spec.name, uri)
     written, missing = build_all(uri, tmp_path / "real", [spec.name], formats=("png",))
     assert figure in written, missing.get(figure)
     # what the synthetic store of the same spec draws (every trial finished)

@@ -360,14 +360,17 @@ def run_flops_per_token(row: dict) -> float:
 
 def compute(data: Data):
     """Training loss against training FLOPs per method (seed mean, min, max at each
-    logged step): the comparison at equal compute, beside the one at equal tokens.
+    logged step of the first stage): the comparison at equal compute, beside the one at
+    equal tokens.
     TTT-E2E spends more FLOPs per token than attention (the paper: 3.4x at 8K), so its
     line is stretched to the right by that ratio."""
     frame = finished(data.runs)
     if frame.is_empty() or "model.mixer" not in frame.columns:
         return None
+    if "stage" in frame.columns:  # pre-training: a later stage starts from its checkpoints
+        frame = frame.filter(pl.col("stage").is_null() | (pl.col("stage") == "main"))
     frame = hold_others(frame, [])
-    if frame["method"].n_unique() < 2:
+    if frame.is_empty() or frame["method"].n_unique() < 2:
         return None
     per_step = {
         row["run_id"]: run_flops_per_token(row) * row["data.batch_size"] * row["data.seq_len"]

@@ -598,7 +598,11 @@ def _check_split(spec: SweepSpec, cfg: Config, where: str) -> None:
 def _check_source(spec: SweepSpec, cfg: Config, where: str) -> None:
     """A local dataset must exist before Ray starts; a URI is left to the trial."""
     src = cfg.data.source
-    if src == "stdlib" or "://" in src:
+    if src == "pydocs":  # its package must be installed before Ray starts
+        from ttt.data.prepare import pydocs_files
+
+        pydocs_files()
+    if src in ("stdlib", "pydocs") or "://" in src:
         return
     if not Path(src).expanduser().is_dir():
         raise SpecError(
@@ -617,7 +621,7 @@ def _absolute(over: dict) -> dict:
     out = dict(over)
     for key in PATH_KEYS:
         value = out.get(key)
-        if isinstance(value, str) and value not in ("", "stdlib") and "://" not in value:
+        if isinstance(value, str) and value not in ("", "stdlib", "pydocs") and "://" not in value:
             out[key] = str(Path(value).expanduser().absolute())
     return out
 

@@ -70,7 +70,8 @@ def data_overrides(spec_path, data_dir) -> list[str]:
     import yaml
 
     text = spec_path.read_text()
-    over = [f"data.source={data_dir}"] if "/data/" in text else []
+    # a dataset path of the paper's, or the prose corpus (which needs Debian's python3-doc)
+    over = [f"data.source={data_dir}"] if "/data/" in text or "pydocs" in text else []
     return over + [
         f"{st['name']}.data.source={data_dir}"
         for st in yaml.safe_load(text).get("stages", [])

@@ -270,6 +270,11 @@ SPEC_FIGURES = {
         {m: {256, K} for m in (*FIG1, "ttt_e2e", "ttt_e2e (meta off)")},
     ),
     "table1_ladder": ("table1_ladder", "variant", LADDER),
+    "prose_small": (
+        "compute",
+        "step",
+        {m: set(range(20, 201, 20)) for m in ("full", "ttt_e2e", "ttt_e2e (meta off)")},
+    ),
     "ladder_small": ("table1_ladder", "variant", LADDER),
     "ttt_layers_ablation": (
         "fig4_ttt_layers",

@@ -198,3 +198,34 @@ def test_tokenizer_is_never_downloaded(tmp_path, capsys):
         capsys,
     )
     assert "not a tokenizers JSON file" in err
+
+
+def test_prose_corpus_is_built_from_the_python_docs(tmp_path, monkeypatch, capsys):
+    """`pydocs`: the Python documentation's reST sources (Debian's python3-doc), prepared
+    on first use as a built-in corpus, held out by document; a machine without the
+    package gets one line naming it."""
+    import importlib
+
+    from ttt.data.loader import dataset_root
+
+    prep = importlib.import_module("ttt.data.prepare")  # the module, not its function
+
+    if not prep.pydocs_root().is_dir():
+        pytest.skip("Debian's python3-doc is not installed (.ci/run installs it)")
+    root = dataset_root("pydocs", str(tmp_path))
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["source"] == "pydocs" and meta["documents"]["train"] > 400
+    names = [str(p.relative_to(prep.pydocs_root())) for p in prep.pydocs_files()]
+    held_out = [n for n in names if prep.is_val(n)]
+    assert meta["documents"]["val"] == len(held_out) > 0  # a whole document is in one split
+    val = open_split("pydocs", "val", str(tmp_path))
+    text = bytes(val.window(1, 4000)[val.window(1, 4000) < 256].astype(np.uint8))
+    assert b" the " in text  # prose
+    assert dataset_root("pydocs", str(tmp_path)) == root  # prepared once
+
+    monkeypatch.setattr(prep, "pydocs_root", lambda: tmp_path / "absent")
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "prepare", "--source", "pydocs", "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "apt-get install python3-doc" in err
+    assert len(err.strip().splitlines()) == 1

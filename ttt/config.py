@@ -153,13 +153,14 @@ class Config:
         paths = {
             key: str(Path(flat[key]).expanduser().absolute())
             for key in PATH_KEYS
-            if flat[key] and flat[key] != "stdlib"
+            if flat[key] and flat[key] not in ("stdlib", "pydocs")
         }
         changed = {k: v for k, v in paths.items() if v != flat[k]}
         return self.replace(**changed) if changed else self
 
 
-# Settings that name a file or folder (data.source may also be the built-in `stdlib`).
+# Settings that name a file or folder (data.source may also name a built-in corpus:
+# `stdlib`, Python source, or `pydocs`, prose).
 PATH_KEYS = ("data.source", "data.cache_dir", "train.init_from")
 
 SECTIONS = {"model": ModelConfig, "ttt": TTTConfig, "data": DataConfig, "train": TrainConfig}
@@ -504,7 +505,7 @@ def validate(cfg: Config, backend: str | None = None) -> None:
 
     _need(d.seq_len >= 1, "data.seq_len", d.seq_len, "must be a positive integer")
     _need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be a positive integer")
-    _need(bool(d.source), "data.source", d.source, "stdlib or a prepared dataset directory")
+    _need(bool(d.source), "data.source", d.source, "stdlib, pydocs or a prepared dataset directory")
     if m.mixer == "ttt_e2e":
         _need(
             d.seq_len % t.chunk == 0,

@@ -13,7 +13,11 @@ app = typer.Typer(help="Prepare text corpora in the reference Zarr layout.", no_
 @app.command("prepare")
 def prepare(
     out: Path = typer.Option(..., "--out", help="Dataset directory to write (DIR/train, DIR/val)."),
-    source: str = typer.Option("stdlib", help="stdlib, a directory, or a glob of files."),
+    source: str = typer.Option(
+        "stdlib",
+        help="stdlib (Python source), pydocs (the Python documentation's prose, from "
+        "Debian's python3-doc), a directory, or a glob of files.",
+    ),
     force: bool = typer.Option(False, help="Rewrite even when the content is unchanged."),
     tokenizer: str = typer.Option(
         "bytes",

@@ -1,7 +1,7 @@
 """Text corpora in the reference Zarr layout (bytes or a tokenizer.json), and the loader."""
 
 from ttt.data.loader import Loader, TokenSplit, open_split
-from ttt.data.prepare import prepare, stdlib_dataset
+from ttt.data.prepare import builtin_dataset, prepare
 from ttt.data.tokenizer import BYTE_BOS as BOS
 from ttt.data.tokenizer import BYTE_VOCAB, load_tokenizer
 
@@ -13,5 +13,5 @@ __all__ = [
     "load_tokenizer",
     "open_split",
     "prepare",
-    "stdlib_dataset",
+    "builtin_dataset",
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ttt.data.prepare import META, stdlib_dataset
+from ttt.data.prepare import BUILTIN, META, builtin_dataset
 from ttt.errors import UserError
 
 LLAMA3_BOS = 128000
@@ -49,14 +49,15 @@ class TokenSplit:
 
 
 def dataset_root(source: str, cache_dir: str = "") -> Path:
-    """`stdlib` (prepared on first use) or a prepared directory in the reference layout."""
-    if source == "stdlib":
-        return stdlib_dataset(cache_dir)
+    """A built-in corpus (`stdlib`, `pydocs`; prepared on first use) or a prepared
+    directory in the reference layout."""
+    if source in BUILTIN:
+        return builtin_dataset(source, cache_dir)
     root = Path(source).expanduser()
     if not root.is_dir():
         raise UserError(
             f"data.source={source!r}: no such dataset directory "
-            "(use stdlib, or run `ttt data prepare --out DIR` first)"
+            "(use stdlib or pydocs, or run `ttt data prepare --out DIR` first)"
         )
     return root
 

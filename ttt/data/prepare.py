@@ -41,16 +41,41 @@ def stdlib_files() -> list[Path]:
     )
 
 
+def pydocs_root() -> Path:
+    """The reStructuredText sources of this interpreter's documentation, as Debian's
+    `python3-doc` installs them: prose (tutorials, HOWTOs, library reference) with
+    examples, a corpus unlike source code."""
+    return Path(f"/usr/share/doc/python3.{sys.version_info.minor}/html/_sources")
+
+
+def pydocs_files() -> list[Path]:
+    root = pydocs_root()
+    if not root.is_dir():
+        raise UserError(
+            f"data.source=pydocs: needs the Python documentation of Debian's python3-doc "
+            f"({root} is missing; apt-get install python3-doc)"
+        )
+    return sorted(p for p in root.rglob("*.rst.txt") if p.is_file())
+
+
+# Corpora this project builds itself, by name, from what the machine has installed.
+BUILTIN = ("stdlib", "pydocs")
+
+
 def resolve_files(source: str) -> tuple[list[Path], Path | None]:
-    """(files, root for relative names) for `stdlib`, a directory, or a glob."""
+    """(files, root for relative names) for `stdlib`, `pydocs`, a directory, or a glob."""
     if source == "stdlib":
         return stdlib_files(), Path(sysconfig.get_paths()["stdlib"])
+    if source == "pydocs":
+        return pydocs_files(), pydocs_root()
     path = Path(source)
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file()), path
     files = sorted(Path(p) for p in globlib.glob(source, recursive=True) if Path(p).is_file())
     if not files:
-        raise UserError(f"--source={source!r}: matches no file (use stdlib, a directory or a glob)")
+        raise UserError(
+            f"--source={source!r}: matches no file (use stdlib, pydocs, a directory or a glob)"
+        )
     return files, None
 
 
@@ -148,7 +173,7 @@ def prepare(
     if tok.name != "bytes":  # kept beside the tokens, as a model keeps its tokenizer
         shutil.copyfile(tok.name, tmp / TOKENIZER)
     meta = {
-        "source": source if source == "stdlib" else str(Path(source).absolute()),
+        "source": source if source in BUILTIN else str(Path(source).absolute()),
         "fingerprint": fp,
         "tokenizer": "bytes" if tok.name == "bytes" else TOKENIZER,
         "tokenizer_digest": tok.digest,
@@ -168,15 +193,16 @@ def prepare(
     return meta
 
 
-def stdlib_dataset(cache_dir: str = "", progress: bool = False) -> Path:
-    """The built-in corpus, prepared on first use; concurrent trials wait on one lock."""
+def builtin_dataset(source: str = "stdlib", cache_dir: str = "", progress: bool = False) -> Path:
+    """A built-in corpus (`BUILTIN`), prepared on first use; concurrent trials wait on one
+    lock. Named by the interpreter's version, whose sources (or docs) it holds."""
     from filelock import FileLock
 
     root = cache_root(cache_dir)
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    out = root / f"stdlib-py{version}"
+    out = root / f"{source}-py{version}"
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"stdlib-py{version}.lock")):
+    with FileLock(str(root / f"{source}-py{version}.lock")):
         if read_meta(out) is None:
-            prepare("stdlib", out, progress=progress)
+            prepare(source, out, progress=progress)
     return out

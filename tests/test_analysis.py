@@ -270,6 +270,8 @@ SPEC_FIGURES = {
         {m: {256, K} for m in (*FIG1, "ttt_e2e", "ttt_e2e (meta off)")},
     ),
     "table1_ladder": ("table1_ladder", "variant", LADDER),
+    "longer_small": ("compute", "step", {m: set(range(80, 801, 80)) for m in ("full", "ttt_e2e")}),
+    "size_small": ("fig5_model_size", "preset", {"ttt_e2e": {"pico", "nano"}}),
     "prose_small": (
         "compute",
         "step",

@@ -242,7 +242,9 @@ def _delta(x: str, xlabel: str):
 
 
 def _token_index(t):
-    fig, ax = plt.subplots(figsize=(6, 4))
+    paired = "delta" in t.columns and t["delta"].is_not_null().any()
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(11 if paired else 6, 4), squeeze=False)
+    ax = axes[0][0]
     for key, g in t.group_by("method", maintain_order=True):
         g = g.filter(pl.col("position") > 0).sort("position")
         color = COLORS.get(key[0])
@@ -255,6 +257,19 @@ def _token_index(t):
         title="Loss by token index (faint: per position; bold: log-binned)",
     )
     ax.legend(fontsize=7)
+    if paired:  # one point per bin, at the bin's first position
+        d = (
+            t.filter(pl.col("delta").is_not_null() & (pl.col("position") > 0))
+            .group_by("method", "bin", maintain_order=True)
+            .agg(pl.col("position").min(), pl.col("delta", "delta_lo", "delta_hi", "runs").first())
+        )
+        b = axes[0][1]
+        lines(b, d, "position", "delta", "delta_lo", "delta_hi")
+        b.axhline(0, color="black", lw=0.8)
+        b.set_xscale("log")
+        b.set(xlabel="token index (log scale)", ylabel="NLL - full attention's (nats)",
+              title="Difference to full attention (paired by seed, 95% CI)")  # fmt: skip
+        b.legend(fontsize=7)
     return fig
 
 

@@ -392,7 +392,9 @@ def compute(data: Data):
 
 
 def token_index(data: Data):
-    """Fig 6: loss by token index (log x), per method, averaged over sequences and seeds."""
+    """Fig 6: loss by token index (log x), per method, averaged over sequences and seeds;
+    and where full attention is in the store, each method minus it by token index, paired
+    by seed with a bootstrap interval per log-spaced bin."""
     frame = finished(data.runs)
     if frame.is_empty():
         return None
@@ -400,7 +402,19 @@ def token_index(data: Data):
     nll = data.nll(frame["run_id"].to_list())
     if nll.is_empty():
         return None
-    return nll_by_token_index(nll.join(frame.select("run_id", "method"), on="run_id"))
+    table = nll_by_token_index(nll.join(frame.select("run_id", "method"), on="run_id"))
+    if "full" not in frame["method"].to_list() or "train.seed" not in frame.columns:
+        return table
+    # each run's log-binned NLL minus its full-attention twin's (same seed), by bin
+    runs_ = frame.select("run_id", "method", "train.seed")
+    binned = (
+        nll.with_columns(((pl.col("position") + 1).log(2) * 4).floor().cast(pl.Int64).alias("bin"))
+        .group_by("run_id", "bin")
+        .agg(pl.col("nll").mean())
+        .join(runs_, on="run_id")
+    )
+    delta = paired_delta(binned, "full", ["bin"], "nll")
+    return table.join(delta, on=["method", "bin"], how="left")
 
 
 def nll_by_token_index(nll: pl.DataFrame) -> pl.DataFrame:

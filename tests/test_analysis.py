@@ -130,6 +130,13 @@ def test_recipes_write_the_expected_tidy_tables(tmp_path):
     np.testing.assert_allclose(
         t["mean"] - np.arange(16) / 100, np.full(16, t["mean"][0]), atol=1e-12
     )
+    # each seed's run minus its full-attention twin (flat 3.0): at position 0 (its own
+    # bin) the seed mean's difference, and an interval spanning the two seeds (0.01 apart)
+    row = t.row(0, named=True)
+    center = row["mean"] - 3.0
+    assert row["pairs"] == 2
+    np.testing.assert_allclose([row["delta_lo"], row["delta"], row["delta_hi"]],
+                               [center - 0.005, center, center + 0.005], atol=1e-12)  # fmt: skip
 
     written, _ = build_all(uri(tmp_path), out, experiments=["ctx"])
     ctx = pl.read_parquet(out / "fig1_context_length.parquet")

@@ -306,17 +306,19 @@ def _ladder(t):
     return fig
 
 
-def _inner_lr_meta(t):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    lines(ax, t, "ttt.inner_lr")
-    ax.set_xscale("log")
-    ax.set(
-        xlabel="inner learning rate eta (log scale)",
-        ylabel="eval loss (nats/token)",
-        title="Inner LR, meta-learning on and off",
-    )
-    ax.legend(fontsize=7)
-    return fig
+def _one_axis(x: str, xlabel: str, ylabel: str, title: str, log: bool = True):
+    """One panel: a line per method against `x` (log scale), seed bands."""
+
+    def f(t):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        lines(ax, t, x)
+        if log:
+            ax.set_xscale("log")
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.legend(fontsize=7)
+        return fig
+
+    return f
 
 
 def _latency(title: str, paper_csv: str | None, ylabel: str = "seconds per 1K tokens"):
@@ -341,19 +343,6 @@ def _latency(title: str, paper_csv: str | None, ylabel: str = "seconds per 1K to
         return fig
 
     return f
-
-
-def _compute(t):
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    lines(ax, t, "flops")
-    ax.set_xscale("log")
-    ax.set(
-        xlabel="training FLOPs (the project's count)",
-        ylabel="training loss (nats/token)",
-        title="Loss at equal compute",
-    )
-    ax.legend(fontsize=7)
-    return fig
 
 
 def _curves(t):
@@ -506,13 +495,23 @@ FIGURES: dict[str, Figure] = {
         Figure(
             "inner_lr_meta",
             recipes.inner_lr_meta,
-            _inner_lr_meta,
+            _one_axis(
+                "ttt.inner_lr",
+                "inner learning rate eta (log scale)",
+                "eval loss (nats/token)",
+                "Inner LR, meta-learning on and off",
+            ),
             "sweeps/inner_lr.yaml and sweeps/meta.yaml (or sweeps/quickstart.yaml)",
         ),
         Figure(
             "compute",
             recipes.compute,
-            _compute,
+            _one_axis(
+                "flops",
+                "training FLOPs (the project's count)",
+                "training loss (nats/token)",
+                "Loss at equal compute",
+            ),
             "any sweep with two methods (sweeps/small_scale.yaml, sweeps/ladder_small.yaml)",
         ),
         Figure(

@@ -148,10 +148,15 @@ def rung_nll(cfg, model, tokens):
     return sequence_nll(model, batch, jnp.float32(1.0), cfg.ttt, inner=inner)[1]
 
 
-@pytest.mark.parametrize("rung", list(RUNGS))
-def test_causality_of_every_rung(rung):
+# Fig 1's other baselines, whose causality the same test holds
+BASELINES = {m: [f"model.mixer={m}"] for m in ("full", "hybrid", "gated_deltanet", "mamba2")}
+
+
+@pytest.mark.parametrize("rung", [*RUNGS, *BASELINES])
+def test_causality_of_every_rung_and_mixer(rung):
     """Perturbing token t changes no output before t, and changes some after."""
-    cfg = load_config("pico", [*RUNGS[rung], "model.window=16", "data.seq_len=80"])
+    overrides = RUNGS.get(rung) or BASELINES[rung]
+    cfg = load_config("pico", [*overrides, "model.window=16", "data.seq_len=80"])
     model = create_model(cfg.model, seed=1)
     tokens = RNG.integers(0, 256, (1, 81)).astype(np.int32)
     other = tokens.copy()

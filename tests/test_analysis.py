@@ -278,7 +278,7 @@ SPEC_FIGURES = {
     ),
     "table1_ladder": ("table1_ladder", "variant", LADDER),
     "longer_small": ("compute", "step", {m: set(range(80, 801, 80)) for m in ("full", "ttt_e2e")}),
-    "size_small": ("fig5_model_size", "preset", {"ttt_e2e": {"pico", "nano"}}),
+    "size_small": ("fig5_model_size", "preset", {"ttt_e2e": {"pico", "nano", "micro"}}),
     "prose_small": (
         "compute",
         "step",

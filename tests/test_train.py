@@ -212,6 +212,11 @@ def test_eval_without_the_test_time_updates(train_cfg, tmp_path, capsys):
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [1, 2]
     assert all(np.isfinite(r["inner_gain_own"]) and r["inner_update_rel"] > 0 for r in evals)
+    assert all(r["eval_loss_noinner"] != r["eval_loss"] for r in evals)
+    from ttt.train.evaluate_run import evaluate_run
+
+    off, _, _ = evaluate_run(tmp_path / "r", max_batches=1, inner=False)  # as --no-inner
+    assert off.loss == pytest.approx(evals[-1]["eval_loss_noinner"], abs=1e-6)
     uri = f"sqlite:///{tmp_path / 'evals.db'}"
     args = ["eval", str(tmp_path / "r"), "--seq-len", "128", "--max-batches", "1", "--no-inner"]
     with pytest.raises(SystemExit) as exc:

@@ -112,7 +112,8 @@ class TrainConfig:
     peak_flops: float = 0.0  # 0: from the device kind
     # ttt_e2e: at every evaluation, also what the inner steps bought (`ttt eval
     # --telemetry` on the evaluated batches): inner_gain_own, inner_gain_next and
-    # inner_update_rel as metrics, the table in RUN/eval/inner_loop_T*.parquet.
+    # inner_update_rel as metrics, the table in RUN/eval/inner_loop_T*.parquet; and the
+    # loss with the updates skipped (`ttt eval --no-inner`) as eval_loss_noinner.
     telemetry: bool = False
     # A loss above this ends the run as diverged, like a NaN would; 0: 3 x ln(vocab_size),
     # three times the loss of a uniform guess.
@@ -188,6 +189,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "nano": dict(
         model=dict(layers=6, width=128, heads=4, mlp=384, window=64, ttt_layers=2, vocab_size=258),
         mlp_ttt=288,
+        ttt=dict(chunk=32),
+        data=dict(seq_len=256, batch_size=8),
+        train=dict(lr=3e-3, steps=300),
+    ),
+    "micro": dict(  # one step above nano: about 3x its parameters and compute
+        model=dict(layers=8, width=192, heads=4, mlp=576, window=64, ttt_layers=2, vocab_size=258),
+        mlp_ttt=456,
         ttt=dict(chunk=32),
         data=dict(seq_len=256, batch_size=8),
         train=dict(lr=3e-3, steps=300),

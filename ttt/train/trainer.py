@@ -400,22 +400,27 @@ class Trainer:
 
     def telemetry(self, number: int) -> dict[str, float]:
         """`train.telemetry`: the inner steps over the evaluated batches, as metrics and as
-        RUN/eval/inner_loop_T*.parquet (the latest evaluation's)."""
+        RUN/eval/inner_loop_T*.parquet (the latest evaluation's), and the loss of the same
+        batches with the test-time updates skipped (`eval_loss_noinner`)."""
         import polars as pl
 
         from ttt.train.evaluate_run import telemetry_step, telemetry_summary, telemetry_table
 
+        tr = self.cfg.train
         if not hasattr(self, "_telemetry_step"):
             self._telemetry_step = telemetry_step(self.cfg, self.graphdef)
+            self._noinner_step = make_eval_step(self.cfg, self.graphdef, inner=False)
         table = telemetry_table(
-            self.cfg, self._telemetry_step, self.params, self.val, self.cfg.train.eval_batches,
-            self.put,
-        )  # fmt: skip
+            self.cfg, self._telemetry_step, self.params, self.val, tr.eval_batches, self.put
+        )
         if self.lead:
             path = self.dir.telemetry_table(self.cfg.data.seq_len)
             path.parent.mkdir(parents=True, exist_ok=True)
             table.with_columns(step=pl.lit(number)).write_parquet(path)
-        return telemetry_summary(table)
+        # the same batches with the updates skipped: the initial weights alone
+        eta = self.cfg.ttt.inner_lr
+        off = evaluate(self._noinner_step, self.params, self.val, tr.eval_batches, eta, self.put)
+        return {**telemetry_summary(table), "eval_loss_noinner": off.loss}
 
     def save(self, number: int, values: dict, final: bool = False) -> None:
         if self.ckpt is None:

@@ -278,6 +278,11 @@ SPEC_FIGURES = {
     ),
     "table1_ladder": ("table1_ladder", "variant", LADDER),
     "longer_small": ("compute", "step", {m: set(range(80, 801, 80)) for m in ("full", "ttt_e2e")}),
+    "equal_flops_small": (
+        "compute",
+        "step",
+        {"full": set(range(35, 351, 35)), "ttt_e2e": set(range(20, 201, 20))},
+    ),
     "size_small": ("fig5_model_size", "preset", {"ttt_e2e": {"pico", "nano", "micro"}}),
     "prose_small": (
         "compute",

@@ -34,10 +34,11 @@ BASE = {
 # `released_eval` evaluates imported checkpoints (tests/test_sweeps.py runs a `task: eval`
 # sweep over the reference checkpoint through Ray); the small-scale spec has its own
 # miniature there too.
-# `prose_small` and `longer_small` are `small_scale` on another corpus or for longer; their
+# `prose_small`, `longer_small` and `equal_flops_small` are `small_scale` on another corpus,
+# for longer or at equal FLOPs; their
 # figure (loss against FLOPs at every logged step) the synthetic store draws at other
 # steps than a miniature logs.
-LOGGED_STEPS = {"prose_small", "longer_small"}
+LOGGED_STEPS = {"prose_small", "longer_small", "equal_flops_small"}
 REAL = sorted(set(SPEC_FIGURES) - {"released_eval", "small_scale"} - LOGGED_STEPS)
 # All of them take about 20 minutes on two cores (about 15 s of compiling per trial), more
 # than the suite can spend: by default it runs one staged spec and one size sweep, the

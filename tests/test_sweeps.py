@@ -440,7 +440,7 @@ def test_shipped_specs_pass_dry_run(path, corpus, capsys):
     from ttt.cli import main
 
     sources = data_overrides(path, corpus)
-    if sources:
+    if "/data/" in path.read_text():  # (a `pydocs` spec needs only python3-doc installed)
         with pytest.raises(SystemExit) as exc:
             main(["sweep", "run", str(path), "--dry-run"])
         err = capsys.readouterr().err

@@ -23,6 +23,7 @@ prediction) differentiates through the updates, so TTT-KVB is meta-learned too.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt.config import ModelConfig
-from ttt.model.layers import Attention, InitialFast, head_swiglu
+from ttt.model.layers import Attention, InitialFast, RMSNorm, head_swiglu
 from ttt.shapes import kvb_dims
 
 FAST = ("w1", "w2", "w3")
@@ -150,7 +151,7 @@ class KVBAttention(Attention):
         self.w3 = InitialFast(init((h, hd, f), hd))
         self.w2 = InitialFast(init((h, f, hd), f))
         self.w_lr = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.width, h), dtype))
-        self.fast_norm = nnx.Param(jnp.ones((hd,), dtype))
+        self.fast_norm = RMSNorm(hd, dtype)  # per head
 
     def initial(self) -> dict:
         return {n: getattr(self, n)[...] for n in FAST}
@@ -173,14 +174,9 @@ class KVBAttention(Attention):
         w0 = self.initial()
         norms = row_norms(w0)
         how = (self.chunk, self.loss, self.out_rule, norms)
-        if cache is None:
+        if cache is None:  # the weights after the last chunk, and an empty buffer
             z, w = kvb_chunked(w0, fq, fk, fv, lr, *how)
-            h, hd, _ = self.w1[...].shape[-3:]
-            empty = jnp.zeros((*x.shape[:-2], self.chunk, h, hd), x.dtype)
-            state = FastState(w, empty, empty, jnp.zeros(empty.shape[:-1], jnp.float32))
+            state = dataclasses.replace(self.empty(x.shape[:-2], x.dtype), w=w)
         else:
             z, state = kvb_step(cache[1], fq, fk, fv, lr, positions[0], *how)
-        ft_z = z.astype(ft)
-        z = ft_z * jax.lax.rsqrt(jnp.mean(ft_z * ft_z, -1, keepdims=True) + 1e-6)
-        z = (z * self.fast_norm[...].astype(ft)).astype(a.dtype)
-        return self.output(a + z), (kv, state)
+        return self.output(a + self.fast_norm(z.astype(a.dtype))), (kv, state)

@@ -15,6 +15,9 @@ from typing import Any
 
 import yaml
 
+from ttt.data.recall import SOURCE as RECALL
+from ttt.data.recall import RecallTask
+from ttt.data.tokenizer import BYTE_BOS
 from ttt.errors import UserError
 from ttt.shapes import RECURRENT, matched_mlp
 
@@ -105,7 +108,7 @@ class TrainConfig:
     grad_accum: int = 1
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 4
+    eval_batches: int = 4  # 0: the whole held-out split
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     init_from: str = ""
@@ -127,14 +130,22 @@ class Config:
     ttt: TTTConfig = field(default_factory=TTTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # The recall task's knobs (ttt.data.recall); they apply only to data.source=recall.
+    recall: RecallTask = field(default_factory=RecallTask)
+
+    def sections(self) -> list[str]:
+        """The sections that apply: `recall` only to a run on the recall task, so that
+        every other run's config and tracked params stay free of it."""
+        return [s for s in SECTIONS if s != "recall" or self.data.source == RECALL]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        return {k: v for k, v in out.items() if k not in SECTIONS or k in self.sections()}
 
     def flat(self) -> dict[str, Any]:
         """`{"model.window": 256, ...}`: the form used for overrides and tracking params."""
         out = {"preset": self.preset}
-        for section in SECTIONS:
+        for section in self.sections():
             for k, v in dataclasses.asdict(getattr(self, section)).items():
                 out[f"{section}.{k}"] = v
         return out
@@ -154,7 +165,7 @@ class Config:
         paths = {
             key: str(Path(flat[key]).expanduser().absolute())
             for key in PATH_KEYS
-            if flat[key] and flat[key] not in ("stdlib", "pydocs")
+            if flat[key] and flat[key] not in ("stdlib", "pydocs", RECALL)
         }
         changed = {k: v for k, v in paths.items() if v != flat[k]}
         return self.replace(**changed) if changed else self
@@ -164,7 +175,13 @@ class Config:
 # `stdlib`, Python source, or `pydocs`, prose).
 PATH_KEYS = ("data.source", "data.cache_dir", "train.init_from")
 
-SECTIONS = {"model": ModelConfig, "ttt": TTTConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {
+    "model": ModelConfig,
+    "ttt": TTTConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "recall": RecallTask,
+}
 
 
 # `mlp` is the regular MLP width for full/swa; `mlp_ttt` the narrower one used with
@@ -251,6 +268,7 @@ TRACED_KEYS = {
     "ttt.inner_lr_warmup",
     "data.source",
     "data.cache_dir",
+    *(f"recall.{f.name}" for f in fields(RecallTask)),  # drawn on the host
 }
 
 
@@ -462,6 +480,24 @@ def _kernels_exist(cfg: Config, backend: str | None) -> None:
             raise ConfigError(f"{key}='cudnn': needs a GPU; allowed here are auto, dense, xla")
 
 
+def validate_recall(cfg: Config) -> None:
+    r = cfg.recall
+    for name in ("keys", "values", "filler", "pairs", "val_sequences"):
+        v = getattr(r, name)
+        _need(v >= 1, f"recall.{name}", v, "must be a positive integer")
+    _need(r.max_distance >= 0, "recall.max_distance", r.max_distance, "must be >= 0 (0: T - 2)")
+    try:
+        r.check(cfg.data.seq_len)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    _need(
+        cfg.model.vocab_size > BYTE_BOS,
+        "model.vocab_size",
+        cfg.model.vocab_size,
+        f"data.source=recall writes ids up to BOS {BYTE_BOS}: needs more than {BYTE_BOS}",
+    )
+
+
 def validate(cfg: Config, backend: str | None = None) -> None:
     m, t, d, tr = cfg.model, cfg.ttt, cfg.data, cfg.train
     _one_of("model.mixer", m.mixer, MIXERS)
@@ -513,7 +549,14 @@ def validate(cfg: Config, backend: str | None = None) -> None:
 
     _need(d.seq_len >= 1, "data.seq_len", d.seq_len, "must be a positive integer")
     _need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be a positive integer")
-    _need(bool(d.source), "data.source", d.source, "stdlib, pydocs or a prepared dataset directory")
+    _need(
+        bool(d.source),
+        "data.source",
+        d.source,
+        "stdlib, pydocs, recall or a prepared dataset directory",
+    )
+    if d.source == RECALL:
+        validate_recall(cfg)
     if m.mixer == "ttt_e2e":
         _need(
             d.seq_len % t.chunk == 0,
@@ -540,7 +583,12 @@ def validate(cfg: Config, backend: str | None = None) -> None:
     for name in ("log_every", "eval_every", "checkpoint_every"):
         v = getattr(tr, name)
         _need(v >= 0, f"train.{name}", v, "must be >= 0")
-    _need(tr.eval_batches >= 1, "train.eval_batches", tr.eval_batches, "must be a positive integer")
+    _need(
+        tr.eval_batches >= 0,
+        "train.eval_batches",
+        tr.eval_batches,
+        "must be >= 0 (0: the whole held-out split)",
+    )
     _need(
         tr.keep_checkpoints >= 1,
         "train.keep_checkpoints",

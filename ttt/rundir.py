@@ -30,6 +30,12 @@ CONFIG, INFO, METRICS, CHECKPOINTS, EVAL = (
 RECORD_FILES = (CONFIG, INFO, METRICS)
 
 
+def companion(table: Path, kind: str) -> Path:
+    """A table written beside an evaluation's per-position NLL: its log bins with their
+    standard errors (`bins`), the recall task's accuracy by distance (`recall`)."""
+    return table.with_name(f"{table.stem}_{kind}{table.suffix}")
+
+
 @dataclass(frozen=True)
 class RunDir:
     path: Path
@@ -65,12 +71,14 @@ class RunDir:
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / str(step)
 
-    def nll_table(self, seq_len: int | None = None, inner: bool = True) -> Path:
+    def nll_table(self, seq_len: int | None = None, inner: bool = True, task: str = "loss"):
         """Per-position NLL of an evaluation: at the run's own length (written by
         training) or at `seq_len` (`ttt eval --seq-len`); `inner=False`: with the
-        test-time updates skipped (`ttt eval --no-inner`)."""
+        test-time updates skipped (`ttt eval --no-inner`); `task="recall"`: on the recall
+        task (`ttt eval --task recall`), for a run trained on another dataset."""
         suffix = ("" if seq_len is None else f"_T{seq_len}") + ("" if inner else "_noinner")
-        return self.eval_dir / f"nll_by_position{suffix}.parquet"
+        stem = "recall_nll_by_position" if task == "recall" else "nll_by_position"
+        return self.eval_dir / f"{stem}{suffix}.parquet"
 
     def telemetry_table(self, seq_len: int) -> Path:
         """Each inner step's losses, gradient norms and update size (`--telemetry`)."""

@@ -35,3 +35,45 @@ def prepare(
     tok = load_tokenizer(tokenizer, bos_token)
     meta = do_prepare(source, out, force=force, tokenizer=tok)
     typer.echo(json.dumps(meta, indent=2))
+
+
+@app.command("stats")
+def stats(
+    source: str = typer.Argument(
+        ..., metavar="SOURCE", help="stdlib, pydocs, recall, or a prepared dataset directory."
+    ),
+    orders: int = typer.Option(5, "--orders", min=1, max=8, help="Highest n-gram order."),
+    cache_dir: str = typer.Option("", "--cache-dir", help="Where built-in corpora live."),
+) -> None:
+    """The dataset's split sizes and its floors: held-out nats per token of n-gram count
+    models (interpolated Kneser-Ney) fitted on the training split, computed once per
+    content fingerprint and kept beside the dataset."""
+    from ttt.data.floors import NAMES, floors_of
+    from ttt.data.loader import open_split
+    from ttt.data.recall import SOURCE as RECALL
+    from ttt.data.recall import RecallTask
+
+    if source == RECALL:
+        task = RecallTask()
+        typer.echo(
+            f"recall (drawn, not stored): {task.pairs} pairs of {task.keys} keys and "
+            f"{task.values} values among {task.filler} filler ids; chance accuracy "
+            f"{task.chance:.4f}, answer NLL at chance {__import__('math').log(task.values):.4f} "
+            "nats (the recall.* config keys change them)"
+        )
+        return
+    floors = floors_of(source, cache_dir, orders)
+    train = open_split(source, "train", cache_dir)
+    typer.echo(
+        f"{source}: {train.path.parent} (fingerprint {train.fingerprint}, vocabulary "
+        f"{floors.vocab_size}, BOS {train.bos_id})"
+    )
+    typer.echo(
+        f"splits: train {len(train):,} tokens, val {len(open_split(source, 'val', cache_dir)):,}"
+        f" tokens; fitted on {floors.train_tokens:,}, scored on {floors.val_tokens:,} "
+        "held-out targets"
+    )
+    typer.echo(f"floors (held-out nats per token, {floors.smoothing}):")
+    for order, value in sorted(floors.orders.items()):
+        typer.echo(f"  {NAMES.get(order, f'{order}-gram'):>8}  {value:.4f}")
+    typer.echo(f"computed in {floors.seconds:.1f} s, kept for this fingerprint")

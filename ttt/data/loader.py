@@ -157,3 +157,52 @@ class Loader:
         batch = self.batch_at(self.position)
         self.position += self.batch_size
         return batch
+
+
+class Dataset:
+    """`data.source`'s two splits as a run reads them: a prepared corpus (`TokenSplit`s)
+    or the drawn recall task (`ttt.data.recall`). What the trainer and evaluation open."""
+
+    def __init__(self, cfg, first: str = "train"):
+        """`first`: the split opened at once, whose fingerprint, BOS and vocabulary the
+        dataset reports (training records the training split's; evaluation reads val)."""
+        from ttt.data.recall import SOURCE as RECALL
+        from ttt.data.tokenizer import BYTE_BOS
+
+        self.source, self.cache_dir = cfg.data.source, cfg.data.cache_dir
+        self.recall = cfg.recall if self.source == RECALL else None
+        self._splits: dict[str, TokenSplit] = {}
+        if self.recall is not None:
+            self.fingerprint, self.bos_id = self.recall.fingerprint(), BYTE_BOS
+            self.vocab_size = None
+        else:
+            opened = self.split(first)
+            self.fingerprint, self.bos_id = opened.fingerprint, opened.bos_id
+            self.vocab_size = opened.vocab_size
+
+    def split(self, name: str) -> TokenSplit:
+        if self.recall is not None:
+            raise UserError(
+                "data.source='recall': a drawn task has no token file (needle in a haystack "
+                "and --tokens need a text corpus)"
+            )
+        if name not in self._splits:
+            self._splits[name] = open_split(self.source, name, self.cache_dir)
+        return self._splits[name]
+
+    def check_vocab(self, vocab_size: int) -> None:
+        if self.recall is None:
+            self.split("train").check_vocab(vocab_size)
+
+    def loader(self, split: str, seq_len: int, batch_size: int, *, seed: int = 0,
+               position: int = 0, name: str = "data.seq_len"):  # fmt: skip
+        """The training order (`seed`, from `position`), or for `val` the held-out
+        sequences in order."""
+        if self.recall is not None:
+            from ttt.data.recall import RecallLoader
+
+            # the draw is the task's own (recall.seed): every trial sees the same task
+            return RecallLoader(self.recall, split, seq_len, batch_size, position=position,
+                                name=name)  # fmt: skip
+        return Loader(self.split(split), seq_len, batch_size, seed=seed, position=position,
+                      shuffle=split != "val", name=name)  # fmt: skip

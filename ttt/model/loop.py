@@ -39,14 +39,28 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 LOGITS_BLOCK = 2**27
 
 
-def hidden_nll(model: TTTModel, x: jax.Array, targets: jax.Array, block=LOGITS_BLOCK):
-    """`token_nll(model.logits(x), targets)` without keeping the logits.
+def token_hit(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Whether the target is the most likely token (greedy decoding would emit it)."""
+    return jnp.argmax(logits, axis=-1) == targets
+
+
+def hidden_nll(
+    model: TTTModel, x: jax.Array, targets: jax.Array, block=LOGITS_BLOCK, hits: bool = False
+):
+    """`token_nll(model.logits(x), targets)` without keeping the logits; with `hits`, the
+    pair (NLL, `token_hit`) from the same logits (evaluation's exact-match accuracy).
 
     x: (..., T, d). Positions are cut into as few equal blocks as keep each block's logits
     under `block` entries; each block's logits are recomputed in the backward pass
     (`jax.checkpoint`) rather than stored, so memory holds one block at a time.
     """
-    nll_of = jax.checkpoint(lambda xb, tb: token_nll(model.logits(xb), tb))
+
+    def scores(xb, tb):
+        logits = model.logits(xb)
+        nll = token_nll(logits, tb)
+        return (nll, token_hit(logits, tb)) if hits else nll
+
+    nll_of = jax.checkpoint(scores)
     seq_len = x.shape[-2]
     need = -(-math.prod(x.shape[:-1]) * model.cfg.vocab_size // block)
     n = next(n for n in range(max(need, 1), seq_len + 1) if seq_len % n == 0)
@@ -55,7 +69,12 @@ def hidden_nll(model: TTTModel, x: jax.Array, targets: jax.Array, block=LOGITS_B
     xb = jnp.moveaxis(x.reshape(*x.shape[:-2], n, seq_len // n, x.shape[-1]), -3, 0)
     tb = jnp.moveaxis(targets.reshape(*targets.shape[:-1], n, seq_len // n), -2, 0)
     nll = jax.lax.map(lambda a: nll_of(*a), (xb, tb))
-    return jnp.moveaxis(nll, 0, -2).reshape(targets.shape)
+    return jax.tree.map(lambda v: jnp.moveaxis(v, 0, -2).reshape(targets.shape), nll)
+
+
+def nll_part(scores):
+    """The NLL of what `hidden_nll` returned (with `hits`, the pair's first)."""
+    return scores[0] if isinstance(scores, tuple) else scores
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -135,8 +154,9 @@ class Suffix:
     the fast (prime-MLP) weights and each layer's KV cache, and the inner update on one
     chunk. The inner loop and decoding (`ttt.model.decode`) share it."""
 
-    def __init__(self, model: TTTModel, graphdef, slow, kernels: Kernels = DENSE):
+    def __init__(self, model: TTTModel, graphdef, slow, kernels: Kernels = DENSE, hits=False):
         self.model, self.graphdef, self.slow, self.kernels = model, graphdef, slow, kernels
+        self.hits = hits  # per-token scores are (NLL, hit) pairs (`hidden_nll`)
 
     def forward(self, fast, cache, h, positions, kernel: str | None = None):
         """h: (n, d) at `positions` (n,); cache: per-layer (k, v) of earlier tokens and
@@ -154,8 +174,8 @@ class Suffix:
 
     def chunk_loss(self, fast, cache, h, positions, targets, mask):
         x, kv = self.forward(fast, cache, h, positions)
-        nll = hidden_nll(self.model, x, targets)
-        return masked_mean(nll, mask), (nll, kv)
+        nll = hidden_nll(self.model, x, targets, hits=self.hits)
+        return masked_mean(nll_part(nll), mask), (nll, kv)
 
     def grad(self, fast, cache, h, positions, targets, mask):
         """A chunk's loss, NLL and (k, v) with `fast`, and the gradient of that loss."""
@@ -175,6 +195,18 @@ class Suffix:
         loss, nll, kv, g = self.grad(fast, cache, h, positions, targets, mask)
         return self.step(fast, g, inner_lr, ttt)[0], loss, nll, kv
 
+    def chunk_step(self, carry, chunk, inner_lr, ttt: TTTConfig):
+        """One chunk of the inner loop, the scan step that `suffix_loop` and telemetry
+        share: the chunk's loss and NLL under the carried fast weights, the update on it,
+        and the KV window carried on. `carry`: (fast, k, v, k positions); `chunk`: (h,
+        positions, targets, mask). Returns (carry, (loss, nll, grad, clipped grad))."""
+        fast, ck, cv, cpos = carry
+        h_c, pos_c, tgt_c, mask_c = chunk
+        loss, nll, (k_new, v_new), g = self.grad(fast, (ck, cv, cpos), h_c, pos_c, tgt_c, mask_c)
+        new, clipped = self.step(fast, g, inner_lr, ttt)
+        ck, cv = carry_window(ck, k_new, axis=1), carry_window(cv, v_new, axis=1)
+        return (new, ck, cv, carry_window(cpos, pos_c, axis=0)), (loss, nll, g, clipped)
+
 
 def inner_loop_nll(
     model: TTTModel,
@@ -184,12 +216,13 @@ def inner_loop_nll(
     inner_lr: jax.Array,
     ttt: TTTConfig,
     kernels: Kernels = DENSE,
+    hits: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-token NLL (B, T) under test-time training, and each sequence's loss (B,):
-    the mean of its chunk losses. The prefix blocks run once over the whole sequences;
-    the chunks attend with `kernels.chunk`."""
+    """Per-token NLL (B, T) under test-time training (with `hits`, (NLL, hit) pairs), and
+    each sequence's loss (B,): the mean of its chunk losses. The prefix blocks run once
+    over the whole sequences; the chunks attend with `kernels.chunk`."""
     h = prefix_hidden(model, inputs, kernels)
-    return suffix_loop(model, h, targets, mask, inner_lr, ttt, kernels)
+    return suffix_loop(model, h, targets, mask, inner_lr, ttt, kernels, hits=hits)
 
 
 def prefix_hidden(model: TTTModel, inputs: jax.Array, kernels: Kernels = DENSE) -> jax.Array:
@@ -213,6 +246,7 @@ def suffix_loop(
     ttt: TTTConfig,
     kernels: Kernels = DENSE,
     final_state: bool = False,
+    hits: bool = False,
 ):
     """The suffix blocks chunk by chunk over the prefix's outputs `h` (B, T, d), from the
     initial fast weights and an empty KV cache: per-token NLL (B, T) and each sequence's
@@ -230,17 +264,11 @@ def suffix_loop(
     graphdef, fast0, slow = nnx.split(model.suffix, FastParam, ...)
     n_layers = model.cfg.ttt_layers
     heads, head_dim = model.cfg.heads, model.cfg.width // model.cfg.heads
-    suffix = Suffix(model, graphdef, slow, kernels)
+    suffix = Suffix(model, graphdef, slow, kernels, hits)
 
     def step(carry, xs):
-        fast, ck, cv, cpos = carry
-        h_c, pos_c, tgt_c, mask_c = xs
-        fast, loss, nll, (k_new, v_new) = suffix.update(
-            fast, (ck, cv, cpos), h_c, pos_c, tgt_c, mask_c, inner_lr, ttt
-        )
-        ck, cv = carry_window(ck, k_new, axis=1), carry_window(cv, v_new, axis=1)
-        cpos = carry_window(cpos, pos_c, axis=0)
-        return (fast, ck, cv, cpos), (loss, nll)
+        carry, (loss, nll, _, _) = suffix.chunk_step(carry, xs, inner_lr, ttt)
+        return carry, (loss, nll)
 
     if remat == "inner":
         step = jax.checkpoint(step)
@@ -270,7 +298,8 @@ def suffix_loop(
             losses.append(l_run)
             nll.append(nll_run)
             start += count
-        out = jnp.concatenate(nll).reshape(seq_len), jnp.mean(jnp.concatenate(losses))
+        per_token = jax.tree.map(lambda *runs: jnp.concatenate(runs).reshape(seq_len), *nll)
+        out = per_token, jnp.mean(jnp.concatenate(losses))
         return (*out, carry) if final_state else out
 
     return jax.vmap(one_sequence)(h, targets, mask)
@@ -284,8 +313,10 @@ def sequence_nll(
     *,
     inner: bool,
     kernels: Kernels = DENSE,
+    hits: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """(loss, per-token NLL of shape (B, T)) for a batch `(inputs, targets, loss_mask)`.
+    """(loss, per-token NLL of shape (B, T)) for a batch `(inputs, targets, loss_mask)`;
+    with `hits`, (NLL, hit) pairs in place of the NLL (`hidden_nll`).
 
     `inner=True` runs test-time training (ttt_e2e only); the loss is then the mean over
     sequences of the mean chunk loss. Otherwise it is the masked mean token NLL.
@@ -295,10 +326,10 @@ def sequence_nll(
     if inner:
         if model.suffix is None:
             raise ValueError("the inner loop needs mixer ttt_e2e")
-        nll, seq_loss = inner_loop_nll(model, inputs, targets, mask, inner_lr, ttt, kernels)
+        nll, seq_loss = inner_loop_nll(model, inputs, targets, mask, inner_lr, ttt, kernels, hits)
         return jnp.mean(seq_loss), nll
-    nll = hidden_nll(model, plain_hidden(model, inputs, kernels), targets)
-    return masked_mean(nll, mask), nll
+    nll = hidden_nll(model, plain_hidden(model, inputs, kernels), targets, hits=hits)
+    return masked_mean(nll_part(nll), mask), nll
 
 
 def loss_fn(
@@ -310,7 +341,8 @@ def loss_fn(
     *,
     inner: bool,
     kernels: Kernels = DENSE,
+    hits: bool = False,
 ):
     """The functional form used under `jax.jit`/`jax.grad`: merge happens at trace time only."""
     model = nnx.merge(graphdef, params)
-    return sequence_nll(model, batch, inner_lr, ttt, inner=inner, kernels=kernels)
+    return sequence_nll(model, batch, inner_lr, ttt, inner=inner, kernels=kernels, hits=hits)

@@ -101,19 +101,22 @@ def make_train_step(cfg: Config, graphdef):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_eval_step(cfg: Config, graphdef, inner: bool = True):
+def make_eval_step(cfg: Config, graphdef, inner: bool = True, hits: bool = False):
     """`eval(params, batch, eta) -> (per-token NLL (B, T), loss)`; runs the inner loop for
     ttt_e2e whatever `meta` says (test-time training), unless `inner` is False (the
     meta-learned initial weights alone). The loss is the training objective: with the
-    inner loop, the mean over sequences of each one's mean chunk loss."""
+    inner loop, the mean over sequences of each one's mean chunk loss. With `hits`, also
+    whether each target is the most likely token: `(nll, loss, hit)`."""
     inner = inner and uses_inner_loop(cfg, training=False)
     # Nothing differentiates evaluation, so the chunks may use ttt.chunk_attention.
     kernels = resolve(cfg, first_order=True)
 
     @jax.jit
     def evaluate(params, batch, eta):
-        loss, nll = loss_fn(graphdef, params, batch, eta, cfg.ttt, inner=inner, kernels=kernels)
-        return nll, loss
+        loss, nll = loss_fn(
+            graphdef, params, batch, eta, cfg.ttt, inner=inner, kernels=kernels, hits=hits
+        )
+        return (nll[0], loss, nll[1]) if hits else (nll, loss)
 
     return evaluate
 

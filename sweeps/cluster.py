@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sweeps.ray_compat import ensure_token, loopback_env, ray_cli, token_auth
+from ttt import process
 from ttt.errors import UserError
 from ttt.settings import settings
 
@@ -247,8 +248,7 @@ def keeper(directory: Path, keep: bool) -> None:
         state.unlink(missing_ok=True)
         sys.exit(0)
 
-    signal.signal(signal.SIGTERM, down)
-    signal.signal(signal.SIGINT, down)
+    process.set_signal_handlers({signal.SIGTERM: down, signal.SIGINT: down})
     cluster = Cluster(
         f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", os.getpid(), keep,
         python=sys.executable,

@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ttt import process
+from ttt.entry import run_entry
 from ttt.errors import UserError
 
 
@@ -128,8 +130,7 @@ def submit(request: SweepRequest, *, detach: bool, keep_cluster: bool) -> int:
 
 def main(argv: list[str]) -> int:
     """The Ray job's entry point: `python -m sweeps.launch REQUEST_JSON`."""
-    from ttt.cli.app import run_entry
-
+    process.ray_env()  # before anything imports Ray
     return run_entry(lambda: drive(SweepRequest.from_json(argv[0])))
 
 

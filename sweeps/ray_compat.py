@@ -17,6 +17,7 @@ import threading
 from importlib import metadata
 from pathlib import Path
 
+from ttt import process
 from ttt.errors import UserError
 from ttt.settings import settings
 
@@ -47,11 +48,7 @@ def check_version(version: str | None = None) -> str:
     return version
 
 
-check_version()
-# Ray folds alike log lines of different trials into "[repeated Nx across cluster]", which
-# hides the per-trial progress lines. Ray reads this once, when it is imported; every
-# `sweeps` module reaches Ray after this one.
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+check_version()  # a check, not a change: an untested Ray is one line before any other
 
 
 # --- A cluster on this machine only -----------------------------------------------------
@@ -70,7 +67,7 @@ def loopback_env() -> dict[str, str]:
 def loopback_mode() -> None:
     """Join a cluster on 127.0.0.1 as one of its processes, in this process: the switch
     above is read into `ray._private.ray_constants` when Ray is imported, so set both."""
-    os.environ[SINGLE_MACHINE[0]] = SINGLE_MACHINE[1]
+    process.set_env(*SINGLE_MACHINE)
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:
         constants.ENABLE_RAY_CLUSTER = False
@@ -130,7 +127,7 @@ def token_auth() -> None:
     (ray._private.authentication_test_utils)."""
     if os.environ.get("RAY_AUTH_MODE") == "token":
         return
-    os.environ["RAY_AUTH_MODE"] = "token"
+    process.set_env("RAY_AUTH_MODE", "token")
     if "ray._raylet" in sys.modules:
         from ray._raylet import Config
 
@@ -192,11 +189,11 @@ def fit(tuner):
     told from the end."""
     main = threading.current_thread() is threading.main_thread()
     if main:
-        signal.signal(signal.SIGINT, _on_sigint)
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        process.set_signal_handlers({signal.SIGINT: _on_sigint, signal.SIGTERM: _on_sigterm})
     grid = tuner.fit()
     if main:
         if signal.getsignal(signal.SIGINT) is _on_sigint:
             raise KeyboardInterrupt
-        signal.signal(signal.SIGINT, _on_sigint)  # Tune leaves its handler installed
+        # Tune leaves its handler installed
+        process.set_signal_handlers({signal.SIGINT: _on_sigint})
     return grid

@@ -8,23 +8,13 @@ and one that has none starts from scratch.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from sweeps.spec import SweepSpec, TrialStart
+from ttt import process
 from ttt.rundir import RECORD_FILES, RunDir
-
-
-def _jax_env(gpu: float) -> None:
-    """Before JAX starts in this worker: share a GPU safely, or keep JAX off it."""
-    if 0 < gpu < 1:
-        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-        os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.95 * gpu:.3f}"
-    if gpu == 0 and not os.environ.get("CUDA_VISIBLE_DEVICES"):
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 
 FINAL = "final.json"
 
@@ -54,7 +44,7 @@ class Peer:
     """
 
     def run(self, start: TrialStart, spec: SweepSpec, coordinator: str, rank: int) -> str:
-        _jax_env(spec.resources["gpu"])
+        process.trial_env(spec.resources["gpu"])
         from ttt.train import run
         from ttt.train.distributed import initialize
 
@@ -96,10 +86,11 @@ def _evaluate(cfg, run_dir: Path, extras: dict) -> None:
     per-position NLL in the checkpoint (as a training trial's final report has it)."""
     from ray import tune
 
-    from ttt.train.evaluate_run import evaluate_weights, load_weights
+    from ttt.evaluation import measure
+    from ttt.evaluation.weights import load_weights
 
     run = load_weights(cfg, cfg.train.init_from, key="train.init_from")
-    result, summary = evaluate_weights(run, RunDir(run_dir).nll_table())
+    result, summary = measure.loss(run, RunDir(run_dir).nll_table())
     report = {"eval_loss": result.loss, "step": summary["step"], "outcome": "finished", **extras}
     stage = Path(tempfile.mkdtemp(prefix="eval-"))
     try:
@@ -236,7 +227,7 @@ def _extras(spec: SweepSpec, start_step: int):
 
 
 def trial_main(start: TrialStart, spec: SweepSpec) -> None:
-    _jax_env(spec.resources["gpu"])
+    process.trial_env(spec.resources["gpu"])
     import ray
     from ray import tune
 

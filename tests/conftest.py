@@ -13,6 +13,10 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import pytest  # noqa: E402
 
+from ttt import process  # noqa: E402
+
+process.ray_env()  # as every entry point does before Ray is imported (ttt/process.py)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_caches(tmp_path_factory):

@@ -164,7 +164,7 @@ def test_out_of_memory_is_one_line_with_what_would_fit(tmp_path, capsys, monkeyp
     128K) is one line naming the allocation and what would fit, for the command run."""
     import jax
 
-    import ttt.train.evaluate_run as evaluate_run
+    import ttt.evaluation.service as service
 
     def exhausted(*a, **k):
         raise jax.errors.JaxRuntimeError(
@@ -172,7 +172,7 @@ def test_out_of_memory_is_one_line_with_what_would_fit(tmp_path, capsys, monkeyp
             "BufferAssignment OOM Debugging.\n..."
         )
 
-    monkeypatch.setattr(evaluate_run, "evaluate_run", exhausted)
+    monkeypatch.setattr(service, "evaluate", exhausted)
     (tmp_path / "run").mkdir()
     code, _, err = _cli(["eval", tmp_path / "run", "--seq-len", "131072"], capsys)
     assert code == 1 and len(err.splitlines()) == 1, err

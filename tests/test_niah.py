@@ -2,6 +2,7 @@
 needle position, the haystacks, the scoring, and one run end to end on pico."""
 
 import numpy as np
+import polars as pl
 import pytest
 from flax import nnx
 
@@ -71,7 +72,6 @@ def _pico_run(tmp_path, corpus):
 def test_harness_scores_an_oracle(tmp_path, corpus, monkeypatch):
     """With a stand-in decoder that writes the needle's value, every prompt scores."""
     import ttt.model.decode as decode
-    import ttt.niah as niah
 
     seen = []
 
@@ -82,8 +82,13 @@ def test_harness_scores_an_oracle(tmp_path, corpus, monkeypatch):
         return decode.Generation(TOK.encode(f" {value}."), np.zeros(0), 0.0)
 
     monkeypatch.setattr(decode, "generate", oracle)
-    frame, _ = niah.run_niah(_pico_run(tmp_path, corpus), list(TASKS), [512], [0.0, 1.0], 2)
+    from ttt.evaluation import NiahOptions, Request, evaluate
+
+    options = NiahOptions(tuple(TASKS), (0.0, 1.0), 2)
+    (m,) = evaluate(_pico_run(tmp_path, corpus), Request("niah", (512,), niah=options))
+    frame = pl.read_parquet(m.tables[0])
     assert frame["correct"].all() and len(frame) == 12 and set(seen) == {512}
+    assert m.table["accuracy"].to_list() == [1.0, 1.0, 1.0]
 
 
 def test_niah_end_to_end_on_pico(tmp_path, corpus, capsys):

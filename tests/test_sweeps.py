@@ -381,10 +381,10 @@ def test_eval_sweep_over_an_imported_checkpoint(tmp_path, reference_data, ray_cl
     table = FIGURES["eval_context_length"].recipe(Data(uri, ["evals"]))
     assert table["data.seq_len"].to_list() == [64, 128] and table["model"][0] == "tiny-e2e"
     # the same weights, length and batches as `ttt eval`: the same loss
-    from ttt.train.evaluate_run import evaluate_run
+    from ttt.evaluation import Request, evaluate
 
-    direct, _, _ = evaluate_run(run, 128, batch_size=None)
-    assert table["mean"][1] == pytest.approx(direct.loss, rel=1e-6)
+    (direct,) = evaluate(run, Request(seq_lens=(128,)))
+    assert table["mean"][1] == pytest.approx(direct.summary["loss"], rel=1e-6)
 
 
 BAD_SPECS = [

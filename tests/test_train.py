@@ -184,8 +184,8 @@ def test_eval_cli_writes_per_position_nll(train_cfg, tmp_path, capsys):
     assert frame["position"].to_list() == list(range(128))
     assert frame["count"].max() == 4 and frame["nll"].is_not_nan().sum() > 100
     with pytest.raises(SystemExit) as exc:
-        main(["eval", str(tmp_path / "r"), "--max-batches", "0"])
-    assert exc.value.code == 2
+        main(["eval", str(tmp_path / "r"), "--max-batches", "-1"])
+    assert exc.value.code == 2 and "--max-batches=-1: must be >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["eval", str(tmp_path / "r"), "--seq-len", "100"])
     assert exc.value.code == 2 and "multiple of ttt.chunk" in capsys.readouterr().err
@@ -195,13 +195,12 @@ def test_eval_without_the_test_time_updates(train_cfg, tmp_path, capsys):
     """`--no-inner` is the meta-learned initial weights alone: the same as the inner loop
     with a zero inner LR, equal to the updated model on the first chunk (which no update
     precedes) and not after it; a run with no updates is refused in one line."""
-    import dataclasses
     import json
 
     import numpy as np
     import polars as pl
 
-    from ttt.train.evaluate_run import evaluate_weights, load_weights, run_config
+    from ttt.evaluation import Request, evaluate, load_weights, measure, run_config
 
     # train.telemetry: every evaluation also measures the inner steps
     tele = ("train.telemetry=true", "train.eval_every=1", "train.eval_batches=1")
@@ -213,10 +212,9 @@ def test_eval_without_the_test_time_updates(train_cfg, tmp_path, capsys):
     assert [r["step"] for r in evals] == [1, 2]
     assert all(np.isfinite(r["inner_gain_own"]) and r["inner_update_rel"] > 0 for r in evals)
     assert all(r["eval_loss_noinner"] != r["eval_loss"] for r in evals)
-    from ttt.train.evaluate_run import evaluate_run
-
-    off, _, _ = evaluate_run(tmp_path / "r", max_batches=1, inner=False)  # as --no-inner
-    assert off.loss == pytest.approx(evals[-1]["eval_loss_noinner"], abs=1e-6)
+    _, off = evaluate(tmp_path / "r", Request(max_batches=1, no_inner=True))
+    assert off.kind == "noinner"
+    assert off.summary["loss"] == pytest.approx(evals[-1]["eval_loss_noinner"], abs=1e-6)
     uri = f"sqlite:///{tmp_path / 'evals.db'}"
     args = ["eval", str(tmp_path / "r"), "--seq-len", "128", "--max-batches", "1", "--no-inner"]
     with pytest.raises(SystemExit) as exc:
@@ -241,7 +239,7 @@ def test_eval_without_the_test_time_updates(train_cfg, tmp_path, capsys):
 
     cfg = run_config(tmp_path / "r", {"data.seq_len": 128}).replace(**{"ttt.inner_lr": 0.0})
     loaded = load_weights(cfg, tmp_path / "r")
-    zero, _ = evaluate_weights(dataclasses.replace(loaded, cfg=cfg), tmp_path / "z.parquet", 1)
+    measure.loss(loaded.under(cfg), tmp_path / "z.parquet", 1)
     np.testing.assert_allclose(
         pl.read_parquet(tmp_path / "z.parquet")["nll"], off["nll"], atol=1e-5
     )

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jax
 
+from ttt import process
 from ttt.paths import cache_root
 from ttt.settings import settings
 
@@ -43,10 +44,10 @@ def enable(path: str | Path | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     _active = directory
     if jax.process_count() > 1:
-        jax.config.update("jax_compilation_cache_dir", str(directory))
+        process.jax_option("jax_compilation_cache_dir", str(directory))
         # Cache every program: on CPU even a pico step compiles for seconds.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        process.jax_option("jax_persistent_cache_min_compile_time_secs", 0.5)
+        process.jax_option("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
 
 

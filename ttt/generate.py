@@ -33,8 +33,8 @@ def open_run(run_dir: Path, spec: str | None = None, required: bool = True):
     tokenizer.json, or bytes) if given, else the one that prepared the run's dataset. The
     tokenizer's BOS must be the run's. With `required` off, a run without a usable
     tokenizer gives None (it can still take and give token ids)."""
+    from ttt.evaluation.weights import run_config
     from ttt.train.checkpoint import read_run_info
-    from ttt.train.evaluate_run import run_config
 
     cfg, info = run_config(run_dir), read_run_info(run_dir)
     given = spec is not None
@@ -71,7 +71,7 @@ def read_prompt(path: Path, tok: TextTokenizer, bos: bool) -> list[int]:
 
 def read_ids(path: Path, flag: str) -> list[int]:
     """One sequence of integer token ids (.npy or .npz), taken as they are."""
-    from ttt.train.evaluate_run import load_ids
+    from ttt.evaluation.measure import load_ids
 
     if not path.is_file():
         raise UserError(f"{flag}={str(path)!r}: no such file")
@@ -126,8 +126,8 @@ def generate_from_run(
 ):
     """(Generation, prompt ids, tokenizer or None). `on_token` sees each new token as it
     is made; `tokenizer_ready` is told which tokenizer will decode them."""
+    from ttt.evaluation.weights import load_weights
     from ttt.model.decode import Decoder, generate
-    from ttt.train.evaluate_run import load_weights
 
     cfg, info, tok = open_run(run_dir, tokenizer, required=prompt_ids is None)
     prompt = (

@@ -116,7 +116,7 @@ def score(value: str, generated: str) -> bool:
     return value in generated
 
 
-def run_niah(
+def build_samples(
     run_dir,
     tasks: list[str],
     lengths: list[int],
@@ -125,17 +125,13 @@ def run_niah(
     tokenizer: str | None = None,
     seed: int = 0,
 ):
-    """Every task x length x depth x sample on the run's weights; returns the rows
-    (a Polars frame) and adds them to RUN/eval/niah.parquet (`merge_results`)."""
+    """Every task x length x depth x sample's prompt for the run (its tokenizer, its
+    validation text as the haystack of niah2 and niah3), each checked before any weight
+    is loaded. Returns (samples, tokenizer)."""
     from pathlib import Path
 
-    import polars as pl
-
-    from ttt.data.loader import open_split
+    from ttt.data.loader import Dataset
     from ttt.generate import open_run
-    from ttt.model.decode import Decoder, generate
-    from ttt.rundir import RunDir
-    from ttt.train.evaluate_run import load_weights
 
     if not tasks:
         raise UserError(f"--niah-tasks: no task given; allowed are {', '.join(TASKS)}")
@@ -150,21 +146,31 @@ def run_niah(
     for d in depths:
         if not 0 <= d <= 1:
             raise UserError(f"--depths: {d} is not a fraction in [0, 1]")
-    run_dir = Path(run_dir)
-    cfg, _, tok = open_run(run_dir, tokenizer)
+    cfg, _, tok = open_run(Path(run_dir), tokenizer)
     essay = None
     if any(t != "niah1" for t in tasks):
-        essay = open_split(cfg.data.source, "val", cfg.data.cache_dir).tokens
+        essay = Dataset(cfg, first="val").split("val").tokens
     built = [
         make_sample(task, n, d, i, tok, essay, seed)
         for task in tasks
         for n in lengths
         for d in depths
         for i in range(samples)
-    ]  # every prompt is checked before the model loads
-    run = load_weights(cfg, run_dir)
-    longest = max(lengths) + max(answer_tokens(t) for t in tasks)
-    decoder = Decoder(cfg, run.graphdef, longest, tok.bos_id)  # one compile for them all
+    ]
+    return built, tok
+
+
+def run_samples(run_dir, run, built: list[Sample], tok):
+    """Each prompt decoded greedily with the loaded weights (`run`, a `LoadedRun`);
+    returns the rows (a Polars frame) and adds them to RUN/eval/niah.parquet
+    (`merge_results`)."""
+    import polars as pl
+
+    from ttt.model.decode import Decoder, generate
+    from ttt.rundir import RunDir
+
+    longest = max(s.seq_len for s in built) + max(answer_tokens(s.task) for s in built)
+    decoder = Decoder(run.cfg, run.graphdef, longest, tok.bos_id)  # one compile for them all
     rows = []
     for s in built:
         out = generate(decoder, run.params, s.prompt, answer_tokens(s.task), stop=(tok.bos_id,))

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import typer
 
+from ttt import process
+
 app = typer.Typer(help="Run sweeps on Ray Tune, tracked in MLflow.", no_args_is_help=True)
+
+
+@app.callback()
+def _before_ray() -> None:
+    """Every `ttt sweep` command may import Ray: what it reads at import is set first."""
+    process.ray_env()
+
 
 _STORAGE = typer.Option(None, "--storage-path", help="Ray results folder (default ./ray_results).")
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from ttt import process
+
 app = typer.Typer(help="MLflow tracking server for multi-node sweeps.", no_args_is_help=True)
 
 
@@ -24,7 +26,7 @@ def is_loopback(host: str) -> bool:
 def light_env() -> None:
     """MLflow 3 starts a pool of job workers (huey consumers) for GenAI scorer jobs beside
     every server: seven more processes that training runs never use. Off unless asked."""
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    process.set_env("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false", keep=True)
 
 
 def server_args(

@@ -357,4 +357,4 @@ class Mamba2(nnx.Module):
         return y.astype(dt_) @ self.w_out[...].astype(dt_), RecurrentState(conv, s)
 
 
-RECURRENT = {"gated_deltanet": GatedDeltaNet, "mamba2": Mamba2}
+RECURRENT_LAYERS = {"gated_deltanet": GatedDeltaNet, "mamba2": Mamba2}

@@ -26,7 +26,7 @@ from flax import nnx
 from ttt.config import TTTConfig
 from ttt.model.kernels import DENSE, Kernels
 from ttt.model.layers import FastParam
-from ttt.model.loop import Suffix, carry_window, prefix_hidden
+from ttt.model.loop import Suffix, prefix_hidden
 from ttt.model.transformer import TTTModel
 
 LOSSES = ("loss_before", "loss_after", "next_before", "next_after")
@@ -60,15 +60,12 @@ def inner_telemetry(
     cache_len = max(1, min(window, seq_len - chunk))
 
     def step(carry, xs):
-        fast, ck, cv, cpos = carry
-        (h_c, pos_c, tgt_c, mask_c), (h_n, pos_n, tgt_n, mask_n), has_next = xs
-        cache = (ck, cv, cpos)
-        before, _, (k_new, v_new), g = suffix.grad(fast, cache, h_c, pos_c, tgt_c, mask_c)
-        new, clipped = suffix.step(fast, g, inner_lr, ttt)
-        after, _ = suffix.chunk_loss(new, cache, h_c, pos_c, tgt_c, mask_c)
-        ck, cv = carry_window(ck, k_new, axis=1), carry_window(cv, v_new, axis=1)
-        cpos = carry_window(cpos, pos_c, axis=0)
-        ahead = (ck, cv, cpos), h_n, pos_n, tgt_n, mask_n
+        here, (h_n, pos_n, tgt_n, mask_n), has_next = xs
+        fast, cache = carry[0], carry[1:]
+        carry, (before, _, g, clipped) = suffix.chunk_step(carry, here, inner_lr, ttt)
+        new = carry[0]
+        after, _ = suffix.chunk_loss(new, cache, *here)  # the same chunk, after its step
+        ahead = carry[1:], h_n, pos_n, tgt_n, mask_n  # the next chunk, with the cache on
         next_before, _ = suffix.chunk_loss(fast, *ahead)
         next_after, _ = suffix.chunk_loss(new, *ahead)
         nan = jnp.float32(jnp.nan)
@@ -82,7 +79,7 @@ def inner_telemetry(
             "clipped_grad_norm": _layer_norms(clipped),
             "update_rel": _layer_norms(delta) / jnp.maximum(_layer_norms(fast), 1e-30),
         }
-        return (new, ck, cv, cpos), out
+        return carry, out
 
     def one_sequence(h_s, tgt_s, mask_s):
         here = (

@@ -13,9 +13,11 @@ import numpy as np
 from flax import nnx
 
 from ttt.config import ModelConfig
+from ttt.model.block import Block
 from ttt.model.kvb import FastState
-from ttt.model.layers import INIT_STD, Block, RMSNorm
-from ttt.model.recurrent import RECURRENT, RecurrentState
+from ttt.model.layers import INIT_STD, RMSNorm
+from ttt.model.recurrent import RecurrentState
+from ttt.shapes import RECURRENT
 
 
 def compute_dtype(cfg: ModelConfig):

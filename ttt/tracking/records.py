@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from ttt import tags as TAG
-from ttt.rundir import RunDir
+from ttt.rundir import RunDir, companion
 from ttt.tracking.provenance import SystemSampler, provenance
 from ttt.tracking.tracker import MlflowRun, Tracker, run_tags
 
@@ -16,7 +16,7 @@ from ttt.tracking.tracker import MlflowRun, Tracker, run_tags
 def log_eval_artifacts(run: Tracker, run_dir: Path, render=None, params=None) -> None:
     """The per-position NLL (Parquet, what `ttt plots` reads), and beside it what the UI
     can show, made by `render(parquet, folder, run params) -> files` when the caller has a
-    renderer (`analysis.figures.eval_figure_files`: a PNG and a log-binned CSV). Tracking
+    renderer (`analysis.run_figures.eval_figure_files`: a PNG and a log-binned CSV). Tracking
     draws nothing itself: figures are the analysis package's job. `params`: the run's
     flat config, as MLflow holds it (strings)."""
     params = {k: str(v) for k, v in (params or {}).items()}
@@ -24,6 +24,9 @@ def log_eval_artifacts(run: Tracker, run_dir: Path, render=None, params=None) ->
     with tempfile.TemporaryDirectory() as tmp:
         for f in files:
             run.log_artifact(f, "eval")
+            for kind in ("bins", "recall"):  # its standard errors, accuracy by distance
+                if companion(f, kind).is_file():
+                    run.log_artifact(companion(f, kind), "eval")
             for extra in render(f, Path(tmp), params) if render is not None else []:
                 run.log_artifact(extra, "eval")
 
@@ -98,33 +101,61 @@ class MlflowReporter:
         self.run.finish(outcome, message)
 
 
-def log_evaluation(uri: str, experiment: str, run_dir: Path, summary: dict, parquet: Path):
+# What an evaluation's summary holds besides its metrics.
+SUMMARY_FIELDS = ("step", "seq_len", "loss", "sequences", "inner")
+
+
+def log_evaluation(uri: str, experiment: str, run_dir: Path, summary: dict, parquet,
+                   role: str | None = None):  # fmt: skip
     """One MLflow run per (evaluated run, context length), tagged `ttt.role=eval`: the
     evaluated run's config with `data.seq_len` at the length evaluated, the loss as
-    `final_eval_loss`, and the per-position NLL. Evaluating the same pair again updates
-    that run instead of adding a duplicate. An evaluation with the test-time updates
-    skipped (`--no-inner`) is its own run, of role `eval_noinner`."""
+    `final_eval_loss` with its standard error, context use (and on the recall task its
+    accuracy by distance), and the per-position NLL. Evaluating the same pair again
+    updates that run instead of adding a duplicate. An evaluation with the test-time
+    updates skipped (`--no-inner`) is its own run, of role `eval_noinner`; one on the
+    recall task (`--task recall`) of role `recall`. `parquet`: a file or a list."""
     seq_len = summary["seq_len"]
     inner = summary.get("inner", True)
+    role = role or ("eval" if inner else "eval_noinner")
+    extra = {k: v for k, v in summary.items() if k not in SUMMARY_FIELDS}
+    flag = {"eval_noinner": " --no-inner", "recall": " --task recall"}.get(role, "")
     return _log_result(
         uri,
         experiment,
         run_dir,
-        role="eval" if inner else "eval_noinner",
+        role=role,
         key={TAG.SEQ_LEN: str(seq_len)},
         params={"data.seq_len": seq_len, "eval.checkpoint_step": summary["step"]},
-        metrics={"final_eval_loss": summary["loss"]},
+        metrics={"final_eval_loss": summary["loss"], **extra},
         artifact=parquet,
-        source=f"ttt eval {Path(run_dir).absolute()} --seq-len {seq_len}"
-        + ("" if inner else " --no-inner"),
+        source=f"ttt eval {Path(run_dir).absolute()} --seq-len {seq_len}{flag}",
         step=summary["step"],
     )
+
+
+class EvalTracker:
+    """`ttt eval`'s tracking sink (`ttt.evaluation.Sinks.track`): each measurement as the
+    MLflow run of its kind, with its tables and figures as artifacts (the NLL of
+    `--tokens` is not tracked)."""
+
+    def __init__(self, uri: str, experiment: str):
+        self.uri, self.experiment = uri, experiment
+
+    def __call__(self, m, run_dir: Path) -> None:
+        files = [p for p in [*m.tables, *m.figures] if p.suffix != ".json"]
+        if m.kind in ("loss", "noinner", "recall"):
+            role = "recall" if m.kind == "recall" else None
+            log_evaluation(self.uri, self.experiment, run_dir, m.summary, files, role)
+        elif m.kind == "telemetry":
+            log_telemetry(self.uri, self.experiment, run_dir, m.table, files)
+        elif m.kind == "niah":
+            log_niah(self.uri, self.experiment, run_dir, m.table, files)
 
 
 def log_telemetry(uri: str, experiment: str, run_dir: Path, table, files: list[Path]) -> str:
     """`ttt eval --telemetry` as an MLflow run (role `telemetry`) per (evaluated run,
     context length): what the inner steps bought as metrics, the table and its figure."""
-    from ttt.train.evaluate_run import telemetry_summary
+    from ttt.train.telemetry import telemetry_summary
 
     seq_len, step = int(table["seq_len"][0]), int(table["step"][0])
     return _log_result(
@@ -141,7 +172,7 @@ def log_telemetry(uri: str, experiment: str, run_dir: Path, table, files: list[P
     )
 
 
-def log_niah(uri: str, experiment: str, run_dir: Path, accuracy, parquet: Path) -> list[str]:
+def log_niah(uri: str, experiment: str, run_dir: Path, accuracy, parquet) -> list[str]:
     """One MLflow run per (evaluated run, NIAH task, context length), tagged
     `ttt.role=niah`, with `niah_accuracy` and every sample's output (Parquet)."""
     ids = []
@@ -177,7 +208,9 @@ def _log_result(
         experiment,
         key,
         name=f"{run_dir.name}{' ' + task if task else ''} T={key[TAG.SEQ_LEN]}"
-        + {"eval_noinner": " (no inner)", "telemetry": " (inner loop)"}.get(role, ""),
+        + {"eval_noinner": " (no inner)", "telemetry": " (inner loop)", "recall": " (recall)"}.get(
+            role, ""
+        ),
         tags={**run_tags(role, source), **provenance()},
         params={**cfg.flat(), "eval.run": run_dir.name, **params},
     )

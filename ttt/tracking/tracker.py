@@ -28,6 +28,9 @@ METRIC_KEYS = (
     "mfu",
     "eval_loss",
 )
+# And every metric of an evaluation (`ttt.train.evaluate.EvalResult.metrics`): its
+# standard error, context use, recall accuracy, what the inner steps bought.
+EVAL_PREFIXES = ("eval_", "context_use", "recall_", "inner_gain_", "inner_update_")
 OUTCOME_STATUS = {
     "finished": "FINISHED",
     "diverged": "FAILED",
@@ -42,7 +45,12 @@ BATCH = 100  # MLflow's log_batch takes at most 100 params (and 1000 items)
 # The run description (the UI's "Description" box): what each metric is, with its unit.
 DESCRIPTION = """**Metrics** (x axis: optimizer step)
 - `loss`: training loss, nats per token (mean next-token cross-entropy of the outer objective)
-- `eval_loss`, `final_eval_loss`: validation loss, nats per token
+- `eval_loss`, `final_eval_loss`: validation loss, nats per token; `eval_loss_se`: its
+  standard error over the held-out sequences
+- `context_use`: NLL at context lengths (window/2, window] minus at (T/2, T], nats (about
+  0: no use of context beyond the window), `context_use_se` its standard error
+- `recall_accuracy`, `recall_accuracy_dN` (distances N..2N-1), `recall_nll`: the recall
+  task's exact-match accuracy and answer NLL
 - `grad_norm`: global L2 norm of the outer gradient (before clipping)
 - `lr`: outer learning rate; `inner_lr`: inner (test-time) learning rate, per step (only
   where there is an inner loop)
@@ -73,7 +81,7 @@ def _finite(values: dict, keys=None) -> dict[str, float]:
     return {
         k: float(v)
         for k, v in values.items()
-        if (keys is None or k in keys or k.startswith(SYSTEM_PREFIX))
+        if (keys is None or k in keys or k.startswith((SYSTEM_PREFIX, *EVAL_PREFIXES)))
         and isinstance(v, (int, float))
         and not isinstance(v, bool)
         and math.isfinite(v)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 
+from ttt import process
 from ttt.errors import UserError
 
 
@@ -20,5 +21,5 @@ def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
     if ":" not in coordinator:
         raise UserError(f"--coordinator={coordinator!r}: expected HOST:PORT")
     # CPU processes need a collectives backend of their own; GPUs use NCCL regardless.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    process.jax_option("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import polars as pl
 from flax import nnx
 
-from ttt import compile_cache
+from ttt import compile_cache, process
 from ttt.config import Config, load_config
-from ttt.data.loader import Loader, open_split
+from ttt.data.loader import Dataset
 from ttt.errors import UserError
 from ttt.model import create_model
 from ttt.rundir import RunDir
@@ -42,6 +43,7 @@ from ttt.train.step import (
     replicated,
     uses_inner_loop,
 )
+from ttt.train.telemetry import telemetry_step, telemetry_summary, telemetry_table
 
 
 class Reporter:
@@ -93,21 +95,17 @@ def stop_on_signals(trainer: Trainer):
             flush=True,
         )
 
-    previous = {s: signal.signal(s, ask) for s in _STOP_SIGNALS}
-    try:
+    with process.signal_handlers({s: ask for s in _STOP_SIGNALS}):
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
-def _check_init_bos(init_from: str, split) -> None:
+def _check_init_bos(init_from: str, data: Dataset) -> None:
     """The run we start from was trained (or imported) with the same BOS id."""
     bos = read_run_info(init_from).get("bos_id")
-    if bos is not None and bos != split.bos_id:
+    if bos is not None and bos != data.bos_id:
         raise UserError(
-            f"train.init_from={init_from!r}: its BOS id is {bos}, the dataset {split.path.parent} "
-            f"uses {split.bos_id} (a dataset of another tokenizer)"
+            f"train.init_from={init_from!r}: its BOS id is {bos}, the dataset {data.source} "
+            f"uses {data.bos_id} (a dataset of another tokenizer)"
         )
 
 
@@ -253,7 +251,7 @@ class Trainer:
         mesh = data_mesh(devices)
         self.n_dev = mesh.devices.size
         _check_shapes(cfg, self.n_dev)
-        train_split = self._open_data()
+        data = self._open_data()
         _check_run_dir(self.out, cfg)
         # In a multi-process run every process trains; process 0 alone writes files and
         # reports.
@@ -264,8 +262,8 @@ class Trainer:
         self.run_info = {
             "status": "running",
             "step": self.start,
-            "data_fingerprint": train_split.fingerprint,
-            "bos_id": train_split.bos_id,
+            "data_fingerprint": data.fingerprint,
+            "bos_id": data.bos_id,
             "devices": self.n_dev,
             "device_kind": mesh.devices.flat[0].device_kind,
         }
@@ -273,24 +271,26 @@ class Trainer:
             self.dir.write_info(self.run_info)
         self.log = _Log(self.dir.metrics_file, self.start, enabled=self.lead)
         self.train_step = compile_cache.CachedStep("train", cfg, make_train_step(cfg, graphdef))
-        self.eval_step = compile_cache.CachedStep("eval", cfg, make_eval_step(cfg, graphdef))
+        hits = data.recall is not None  # the recall task's accuracy needs the argmax
+        self.eval_step = compile_cache.CachedStep(
+            "eval-hits" if hits else "eval", cfg, make_eval_step(cfg, graphdef, hits=hits)
+        )
         self.last = min(stop_at if stop_at is not None else cfg.train.steps, cfg.train.steps)
         self.result = RunResult("finished", self.start, self.out)
         self.hooks: list[Hook] = []
         self.stop_signal: int | None = None  # set by stop_on_signals
         self._default_hooks(progress)
 
-    def _open_data(self):
-        """The training and validation loaders; returns the training split."""
+    def _open_data(self) -> Dataset:
+        """The training and validation loaders; returns the dataset."""
         cfg, tr = self.cfg, self.cfg.train
-        train_split = open_split(cfg.data.source, "train", cfg.data.cache_dir)
-        val_split = open_split(cfg.data.source, "val", cfg.data.cache_dir)
-        train_split.check_vocab(cfg.model.vocab_size)
+        data = Dataset(cfg)
+        data.check_vocab(cfg.model.vocab_size)
         if tr.init_from:
-            _check_init_bos(tr.init_from, train_split)
-        self.loader = Loader(train_split, cfg.data.seq_len, cfg.data.batch_size, seed=tr.seed)
-        self.val = Loader(val_split, cfg.data.seq_len, cfg.data.batch_size, shuffle=False)
-        return train_split
+            _check_init_bos(tr.init_from, data)
+        self.loader = data.loader("train", cfg.data.seq_len, cfg.data.batch_size, seed=tr.seed)
+        self.val = data.loader("val", cfg.data.seq_len, cfg.data.batch_size)
+        return data
 
     def _restore(self, mesh):
         """Builds the model and its optimizer state, then starts from the run's latest
@@ -388,7 +388,13 @@ class Trainer:
     def evaluate(self, number: int) -> EvalResult:
         tr = self.cfg.train
         result = evaluate(
-            self.eval_step, self.params, self.val, tr.eval_batches, self.cfg.ttt.inner_lr, self.put
+            self.eval_step,
+            self.params,
+            self.val,
+            tr.eval_batches,
+            self.cfg.ttt.inner_lr,
+            self.put,
+            window=self.cfg.model.window,
         )
         if tr.telemetry:
             result.extra = self.telemetry(number)
@@ -402,10 +408,6 @@ class Trainer:
         """`train.telemetry`: the inner steps over the evaluated batches, as metrics and as
         RUN/eval/inner_loop_T*.parquet (the latest evaluation's), and the loss of the same
         batches with the test-time updates skipped (`eval_loss_noinner`)."""
-        import polars as pl
-
-        from ttt.train.evaluate_run import telemetry_step, telemetry_summary, telemetry_table
-
         tr = self.cfg.train
         if not hasattr(self, "_telemetry_step"):
             self._telemetry_step = telemetry_step(self.cfg, self.graphdef)

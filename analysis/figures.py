@@ -19,123 +19,34 @@ import polars as pl
 
 from analysis import recipes
 from analysis.recipes import Data
-
-PAPER_DIR = Path(__file__).parent / "paper"
-# The paper's method names -> the project's.
-PAPER_METHOD = {
-    "full_attention": "full",
-    "swa": "swa",
-    "hybrid_swa_full_5to1": "hybrid",
-    "gated_deltanet": "gated_deltanet",
-    "mamba2": "mamba2",
-    "ttt_kvb": "ttt_kvb",
-    "ttt_e2e": "ttt_e2e",
-}
-COLORS = {
-    "full": "tab:blue",
-    "swa": "tab:orange",
-    "hybrid": "tab:brown",
-    "gated_deltanet": "tab:purple",
-    "mamba2": "tab:pink",
-    "ttt_kvb": "tab:olive",
-    recipes.KVB_SIMPLIFIED: "tab:cyan",
-    recipes.MULTIHEAD: "tab:gray",
-    "ttt_e2e": "tab:green",
-    "ttt_e2e (meta off)": "tab:red",
-}
-
-
-def paper(name: str) -> pl.DataFrame:
-    """A table the paper published (shipped with this package, see analysis/paper/)."""
-    return pl.read_csv(PAPER_DIR / name)
-
-
-def fmt_tokens(v: float) -> str:
-    v = int(v)
-    if v >= 1 << 20 and v % (1 << 20) == 0:
-        return f"{v >> 20}M"
-    return f"{v // 1024}K" if v >= 1024 and v % 1024 == 0 else str(v)
-
-
-def context_axis(ax, values) -> None:
-    ax.set_xscale("log", base=2)
-    ticks = sorted({float(v) for v in values})
-    ax.set_xticks(ticks, [fmt_tokens(v) for v in ticks])
-    ax.minorticks_off()
-
-
-def lines(
-    ax,
-    table: pl.DataFrame,
-    x: str,
-    y: str = "mean",
-    lo: str = "min",
-    hi: str = "max",
-    group: str = "method",
-    label_fmt=str,
-) -> None:
-    for key, g in table.filter(pl.col(x).is_not_null()).group_by(group, maintain_order=True):
-        name = key[0]
-        g = g.sort(x)
-        color = COLORS.get(name) if isinstance(name, str) else None
-        ax.plot(g[x], g[y], marker="o", label=label_fmt(name), color=color)
-        if lo in g.columns and "runs" in g.columns and g["runs"].max() > 1:
-            ax.fill_between(g[x], g[lo], g[hi], alpha=0.2, color=color)
-
-
-def within_noise(ax, table: pl.DataFrame, x: str) -> None:
-    """Grey rings on paired differences that are within seed noise (their interval holds
-    zero, or they are no larger than the store's seed spread), so none reads as an effect."""
-    if "noise" not in table.columns:
-        return
-    noisy = table.filter(pl.col("noise"))
-    if noisy.is_empty():
-        return
-    spread = table["seed_spread"].drop_nulls()
-    what = f"within seed noise (spread {spread[0]:.3f})" if spread.len() else "within seed noise"
-    ax.scatter(noisy[x], noisy["delta"], s=160, facecolor="none", edgecolor="gray", lw=1.5,
-               zorder=6, label=what)  # fmt: skip
-
-
-def references(ax, table: pl.DataFrame, x: str) -> None:
-    """Rows with no x value (a method that ignores the swept knob) as horizontal lines."""
-    for row in table.filter(pl.col(x).is_null()).iter_rows(named=True):
-        ax.axhline(
-            row["mean"],
-            ls="--",
-            color=COLORS.get(row["method"], "gray"),
-            label=f"{row['method']} (reference)",
-        )
-
-
-PAPER_MARKER = {
-    "full": "s",
-    "swa": "^",
-    "hybrid": "v",
-    "gated_deltanet": "D",
-    "mamba2": "P",
-    "ttt_kvb": "X",
-    "ttt_e2e": "*",
-}
-
-
-def paper_markers(ax, xs, ys, label: str, method: str | None = None) -> None:
-    """Published values: hollow markers, shaped and outlined by method."""
-    ax.scatter(
-        xs,
-        ys,
-        marker=PAPER_MARKER.get(method, "D"),
-        s=90,
-        facecolor="none",
-        edgecolor=COLORS.get(method, "black"),
-        linewidths=1.5,
-        zorder=5,
-        label=label,
-    )
+from analysis.style import (
+    COLORS,
+    PAPER_METHOD,
+    context_axis,
+    floor_lines,
+    lines,
+    paper,
+    paper_markers,
+    references,
+    within_noise,
+)
 
 
 def draw(name: str, table: pl.DataFrame):
     return FIGURES[name].draw(table)
+
+
+def render(name: str, table: pl.DataFrame, data: Data):
+    """`draw`, then what the store adds: the corpus floors on each axis of absolute loss
+    (with the legend redrawn to hold them)."""
+    fig = draw(name, table)
+    floors = data.floors()
+    where = FIGURES[name].absolute
+    if floors and where:
+        for ax in fig.axes if where == "all" else [fig.axes[i] for i in where]:
+            floor_lines(ax, floors)
+            ax.legend(fontsize=6)
+    return fig
 
 
 def _paper_loss_by_context(ax) -> pl.DataFrame:
@@ -241,7 +152,7 @@ def _delta(x: str, xlabel: str):
     return f
 
 
-def _token_index(t):
+def draw_token_index(t):
     paired = "delta" in t.columns and t["delta"].is_not_null().any()
     fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(11 if paired else 6, 4), squeeze=False)
     ax = axes[0][0]
@@ -249,12 +160,17 @@ def _token_index(t):
         g = g.filter(pl.col("position") > 0).sort("position")
         color = COLORS.get(key[0])
         ax.plot(g["position"], g["mean"], color=color, lw=0.5, alpha=0.3)
-        ax.plot(g["position"], g["binned"], label=key[0], color=color, lw=1.5)
+        line = ax.plot(g["position"], g["binned"], label=key[0], color=color, lw=1.5)[0]
+        if "binned_se" in g.columns and g["binned_se"].is_not_null().any():
+            half = 1.96 * g["binned_se"].fill_null(0.0)
+            ax.fill_between(g["position"], g["binned"] - half, g["binned"] + half,
+                            color=line.get_color(), alpha=0.25, lw=0)  # fmt: skip
     ax.set_xscale("log")
     ax.set(
         xlabel="token index (log scale)",
         ylabel="NLL (nats/token)",
-        title="Loss by token index (faint: per position; bold: log-binned)",
+        title="Loss by token index (faint: per position; bold: log-binned,\nband: 95% "
+        "interval of the evaluation over held-out sequences; position 0 not drawn on log x)",
     )
     ax.legend(fontsize=7)
     if paired:  # one point per bin, at the bin's first position
@@ -399,6 +315,38 @@ def _niah(t):
     return fig
 
 
+def _recall(t):
+    """Accuracy by distance, one line per variant with its seed range as a band, chance
+    (1/recall.values), the window, and each TTT variant's chunk."""
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    for (variant,), g in t.group_by("variant", maintain_order=True):
+        g = g.sort("distance_lo")
+        line = ax.plot(g["distance_lo"], g["mean"], marker="o", lw=1.2, label=variant)[0]
+        if g["runs"].max() > 1:
+            ax.fill_between(g["distance_lo"], g["min"], g["max"], alpha=0.15,
+                            color=line.get_color())  # fmt: skip
+    chance = t["chance"].drop_nulls()
+    if chance.len():
+        ax.axhline(chance[0], color="gray", ls=":", label=f"chance {chance[0]:.3f}")
+    windows = t.filter(pl.col("method") != "full")["window"].drop_nulls().unique().to_list()
+    for w in windows:
+        ax.axvline(w, color="black", ls="--", lw=1, label=f"window {w}")
+    chunks = t.filter(pl.col("method").str.starts_with("ttt_e2e"))["chunk"].drop_nulls()
+    for b in sorted(chunks.unique().to_list()):
+        ax.axvline(b, color="tab:green", ls=":", lw=1, label=f"chunk {b}")
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(t["distance_lo"].to_list()))
+    ax.set_xticks(ticks, [str(v) for v in ticks])
+    ax.minorticks_off()
+    seeds = int(t["runs"].max())
+    band = "band: min-max over seeds" if seeds > 1 else "one seed: no band"
+    ax.set(xlabel="distance from a pair to its query (tokens, log2 buckets)",
+           ylabel="exact-match accuracy", ylim=(-0.03, 1.03),
+           title=f"Recall by distance ({band})")  # fmt: skip
+    ax.legend(fontsize=6, ncol=2, loc="upper right")
+    return fig
+
+
 @dataclass(frozen=True)
 class Figure:
     """One paper figure: the recipe that builds its tidy table from tracked runs, the
@@ -408,6 +356,8 @@ class Figure:
     recipe: Callable[[Data], pl.DataFrame | None]
     draw: Callable[[pl.DataFrame], Any]
     hint: str
+    # its axes (indices, or "all") of absolute loss: they get the corpus floors
+    absolute: tuple[int, ...] | str = ()
 
 
 # The registry: adding a figure is one entry here.
@@ -419,6 +369,7 @@ FIGURES: dict[str, Figure] = {
             recipes.context_length,
             _context_length,
             "sweeps/context_scaling.yaml (or sweeps/small_scale.yaml on a CPU)",
+            absolute=(0,),
         ),
         Figure(
             "eval_context_length",
@@ -461,12 +412,14 @@ FIGURES: dict[str, Figure] = {
             recipes.window,
             _ablation("model.window", "sliding window k (tokens)", True, "window"),
             "sweeps/window_ablation.yaml (or sweeps/quickstart.yaml)",
+            absolute=(0,),
         ),
         Figure(
             "fig4_chunk",
             recipes.chunk,
             _ablation("ttt.chunk", "chunk length b (tokens)", True, "chunk"),
             "sweeps/chunk_ablation.yaml",
+            absolute=(0,),
         ),
         Figure(
             "fig4_ttt_layers",
@@ -489,8 +442,9 @@ FIGURES: dict[str, Figure] = {
         Figure(
             "fig6_token_index",
             recipes.token_index,
-            _token_index,
+            draw_token_index,
             "sweeps/quickstart.yaml (any sweep with full and ttt_e2e)",
+            absolute=(0,),
         ),
         Figure(
             "inner_lr_meta",
@@ -502,6 +456,7 @@ FIGURES: dict[str, Figure] = {
                 "Inner LR, meta-learning on and off",
             ),
             "sweeps/inner_lr.yaml and sweeps/meta.yaml (or sweeps/quickstart.yaml)",
+            absolute=(0,),
         ),
         Figure(
             "compute",
@@ -513,12 +468,20 @@ FIGURES: dict[str, Figure] = {
                 "Loss at equal compute",
             ),
             "any sweep with two methods (sweeps/small_scale.yaml, sweeps/ladder_small.yaml)",
+            absolute=(0,),
+        ),
+        Figure(
+            "recall_by_distance",
+            recipes.recall,
+            _recall,
+            "sweeps/recall_small.yaml (any sweep with data.source=recall)",
         ),
         Figure(
             "curves",
             recipes.curves,
             _curves,
             "any sweep",
+            absolute="all",
         ),
     ]
 }
@@ -541,8 +504,10 @@ def build_all(
         if table is None or table.is_empty():
             missing[name] = figure.hint
             continue
+        if figure.absolute:  # its table says which losses are above which floor
+            table = recipes.with_regime(table, data)
         out.mkdir(parents=True, exist_ok=True)
-        fig = draw(name, table)
+        fig = render(name, table, data)
         fig.tight_layout()
         paths = []
         for fmt in formats:
@@ -554,145 +519,3 @@ def build_all(
         table.write_parquet(table_path)
         written[name] = [*paths, table_path]
     return written, missing
-
-
-def nll_artifacts(parquet: Path, out: Path, method: str) -> list[Path]:
-    """One run's per-position NLL as the MLflow UI can show it: Fig 6's drawing as a PNG,
-    and its log-binned table (four bins per octave) as CSV, which the UI previews."""
-    nll = pl.read_parquet(parquet).select("position", "nll").with_columns(method=pl.lit(method))
-    table = recipes.nll_by_token_index(nll)
-    out.mkdir(parents=True, exist_ok=True)
-    fig = _token_index(table)
-    fig.axes[0].set_title(f"{method}: NLL by token index (bold: log-binned)")
-    fig.tight_layout()
-    png = out / f"{parquet.stem}.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    binned = (
-        table.group_by("bin", maintain_order=True)
-        .agg(
-            pl.col("position").min().alias("first_position"),
-            pl.col("position").max().alias("last_position"),
-            pl.col("mean").mean().alias("nll_nats_per_token"),
-        )
-        .sort("bin")
-        .drop("bin")
-    )
-    csv = out / f"{parquet.stem}_binned.csv"
-    binned.write_csv(csv, float_precision=5)
-    return [png, csv]
-
-
-WITH_UPDATES, INITIAL_ALONE = "with test-time updates", "initial weights alone"
-
-
-def inner_split(with_inner: Path, without: Path, png: Path, title: str) -> Path:
-    """`ttt eval --no-inner`'s figure: NLL by token index with the test-time updates and
-    with the meta-learned initial weights alone (left), and what the updates buy at each
-    position (right: alone minus with; above 0, the updates help). Both log-binned."""
-    nll = pl.concat(
-        pl.read_parquet(path).select("position", "nll").with_columns(method=pl.lit(name))
-        for path, name in ((with_inner, WITH_UPDATES), (without, INITIAL_ALONE))
-    )
-    table = recipes.nll_by_token_index(nll).filter(pl.col("position") > 0)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    for (name,), g in table.group_by("method", maintain_order=True):
-        a.plot(g["position"], g["mean"], lw=0.5, alpha=0.3)
-        a.plot(g["position"], g["binned"], lw=1.5, label=name, color=a.lines[-1].get_color())
-    a.set(xscale="log", xlabel="token index (log scale)", ylabel="NLL (nats/token)")
-    a.set_title(title, fontsize=9)
-    a.legend(fontsize=7)
-    gain = (
-        table.pivot(on="method", index=["position", "bin"], values="mean")
-        .with_columns((pl.col(INITIAL_ALONE) - pl.col(WITH_UPDATES)).alias("gain"))
-        .with_columns(pl.col("gain").mean().over("bin").alias("binned"))
-        .sort("position")
-    )
-    b.plot(gain["position"], gain["gain"], lw=0.5, alpha=0.3, color="tab:green")
-    b.plot(gain["position"], gain["binned"], lw=1.5, color="tab:green")
-    b.axhline(0, color="black", lw=0.8)
-    b.set(
-        xscale="log",
-        xlabel="token index (log scale)",
-        ylabel="NLL without updates - with (nats)",
-        title="What the test-time updates buy",
-    )
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
-
-
-def inner_loop_by_chunk(table: pl.DataFrame, png: Path, title: str) -> Path:
-    """`ttt eval --telemetry`'s figure: by chunk, what each inner step bought on the chunk
-    it learned from and on the next one (loss before minus after: above 0, the step
-    helped), and per TTT layer the gradient norm (before and after clipping) and the
-    update's size relative to the weights."""
-    losses = table.group_by("chunk").agg(pl.all().exclude("layer").first()).sort("chunk")
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
-    a.plot(losses["chunk"], losses["loss_before"] - losses["loss_after"], marker=".",
-           label="on its own chunk")  # fmt: skip
-    a.plot(losses["chunk"], losses["next_before"] - losses["next_after"], marker=".",
-           label="on the next chunk")  # fmt: skip
-    a.axhline(0, color="black", lw=0.8)
-    a.set(xlabel="chunk", ylabel="loss before - after the step (nats)", title=title)
-    a.legend(fontsize=7)
-    for (layer,), g in table.group_by("layer", maintain_order=True):
-        g = g.sort("chunk")
-        line = b.plot(g["chunk"], g["grad_norm"], label=f"layer {layer}")[0]
-        b.plot(g["chunk"], g["clipped_grad_norm"], ls="--", color=line.get_color())
-        c.plot(g["chunk"], g["update_rel"], label=f"layer {layer}")
-    b.set(xlabel="chunk", ylabel="inner gradient norm", title="Gradient (dashed: clipped)")
-    c.set(xlabel="chunk", ylabel="||dW|| / ||W||", title="Update size", yscale="log")
-    for ax in (b, c):
-        ax.legend(fontsize=7)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
-
-
-def niah_heatmap(frame: pl.DataFrame, png: Path, title: str) -> Path:
-    """RULER's picture of a NIAH evaluation: accuracy by needle depth (rows) and context
-    length (columns), one panel per task, every sample of each cell averaged."""
-    tasks = sorted(frame["task"].unique())
-    fig, axes = plt.subplots(
-        1, len(tasks), figsize=(4.4 * len(tasks) + 1, 3.8), squeeze=False, layout="constrained"
-    )
-    for ax, task in zip(axes[0], tasks, strict=True):
-        cells = (
-            frame.filter(pl.col("task") == task)
-            .group_by("depth", "seq_len")
-            .agg(pl.col("correct").mean().alias("accuracy"), pl.len().alias("n"))
-        )
-        depths = sorted(cells["depth"].unique())
-        lengths = sorted(cells["seq_len"].unique())
-        grid = [[float("nan")] * len(lengths) for _ in depths]
-        for r in cells.iter_rows(named=True):
-            grid[depths.index(r["depth"])][lengths.index(r["seq_len"])] = r["accuracy"]
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        for r in cells.iter_rows(named=True):
-            i, j = depths.index(r["depth"]), lengths.index(r["seq_len"])
-            ax.text(j, i, f"{r['accuracy']:.2f}\nn={r['n']}", ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(lengths)), [fmt_tokens(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-        ax.set(xlabel="context length (tokens)", ylabel="needle depth", title=task)
-    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy")
-    fig.suptitle(title, fontsize=9)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
-
-
-def eval_figure_files(parquet: Path, out: Path, params: dict) -> list[Path]:
-    """What a tracked run's evaluation shows in the MLflow UI (`ttt.tracking`'s renderer):
-    `nll_artifacts`, labelled with the method the figures use for the run's params."""
-    run = pl.DataFrame(
-        {
-            "model.mixer": [params.get("model.mixer")],
-            "ttt.meta": [params.get("ttt.meta") != "False"],
-        }
-    )
-    method = recipes.with_method(run)["method"][0] or "run"
-    return nll_artifacts(parquet, out, method)

@@ -27,6 +27,7 @@ TAGS = {
     TAG.OUTCOME: "outcome",
     TAG.ROLE: "role",
     TAG.TRIAL_ID: "trial_id",
+    TAG.FLOORS: "floors",
     "mlflow.parentRunId": "parent_run_id",
 }
 
@@ -167,7 +168,25 @@ def token_nll(
     """`run_id, position, nll` from each run's per-token NLL artifact (runs without one
     are skipped)."""
     schema = {"run_id": pl.String, "position": pl.Int64, "nll": pl.Float64}
+    return artifact_table(tracking_uri, run_ids, artifact, schema)
+
+
+def token_bins(
+    tracking_uri: str, run_ids: Sequence[str], artifact: str = "eval/nll_by_position_bins.parquet"
+) -> pl.DataFrame:
+    """`run_id, bin, first_position, nll, se, sequences`: each run's evaluation in log
+    bins of position with its standard error over the held-out sequences
+    (`ttt.train.evaluate`; runs evaluated before it was recorded have none)."""
+    schema = {"run_id": pl.String, "bin": pl.Int64, "first_position": pl.Int64,
+              "nll": pl.Float64, "se": pl.Float64, "sequences": pl.Int64}  # fmt: skip
+    return artifact_table(tracking_uri, run_ids, artifact, schema)
+
+
+def artifact_table(tracking_uri: str, run_ids: Sequence[str], artifact: str, schema: dict):
+    """The `schema` columns (`run_id` added) of a Parquet artifact of each run; runs
+    without it are skipped."""
     c = _client(tracking_uri)
+    columns = [k for k in schema if k != "run_id"]
     parts = []
     for run_id in run_ids:
         local = _local_artifact_dir(c.get_run(run_id).info.artifact_uri)
@@ -184,7 +203,7 @@ def token_nll(
                 if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise  # auth or a server error: a figure must not lose data silently
                 continue  # this run has no such artifact
-        frame = pl.read_parquet(path, columns=["position", "nll"])
+        frame = pl.read_parquet(path, columns=columns)
         parts.append(frame.with_columns(pl.lit(run_id).alias("run_id")))
     if not parts:
         return pl.DataFrame(schema=schema)

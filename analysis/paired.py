@@ -18,14 +18,23 @@ LEVEL = 0.95
 RESAMPLES = 4000
 
 
-def bootstrap_interval(deltas, level: float = LEVEL, n: int = RESAMPLES, seed: int = 0):
+def bootstrap_interval(deltas, se=None, level: float = LEVEL, n: int = RESAMPLES, seed: int = 0):
     """The percentile interval of the mean of `deltas` over resamples of the pairs (with
-    replacement). Identical pairs give a zero-width interval; one pair gives its value."""
+    replacement). `se`: each pair's standard error from the evaluations themselves; a
+    resampled pair is then also drawn from N(delta, se^2), so the interval holds the
+    evaluation's sampling error as well as the seed's. Identical pairs with no such error
+    give a zero-width interval; one pair gives none (NaN): one seed has no spread to
+    show."""
     d = np.asarray(deltas, np.float64)
-    if d.size == 0:
+    if d.size < 2:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, d.size, (n, d.size))].mean(axis=1)
+    idx = rng.integers(0, d.size, (n, d.size))
+    draws = d[idx]
+    if se is not None:
+        err = np.nan_to_num(np.asarray(se, np.float64), nan=0.0)
+        draws = draws + rng.standard_normal(draws.shape) * err[idx]
+    means = draws.mean(axis=1)
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(means, [tail, 100 - tail])
     return float(lo), float(hi)
@@ -43,27 +52,41 @@ def seed_spread(pairs: pl.DataFrame, by: list[str], delta: str = "delta") -> flo
     return None if spread.is_empty() else float(spread["s"].max())
 
 
-def paired_delta(frame: pl.DataFrame, baseline: str, on: list[str], value: str) -> pl.DataFrame:
+def paired_delta(
+    frame: pl.DataFrame, baseline: str, on: list[str], value: str, se: str | None = None
+) -> pl.DataFrame:
     """Per method other than `baseline` and per `on` values: the mean over seeds of
-    (run - its baseline twin), its bootstrap interval (`delta_lo`, `delta_hi`), the number
-    of pairs, and `noise`: whether the interval holds zero or the difference is within the
-    store's seed spread. Runs without a twin are left out."""
+    (run - its baseline twin), its bootstrap interval (`delta_lo`, `delta_hi`; none for a
+    single pair), the number of pairs, and `noise`: whether the interval holds zero or the
+    difference is within the store's seed spread (null where one pair cannot tell). `se`:
+    the column of each run's evaluation standard error; a pair's is taken as
+    sqrt(se_run^2 + se_twin^2), an upper bound since both read the same held-out
+    sequences. Runs without a twin are left out."""
     keys = [*on, PAIR_BY] if PAIR_BY in frame.columns else list(on)
-    base = frame.filter(pl.col("method") == baseline).select(*keys, pl.col(value).alias("_b"))
+    se = se if se is not None and se in frame.columns else None
+    err = pl.col(se).cast(pl.Float64) if se else pl.lit(0.0)
+    base = frame.filter(pl.col("method") == baseline)
+    base = base.select(*keys, pl.col(value).alias("_b"), err.alias("_bse"))
     # one baseline run per key (a resumed duplicate would otherwise pair twice)
-    base = base.group_by(keys).agg(pl.col("_b").mean())
+    base = base.group_by(keys).agg(pl.col("_b").mean(), pl.col("_bse").mean())
     pairs = (
         frame.filter(pl.col("method") != baseline)
+        .with_columns(err.alias("_se"))
         .join(base, on=keys, how="inner")
-        .with_columns((pl.col(value) - pl.col("_b")).alias("_d"))
+        .with_columns(
+            (pl.col(value) - pl.col("_b")).alias("_d"),
+            (pl.col("_se") ** 2 + pl.col("_bse") ** 2).sqrt().alias("_dse"),
+        )
     )
     spread = seed_spread(pairs, on, "_d")
     rows = []
     for key, g in pairs.group_by(["method", *on], maintain_order=True):
         d = g["_d"].to_numpy()
-        lo, hi = bootstrap_interval(d)
+        lo, hi = bootstrap_interval(d, g["_dse"].to_numpy() if se else None)
         mean = float(d.mean())
-        noise = bool(lo <= 0 <= hi) or (spread is not None and abs(mean) <= spread)
+        noise = None
+        if len(d) > 1:
+            noise = bool(lo <= 0 <= hi) or (spread is not None and abs(mean) <= spread)
         rows.append(dict(zip(["method", *on], key, strict=True)) | {
             "delta": mean, "delta_lo": lo, "delta_hi": hi, "pairs": len(d), "noise": noise,
         })  # fmt: skip

@@ -11,11 +11,14 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from analysis.loaders import metric_history, runs, token_nll
+from analysis.loaders import metric_history, runs, token_bins, token_nll
 from analysis.paired import paired_delta
 from ttt.config import preset_keys
+from ttt.data.floors import read_tag
+from ttt.stats import BINS_PER_OCTAVE
 
 LOSS = "final_eval_loss"
+LOSS_SE = "eval_loss_se"  # its standard error over the held-out sequences
 # The knobs a figure may hold fixed or vary (docs/design.md, "Where to add").
 KNOBS = [
     "preset",
@@ -60,11 +63,26 @@ class Data:
             self._cache["evals"] = with_method(runs(self.tracking_uri, self.experiments, "eval"))
         return self._cache["evals"]
 
+    def floors(self) -> dict:
+        """The corpus floors the sweeps' parent runs record (`ttt.data.floors`), by
+        data.source: what every absolute loss is read against."""
+        if "floors" not in self._cache:
+            parents = runs(self.tracking_uri, self.experiments, role="sweep")
+            found = {}
+            if "floors" in parents.columns:
+                for raw in parents["floors"].drop_nulls().to_list():
+                    found |= read_tag(raw)
+            self._cache["floors"] = found
+        return self._cache["floors"]
+
     def history(self, run_ids, keys=("loss",)) -> pl.DataFrame:
         return metric_history(self.tracking_uri, list(run_ids), list(keys))
 
     def nll(self, run_ids) -> pl.DataFrame:
         return token_nll(self.tracking_uri, list(run_ids))
+
+    def bins(self, run_ids) -> pl.DataFrame:
+        return token_bins(self.tracking_uri, list(run_ids))
 
 
 # Table 1's rungs other than a mixer's own name (docs/ladder.md).
@@ -198,12 +216,46 @@ def _sweep_figure(data: Data, x: str, methods=None, vary_extra=()) -> pl.DataFra
 
 def context_length(data: Data):
     """Fig 1 left / Fig 9: loss against context length, and each method minus full
-    attention from paired runs (same seed), with the pairs' bootstrap interval."""
+    attention from paired runs (same seed), with the pairs' bootstrap interval; per row
+    its context use (`build_all` adds where its loss sits among the corpus floors)."""
     table = _sweep_figure(data, "data.seq_len")
     if table is None or "full" not in table["method"].to_list():
         return None
-    delta = paired_delta(_held(data, "data.seq_len"), "full", ["data.seq_len"], LOSS)
-    return table.join(delta, on=["method", "data.seq_len"], how="left")
+    held = _held(data, "data.seq_len")
+    delta = paired_delta(held, "full", ["data.seq_len"], LOSS, se=LOSS_SE)
+    table = table.join(delta, on=["method", "data.seq_len"], how="left")
+    on = ["method", "data.seq_len"]
+    return table.join(context_use(held, on), on=on, how="left")
+
+
+def context_use(frame: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+    """Per group: the runs' mean context use (`ttt.train.evaluate`) and the standard
+    error of that mean from their evaluations, sqrt(sum se^2) / runs."""
+    if "context_use" not in frame.columns:
+        return (
+            frame.select(by)
+            .unique()
+            .with_columns(
+                pl.lit(None, pl.Float64).alias("context_use"),
+                pl.lit(None, pl.Float64).alias("context_use_se"),
+            )
+        )
+    se = pl.col("context_use_se") if "context_use_se" in frame.columns else pl.lit(None)
+    return frame.group_by(by).agg(
+        pl.col("context_use").mean(),
+        ((se.cast(pl.Float64) ** 2).sum().sqrt() / pl.len()).alias("context_use_se"),
+    )
+
+
+def with_regime(table: pl.DataFrame, data: Data, value: str = "mean") -> pl.DataFrame:
+    """`vs_floors`: where each row's loss sits among the corpus floors (`above bigram`,
+    ...; `ttt.data.floors.Floors.regime`), for a store on one corpus; null otherwise."""
+    floors = data.floors()
+    if len(floors) != 1 or value not in table.columns:
+        return table.with_columns(pl.lit(None, pl.String).alias("vs_floors"))
+    (f,) = floors.values()
+    marks = [f.regime(v) for v in table[value].to_list()]
+    return table.with_columns(pl.Series("vs_floors", marks, pl.String))
 
 
 def evaluated_context_length(data: Data):
@@ -260,7 +312,7 @@ def ladder(data: Data, paper: pl.DataFrame | None = None):
     table = order.join(table, on="method", how="inner").sort("rung")
     if "swa" not in table["method"].to_list():  # Table 1 is read as steps from SWA
         return None
-    table = table.join(paired_delta(frame, "swa", [], LOSS), on="method", how="left")
+    table = table.join(paired_delta(frame, "swa", [], LOSS, se=LOSS_SE), on="method", how="left")
     if paper is not None:
         table = table.join(paper.rename({"loss": "paper_loss"}), on="variant", how="left")
     return table
@@ -403,17 +455,21 @@ def token_index(data: Data):
     if nll.is_empty():
         return None
     table = nll_by_token_index(nll.join(frame.select("run_id", "method"), on="run_id"))
+    table = table.join(binned_se(data, frame), on=["method", "bin"], how="left")
     if "full" not in frame["method"].to_list() or "train.seed" not in frame.columns:
         return table
     # each run's log-binned NLL minus its full-attention twin's (same seed), by bin
     runs_ = frame.select("run_id", "method", "train.seed")
     binned = (
-        nll.with_columns(((pl.col("position") + 1).log(2) * 4).floor().cast(pl.Int64).alias("bin"))
+        nll.with_columns(position_bin("position"))
         .group_by("run_id", "bin")
         .agg(pl.col("nll").mean())
         .join(runs_, on="run_id")
     )
-    delta = paired_delta(binned, "full", ["bin"], "nll")
+    bins = data.bins(frame["run_id"].to_list())
+    if not bins.is_empty():  # each run's own evaluation error of the bin
+        binned = binned.join(bins.select("run_id", "bin", "se"), on=["run_id", "bin"], how="left")
+    delta = paired_delta(binned, "full", ["bin"], "nll", se="se")
     return table.join(delta, on=["method", "bin"], how="left")
 
 
@@ -432,10 +488,29 @@ def nll_by_token_index(nll: pl.DataFrame) -> pl.DataFrame:
     )
     # Per-position means are noisy on a log axis; the drawn line averages log-spaced bins
     # (four per octave) of them.
-    table = table.with_columns(
-        ((pl.col("position") + 1).log(2) * 4).floor().cast(pl.Int64).alias("bin")
-    )
+    table = table.with_columns(position_bin("position"))
     return table.with_columns(pl.col("mean").mean().over(["method", "bin"]).alias("binned"))
+
+
+def position_bin(column: str) -> pl.Expr:
+    """`ttt.stats.log_bin` as a Polars expression: the bin the evaluation's standard
+    errors are recorded in (four per octave)."""
+    octaves = (pl.col(column) + 1).log(2) * BINS_PER_OCTAVE
+    return octaves.floor().cast(pl.Int64).alias("bin")
+
+
+def binned_se(data: Data, frame: pl.DataFrame) -> pl.DataFrame:
+    """Per (method, bin): the standard error of the runs' mean binned NLL from the
+    evaluations' own sampling error, sqrt(sum se^2) / runs (`binned_se`); empty where
+    no run recorded its bins."""
+    bins = data.bins(frame["run_id"].to_list())
+    if bins.is_empty():
+        return pl.DataFrame(schema={"method": pl.String, "bin": pl.Int64, "binned_se": pl.Float64})
+    return (
+        bins.join(frame.select("run_id", "method"), on="run_id")
+        .group_by("method", "bin")
+        .agg(((pl.col("se") ** 2).sum().sqrt() / pl.len()).alias("binned_se"))
+    )
 
 
 def inner_lr_meta(data: Data):
@@ -482,3 +557,70 @@ def curves(data: Data):
     if hist.is_empty():
         return None
     return hist.join(frame.select("run_id", "experiment", "run_name", "outcome"), on="run_id")
+
+
+# Knobs that make two runs of one method different variants in a figure's lines.
+VARIANT_KNOBS = ("model.window", "ttt.chunk", "ttt.inner_lr", "model.ttt_layers", "train.lr")
+SHORT = {"model.window": "k", "ttt.chunk": "b", "ttt.inner_lr": "eta", "model.ttt_layers": "L",
+         "train.lr": "lr"}  # fmt: skip
+
+
+def with_variant(frame: pl.DataFrame, knobs=VARIANT_KNOBS) -> pl.DataFrame:
+    """`variant`: the method, and the value of each knob that varies among that method's
+    runs (`ttt_e2e b=16 eta=0.1`), so that runs of different settings are different,
+    labelled lines instead of one averaged together."""
+    present = [k for k in knobs if k in frame.columns]
+    labels = []
+    varying = {
+        m: [k for k in present if g[k].n_unique() > 1]
+        for (m,), g in frame.group_by("method", maintain_order=True)
+    }
+    for row in frame.iter_rows(named=True):
+        parts = [f"{SHORT[k]}={row[k]:g}" if isinstance(row[k], float) else f"{SHORT[k]}={row[k]}"
+                 for k in varying.get(row["method"], [])]  # fmt: skip
+        labels.append(" ".join([row["method"], *parts]))
+    return frame.with_columns(pl.Series("variant", labels, pl.String))
+
+
+def recall(data: Data):
+    """The recall task (`ttt.data.recall`): exact-match accuracy against the distance
+    from a pair to its query, one line per method and variant (seed mean, min and max),
+    from the trials' final evaluations (`recall_accuracy_dN`: distances N..2N-1)."""
+    frame = finished(data.runs)
+    if frame.is_empty() or "data.source" not in frame.columns:
+        return None
+    frame = frame.filter(pl.col("data.source") == "recall")
+    cols = [c for c in frame.columns if c.startswith("recall_accuracy_d")]
+    if frame.is_empty() or not cols:
+        return None
+    frame = with_variant(frame)
+    keep = ["run_id", "run_name", "method", "variant", "model.window", "ttt.chunk",
+            "recall.values", "train.seed"]  # fmt: skip
+    long = (
+        frame.select([c for c in keep if c in frame.columns] + cols)
+        .unpivot(on=cols, index=[c for c in keep if c in frame.columns], value_name="accuracy")
+        .with_columns(
+            pl.col("variable")
+            .str.strip_prefix("recall_accuracy_d")
+            .cast(pl.Int64)
+            .alias("distance_lo")
+        )
+        .drop("variable")
+        .drop_nulls("accuracy")
+    )
+    by = ["method", "variant", "distance_lo"]
+    table = (
+        long.group_by(by)
+        .agg(
+            pl.col("accuracy").mean().alias("mean"),
+            pl.col("accuracy").min().alias("min"),
+            pl.col("accuracy").max().alias("max"),
+            pl.len().alias("runs"),
+            pl.col("run_name").unique().sort().str.join(", ").alias("run_names"),
+            pl.col("model.window").first().alias("window"),
+            pl.col("ttt.chunk").first().alias("chunk"),
+            (1.0 / pl.col("recall.values").first()).alias("chance"),
+        )
+        .sort(by)
+    )
+    return table

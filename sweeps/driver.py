@@ -12,6 +12,8 @@ import functools
 import logging
 import os
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,10 @@ from sweeps.cluster import loopback_only
 from sweeps.ray_compat import fit, loopback_mode, name_trial_actors, token_auth, token_source
 from sweeps.spec import Stage, SweepSpec, TrialStart
 from sweeps.tracking import MlflowSweepCallback
+from ttt import process
 from ttt import tags as TAG
+from ttt.data.floors import NAMES, Floors, as_tag, floors_of
+from ttt.data.recall import SOURCE as RECALL
 from ttt.errors import UserError
 from ttt.rundir import RunDir
 from ttt.settings import settings
@@ -36,9 +41,6 @@ class _TuneResumeAdvice(logging.Filter):
         return "Resume experiment with" not in record.getMessage()
 
 
-logging.getLogger("ray.tune.tune").addFilter(_TuneResumeAdvice())
-
-
 def flat_params(spec: SweepSpec, trial_config: dict) -> dict:
     """The resolved config of a trial, flattened: the child run's MLflow params."""
     return TrialStart.of(trial_config).config(spec).flat()
@@ -49,9 +51,6 @@ def trial_entry(config: dict, spec: SweepSpec) -> None:
     from sweeps.trial import trial_main
 
     trial_main(TrialStart.of(config), spec)
-
-
-name_trial_actors(trial_entry)  # trial-named actors in the dashboard and log lines
 
 
 @dataclass
@@ -130,8 +129,6 @@ def _search_alg(spec: SweepSpec):
             if self.metric in result:
                 super().on_trial_result(trial_id, result)
 
-    # Tune would otherwise refuse the in-between reports for lacking the searcher's metric.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     return FinalMetricOptuna(metric=spec.metric, mode=spec.mode)
 
 
@@ -338,6 +335,32 @@ def open_parent(spec: SweepSpec, tracking_uri: str, storage: str) -> MlflowRun:
     return parent
 
 
+def log_floors(parent: MlflowRun, spec: SweepSpec) -> dict[str, Floors]:
+    """The n-gram floors of every corpus the sweep's trials read (`ttt.data.floors`;
+    computed once per dataset fingerprint), on the parent run: as a tag (JSON, every
+    source) and, for a sweep on one corpus, as metrics `floor_1` .. `floor_N`. The recall
+    task has none: its floor is chance."""
+    sources = {}
+    for point in spec.points:
+        cfg = spec.config(point, {})
+        if cfg.data.source != RECALL:
+            sources.setdefault(cfg.data.source, cfg.data.cache_dir)
+    found = {}
+    for source, cache_dir in sources.items():
+        try:
+            found[source] = floors_of(source, cache_dir)
+        except UserError as e:  # the trials will say the same, in their own words
+            print(f"floors of {source}: not computed ({e})", file=sys.stderr)
+    if found:
+        parent.set_tags({TAG.FLOORS: as_tag(found)})
+        if len(found) == 1:
+            parent.log_summary(next(iter(found.values())).metrics())
+        for source, f in found.items():
+            values = ", ".join(f"{NAMES[k]} {v:.3f}" for k, v in sorted(f.orders.items()))
+            print(f"floors of {source} (held-out nats per token): {values}", file=sys.stderr)
+    return found
+
+
 def join_ray(address: str | None):
     """Ray for the sweep: the caller's (a Ray job's driver), the cluster at `address`, or
     a cluster of its own. Returns the runtime context and whether it was started here."""
@@ -364,6 +387,7 @@ def run_sweep(
 ) -> SweepResult:
     import ray
 
+    driver_process(spec)
     tracking_uri = resolve_uri(tracking_uri)
     check_uri(tracking_uri)
     check_init_from(spec)
@@ -371,28 +395,44 @@ def run_sweep(
         connect_env(address)
     storage = storage_root(storage_path, spec)
     parent = open_parent(spec, tracking_uri, storage)
+    log_floors(parent, spec)
     context, started_here = join_ray(address)
     result = SweepResult(spec, parent.run_id, tracking_uri)
     status = "FAILED"
     log = DriverLog(parent)
     try:
-        print_monitoring(context, tracking_uri, parent.experiment_id)
-        _run_stages(spec, result, storage, rerun, log)
-        _log_best(parent, spec, result.stages[-1].rows)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        print(
-            f"sweep {spec.name} stopped; its state is saved: the same `ttt sweep run` resumes it",
-            file=sys.stderr,
-        )
-        raise
+        with process.redirect_output(log.tee):
+            try:
+                print_monitoring(context, tracking_uri, parent.experiment_id)
+                _run_stages(spec, result, storage, rerun, log)
+                _log_best(parent, spec, result.stages[-1].rows)
+                status = "FINISHED"
+            except KeyboardInterrupt:
+                status = "KILLED"
+                print(
+                    f"sweep {spec.name} stopped; its state is saved: the same `ttt sweep run` "
+                    "resumes it",
+                    file=sys.stderr,
+                )
+                raise
     finally:
         log.close()
         _close_runs(parent, status)
         if started_here:
             ray.shutdown()
     return result
+
+
+def driver_process(spec: SweepSpec) -> None:
+    """What a sweep's driver sets for the libraries in its process, before any Tuner:
+    Ray's environment, trial-named actors, Tune's advice filtered, and with Optuna,
+    Tune's metric check off (it would refuse the in-between reports that lack the
+    searcher's metric)."""
+    process.ray_env()
+    name_trial_actors(trial_entry)  # trial-named actors in the dashboard and log lines
+    process.add_log_filter("ray.tune.tune", _TuneResumeAdvice())
+    if spec.search_alg == "optuna":
+        process.set_env("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
 def _run_stages(spec: SweepSpec, result: SweepResult, storage: str, rerun: Rerun, log) -> None:
@@ -437,25 +477,24 @@ class DriverLog:
     after its Ray cluster, and with it the dashboard's copy, is gone."""
 
     def __init__(self, parent: MlflowRun):
-        import tempfile
-        import time
-
         self.parent = parent
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.path = Path(tempfile.mkdtemp(prefix="ttt-driver-")) / f"driver-{stamp}.log"
         self.file = self.path.open("a", buffering=1)
-        self.streams = (sys.stdout, sys.stderr)
-        sys.stdout, sys.stderr = _Tee(sys.stdout, self.file), _Tee(sys.stderr, self.file)
+
+    def tee(self, stream) -> _Tee:
+        """`stream`, with what is written to it also written to the log file (for
+        `process.redirect_output`)."""
+        return _Tee(stream, self.file)
 
     def upload(self) -> None:
         try:
             self.file.flush()
             self.parent.log_artifact(self.path, "driver")
         except Exception as e:  # a store that is briefly away: the next upload has it all
-            print(f"(driver log not uploaded: {type(e).__name__})", file=self.streams[1])
+            print(f"(driver log not uploaded: {type(e).__name__})", file=sys.__stderr__)
 
     def close(self) -> None:
-        sys.stdout, sys.stderr = self.streams
         self.upload()
         self.file.close()
 

@@ -15,11 +15,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ttt import tags as TAG
+from ttt.data.floors import read_tag
 from ttt.errors import UserError
 
 # A trial's state, from its MLflow run's status and outcome.
 STATE = {"RUNNING": "running", "SCHEDULED": "pending", "KILLED": "stopped", "FAILED": "error"}
-COLUMNS = ["trial", "status", "step", "loss", "eval_loss", "tok/s", "eta", "mlflow_run"]
+COLUMNS = [
+    "trial", "status", "step", "loss", "eval_loss", "ctx_use", "vs_floors", "tok/s", "eta",
+    "mlflow_run",
+]  # fmt: skip
 
 
 @dataclass
@@ -141,6 +145,14 @@ class Row:
     tokens_per_s: float | None = None
     eta_s: float | None = None
     run_id: str = "-"
+    context_use: float | None = None
+    context_use_se: float | None = None
+    source: str = ""  # data.source, whose floors the eval loss is read against
+    regime: str | None = None  # where the eval loss sits among them: "above bigram", ...
+
+    @property
+    def above_bigram(self) -> bool:
+        return self.regime in ("above unigram", "above bigram")
 
 
 @dataclass
@@ -152,6 +164,7 @@ class SweepView:
     rows: list[Row] = field(default_factory=list)
     metric: str = "eval_loss"
     mode: str = "min"
+    floors: dict = field(default_factory=dict)  # data.source -> Floors
 
     def summary(self) -> str:
         """How many trials are in each state: `4 finished, 1 running`."""
@@ -177,6 +190,7 @@ def _row(run: RunRecord, swept: list[str]) -> Row:
     loss = metrics.get("loss")
     ev = metrics.get("eval_loss")
     tps = metrics.get("tokens_per_s")
+    use, use_se = metrics.get("context_use"), metrics.get("context_use_se")
     total = int(params.get("train.steps", 0) or 0)
     row = Row(
         name=run.name or tags.get(TAG.TRIAL_NAME, run.run_id[:8]),
@@ -190,6 +204,9 @@ def _row(run: RunRecord, swept: list[str]) -> Row:
         eval_step=ev[1] if ev else None,
         tokens_per_s=tps[0] if tps else None,
         run_id=run.run_id,
+        context_use=use[0] if use else None,
+        context_use_se=use_se[0] if use_se else None,
+        source=params.get("data.source", ""),
     )
     if state == "running" and tps and tps[0] > 0 and total > row.step:
         per_step = int(params.get("data.batch_size", 0) or 0) * int(
@@ -235,6 +252,10 @@ def read_sweep(tracking_uri: str, name: str, store=None) -> SweepView:
     parent_state = STATE.get(parent.status, "finished")
     view = SweepView(name, parent_state, swept, stages, [_row(r, swept) for r in runs])
     view.metric, view.mode = metric, mode
+    view.floors = read_tag(parent.tags.get(TAG.FLOORS))
+    for row in view.rows:
+        floors = view.floors.get(row.source)
+        row.regime = floors.regime(row.eval_loss) if floors is not None else None
     # Trials the first stage plans that have no run yet (Tune creates them as CPUs free up).
     have = [tuple(r.point.get(k, "") for k in swept) for r in view.rows if r.stage == "main"]
     for point in planned:
@@ -286,6 +307,8 @@ def render(view: SweepView) -> str:
                     f"{r.step}/{r.total}" if r.total else str(r.step),
                     _num(r.loss),
                     ev,
+                    _pm(r.context_use, r.context_use_se),
+                    ("! " if r.above_bigram else "") + (r.regime or "-"),
                     "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f}",
                     _eta(r.eta_s),
                     r.run_id,
@@ -295,11 +318,39 @@ def render(view: SweepView) -> str:
         lines += [f"{title}:", *("  " + ln for ln in _table(table))]
     if best is not None:
         lines.append(f"* best {view.metric} {getattr(best, view.metric):.4f}: {best.name}")
+    lines += _floor_lines(view)
     return "\n".join(lines)
 
 
+def _pm(value: float | None, se: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:+.3f}" + (f"±{se:.3f}" if se is not None and math.isfinite(se) else "")
+
+
+def _floor_lines(view: SweepView) -> list[str]:
+    """The floors the eval losses are read against, and what `!` means."""
+    from ttt.data.floors import NAMES
+
+    lines = []
+    for source, f in view.floors.items():
+        values = ", ".join(f"{NAMES[k]} {v:.3f}" for k, v in sorted(f.orders.items()))
+        lines.append(f"floors of {source} (held-out nats/token, n-gram count models): {values}")
+    if any(r.above_bigram for r in view.rows):
+        lines.append(
+            "! eval loss above the bigram floor: such a comparison is about how fast a model "
+            "learns local statistics, not about its use of context"
+        )
+    if any(r.context_use is not None for r in view.rows):
+        lines.append(
+            "ctx_use: NLL at context (window/2, window] minus at (T/2, T], ± its standard "
+            "error; about 0 for a model that uses no context beyond the window"
+        )
+    return lines
+
+
 def sweep_status(name: str, tracking_uri: str) -> str:
-    return render(read_sweep(tracking_uri, name))
+    return f"{render(read_sweep(tracking_uri, name))}\n(read from {tracking_uri})"
 
 
 def watch(name: str, tracking_uri: str, every: float = 5.0, out=None) -> int:

@@ -17,6 +17,7 @@ from ray.tune import Callback
 
 from ttt import tags as TAG
 from ttt.tracking import MlflowRun, log_eval_artifacts, run_link, run_tags
+from ttt.tracking.tracker import EVAL_PREFIXES
 
 
 def short_name(config: dict) -> str:
@@ -178,8 +179,9 @@ class MlflowSweepCallback(Callback):
             return  # already logged before the driver restarted
         eval_step = result.get("eval_step")
         if eval_step is not None and eval_step != step:  # an evaluation made before `step`
-            run.log_summary({"eval_loss": result["eval_loss"]}, eval_step)
-            result = {k: v for k, v in result.items() if k != "eval_loss"}
+            evaluated = {k for k in result if k == "eval_loss" or k.startswith(EVAL_PREFIXES)}
+            run.log_summary({k: result[k] for k in evaluated}, eval_step)
+            result = {k: v for k, v in result.items() if k not in evaluated}
         run.log(result, step)
         tags = {}
         if result.get("node_id"):
@@ -201,7 +203,7 @@ class MlflowSweepCallback(Callback):
         ckpt = trial.checkpoint
         if ckpt is None:
             return
-        from analysis.figures import eval_figure_files
+        from analysis.run_figures import eval_figure_files
 
         with ckpt.as_directory() as d:
             log_eval_artifacts(run, Path(d), eval_figure_files, self.params_of(trial.config))

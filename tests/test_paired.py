@@ -17,7 +17,27 @@ def test_identical_pairs_give_a_zero_width_interval():
     row = out.row(0, named=True)
     assert (row["delta"], row["delta_lo"], row["delta_hi"], row["pairs"]) == (0, 0, 0, 3)
     assert row["noise"]
-    assert bootstrap_interval([0.3]) == (0.3, 0.3)  # one pair: its own value
+    assert np.isnan(bootstrap_interval([0.3])).all()  # one pair: one seed has no interval
+    one = paired_delta(frame.filter(pl.col("train.seed") == 0), "full", ["data.seq_len"], "loss")
+    assert one["pairs"][0] == 1 and np.isnan(one["delta_lo"][0]) and one["noise"][0] is None
+
+
+def test_the_evaluations_own_error_widens_the_interval():
+    """Two seeds that agree exactly have no seed spread, but each evaluation read only so
+    many held-out sequences: with their standard errors the interval is as wide as
+    that error says (about 1.96 x se / sqrt(pairs) x sqrt(2) for two equal errors)."""
+    d = np.array([-0.1, -0.1, -0.1, -0.1])
+    assert bootstrap_interval(d) == pytest.approx((-0.1, -0.1))
+    se = np.full(4, 0.05 * np.sqrt(2))  # each run 0.05
+    lo, hi = bootstrap_interval(d, se)
+    half = 1.96 * 0.05 * np.sqrt(2) / 2
+    assert lo == pytest.approx(-0.1 - half, abs=0.01) and hi == pytest.approx(-0.1 + half, abs=0.01)
+    rows = [(m, 256, s, 2.0 - 0.1 * (m == "ttt_e2e"), 0.05) for m in ("full", "ttt_e2e")
+            for s in range(4)]  # fmt: skip
+    frame = pl.DataFrame(rows, schema=["method", "data.seq_len", "train.seed", "loss", "se"],
+                         orient="row")  # fmt: skip
+    row = paired_delta(frame, "full", ["data.seq_len"], "loss", se="se").row(0, named=True)
+    assert row["delta_lo"] == pytest.approx(lo, abs=0.01) and row["delta_hi"] < 0
 
 
 def test_pairs_are_twins_by_seed_and_the_interval_is_the_means_spread():

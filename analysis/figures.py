@@ -16,6 +16,7 @@ from typing import Any
 # display falls back to Agg by itself.
 import matplotlib.pyplot as plt
 import polars as pl
+from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
 
 from analysis import recipes
 from analysis.recipes import Data
@@ -24,6 +25,7 @@ from analysis.style import (
     PAPER_METHOD,
     context_axis,
     floor_lines,
+    interval_note,
     lines,
     paper,
     paper_markers,
@@ -84,7 +86,7 @@ def _context_length(t):
     b.set(
         xlabel="context length (tokens)",
         ylabel="loss - full attention (nats)",
-        title="Loss difference to full attention (paired by seed, 95% CI)",
+        title=f"Loss difference to full attention ({interval_note(d)})",
     )
     for ax in (a, b):
         ax.legend(fontsize=7)
@@ -92,28 +94,32 @@ def _context_length(t):
 
 
 def _ablation(x: str, xlabel: str, log2: bool, paper_panel: str | None):
+    """This store's lines, and the paper's 760M points in a panel of their own: they are
+    another model's losses on another corpus, so never on this store's axis."""
+
     def f(t):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        pts = paper("ablation_points.csv").filter(pl.col("panel") == paper_panel)
+        pts = pts.filter(pl.col("method").is_in(["ttt_e2e", "full_attention"]))
+        side = bool(paper_panel) and not pts.is_empty()
+        fig, axes = plt.subplots(1, 2 if side else 1, figsize=(11 if side else 6, 4),
+                                 squeeze=False)  # fmt: skip
+        ax = axes[0][0]
         lines(ax, t, x)
         references(ax, t, x)
-        vals = t.filter(pl.col(x).is_not_null())[x].to_list()
-        if paper_panel:
-            pts = paper("ablation_points.csv").filter(pl.col("panel") == paper_panel)
-            pts = pts.filter(pl.col("method").is_in(["ttt_e2e", "full_attention"]))
-            if not pts.is_empty():
-                ax2 = ax.twinx()
-                for m, g in pts.group_by("method"):
-                    name = PAPER_METHOD[m[0]]
-                    paper_markers(
-                        ax2, g["value"], g["loss"], f"paper 760M: {name} (right axis)", name
-                    )
-                ax2.set_ylabel("paper loss, 760M DCLM 8K")
-                ax2.legend(fontsize=7, loc="lower right")
-                vals += pts["value"].to_list()
         if log2:
-            context_axis(ax, vals)
-        ax.set(xlabel=xlabel, ylabel="eval loss (nats/token)")
+            context_axis(ax, t.filter(pl.col(x).is_not_null())[x].to_list())
+        ax.set(xlabel=xlabel, ylabel="eval loss (nats/token)", title="This store")
         ax.legend(fontsize=7, loc="center right")
+        if side:
+            pa = axes[0][1]
+            for m, g in pts.group_by("method"):
+                name = PAPER_METHOD[m[0]]
+                paper_markers(pa, g["value"], g["loss"], f"paper 760M: {name}", name)
+            if log2:
+                context_axis(pa, pts["value"].to_list())
+            pa.set(xlabel=xlabel, ylabel="loss (nats per Llama-3 token)",
+                   title="The paper, 760M, DCLM 8K: another scale")  # fmt: skip
+            pa.legend(fontsize=7)
         return fig
 
     return f
@@ -156,9 +162,10 @@ def draw_token_index(t):
     paired = "delta" in t.columns and t["delta"].is_not_null().any()
     fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(11 if paired else 6, 4), squeeze=False)
     ax = axes[0][0]
-    for key, g in t.group_by("method", maintain_order=True):
+    group = "line" if "line" in t.columns else "method"
+    for key, g in t.group_by(group, maintain_order=True):
         g = g.filter(pl.col("position") > 0).sort("position")
-        color = COLORS.get(key[0])
+        color = COLORS.get(g["method"][0])
         ax.plot(g["position"], g["mean"], color=color, lw=0.5, alpha=0.3)
         line = ax.plot(g["position"], g["binned"], label=key[0], color=color, lw=1.5)[0]
         if "binned_se" in g.columns and g["binned_se"].is_not_null().any():
@@ -176,15 +183,21 @@ def draw_token_index(t):
     if paired:  # one point per bin, at the bin's first position
         d = (
             t.filter(pl.col("delta").is_not_null() & (pl.col("position") > 0))
-            .group_by("method", "bin", maintain_order=True)
-            .agg(pl.col("position").min(), pl.col("delta", "delta_lo", "delta_hi", "runs").first())
+            .group_by(
+                ["method", group, "bin"] if group != "method" else ["method", "bin"],
+                maintain_order=True,
+            )  # fmt: skip
+            .agg(
+                pl.col("position").min(),
+                pl.col("delta", "delta_lo", "delta_hi", "runs", "pairs").first(),
+            )
         )
         b = axes[0][1]
         lines(b, d, "position", "delta", "delta_lo", "delta_hi")
         b.axhline(0, color="black", lw=0.8)
         b.set_xscale("log")
         b.set(xlabel="token index (log scale)", ylabel="NLL - full attention's (nats)",
-              title="Difference to full attention (paired by seed, 95% CI)")  # fmt: skip
+              title=f"Difference to full attention ({interval_note(d)})")  # fmt: skip
         b.legend(fontsize=7)
     return fig
 
@@ -193,9 +206,9 @@ def _ladder(t):
     """Table 1 as two panels of rungs: this store's loss minus SWA's (paired by seed, with
     its 95% bootstrap interval) and the paper's 760M numbers minus its SWA's."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    names = t["method"].to_list()
+    names = t["line"].to_list() if "line" in t.columns else t["method"].to_list()
     x = list(range(len(names)))
-    colors = [COLORS.get(n, "gray") for n in names]
+    colors = [COLORS.get(n, "gray") for n in t["method"].to_list()]
     paired = t.with_columns(pl.col("delta").fill_null(0.0), pl.col("delta_lo").fill_null(0.0),
                             pl.col("delta_hi").fill_null(0.0))  # fmt: skip
     err = [paired["delta"] - paired["delta_lo"], paired["delta_hi"] - paired["delta"]]
@@ -203,8 +216,8 @@ def _ladder(t):
     a.scatter(x, paired["delta"], c=colors, s=60, zorder=3)
     within_noise(a, paired.with_columns(pl.Series("rung_x", x)).filter(pl.col("method") != "swa"),
                  "rung_x")  # fmt: skip
-    a.set(ylabel="loss minus SWA's (nats)", title=f"This store ({int(t['runs'].min())}+ seeds "
-          "per rung; paired, 95% CI)")  # fmt: skip
+    rungs = t.filter(pl.col("method") != "swa")
+    a.set(ylabel="loss minus SWA's (nats)", title=f"This store ({interval_note(rungs)})")
     if "paper_loss" in t.columns and t["paper_loss"].is_not_null().any():
         p_swa = t.filter(pl.col("method") == "swa")["paper_loss"]
         ref = p_swa[0] if p_swa.len() else 0.0
@@ -222,15 +235,22 @@ def _ladder(t):
     return fig
 
 
-def _one_axis(x: str, xlabel: str, ylabel: str, title: str, log: bool = True):
-    """One panel: a line per method against `x` (log scale), seed bands."""
+def _one_axis(x: str, xlabel: str, ylabel: str, title: str, log: bool = True, unit=None):
+    """One panel: a line per method against `x` (log scale), seed bands. `unit`: the x
+    ticks in engineering notation (2 PFLOP), major ticks only, so that none collide."""
 
     def f(t):
         fig, ax = plt.subplots(figsize=(6, 4))
         lines(ax, t, x)
         if log:
             ax.set_xscale("log")
-        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        if unit:
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(EngFormatter(unit=unit, places=0))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        seeds = int(t["runs"].max()) if "runs" in t.columns and t.height else 0
+        band = "band: min-max over seeds" if seeds > 1 else "one seed: no band"
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{title} ({band})")
         ax.legend(fontsize=7)
         return fig
 
@@ -316,21 +336,28 @@ def _niah(t):
 
 
 def _recall(t):
-    """Accuracy by distance, one line per variant with its seed range as a band, chance
+    """Accuracy by distance, a line per method and setting with its seed range as a band, chance
     (1/recall.values), the window, and each TTT variant's chunk."""
     fig, ax = plt.subplots(figsize=(8, 4.6))
-    for (variant,), g in t.group_by("variant", maintain_order=True):
+    for (name,), g in t.group_by("line", maintain_order=True):
         g = g.sort("distance_lo")
-        line = ax.plot(g["distance_lo"], g["mean"], marker="o", lw=1.2, label=variant)[0]
+        line = ax.plot(g["distance_lo"], g["mean"], marker="o", lw=1.2, label=name)[0]
         if g["runs"].max() > 1:
             ax.fill_between(g["distance_lo"], g["min"], g["max"], alpha=0.15,
                             color=line.get_color())  # fmt: skip
     chance = t["chance"].drop_nulls()
     if chance.len():
         ax.axhline(chance[0], color="gray", ls=":", label=f"chance {chance[0]:.3f}")
-    windows = t.filter(pl.col("method") != "full")["window"].drop_nulls().unique().to_list()
-    for w in windows:
+    seen = t["seen_guess"].drop_nulls()
+    if seen.len():
+        ax.axhline(seen[0], color="gray", ls="-.", lw=0.8,
+                   label=f"a guess among the sequence's values {seen[0]:.3f}")  # fmt: skip
+    windowed = t.filter(pl.col("method") != "full")
+    for w in windowed["window"].drop_nulls().unique().to_list():
         ax.axvline(w, color="black", ls="--", lw=1, label=f"window {w}")
+    for r in windowed["reach"].drop_nulls().unique().to_list():
+        ax.axvline(r, color="black", ls="-", lw=0.8, alpha=0.5,
+                   label=f"attention's reach {r} (layers x window)")  # fmt: skip
     chunks = t.filter(pl.col("method").str.starts_with("ttt_e2e"))["chunk"].drop_nulls()
     for b in sorted(chunks.unique().to_list()):
         ax.axvline(b, color="tab:green", ls=":", lw=1, label=f"chunk {b}")
@@ -466,6 +493,7 @@ FIGURES: dict[str, Figure] = {
                 "training FLOPs (the project's count)",
                 "training loss (nats/token)",
                 "Loss at equal compute",
+                unit="FLOP",
             ),
             "any sweep with two methods (sweeps/small_scale.yaml, sweeps/ladder_small.yaml)",
             absolute=(0,),

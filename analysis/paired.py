@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from ttt.config import ONLY_FOR, applies
+
 PAIR_BY = "train.seed"
 LEVEL = 0.95
 RESAMPLES = 4000
@@ -44,53 +46,77 @@ def seed_spread(pairs: pl.DataFrame, by: list[str], delta: str = "delta") -> flo
     """The store's own threshold: how far one comparison (a method against its baseline
     at the same `by` values) moved when only the seed changed, the largest such spread of
     the paired differences `delta` in the store. None where no comparison has two seeds."""
+    lines = ["method", "line"] if "line" in pairs.columns else ["method"]
     spread = (
-        pairs.group_by(["method", *by])
+        pairs.group_by([*lines, *by])
         .agg((pl.col(delta).max() - pl.col(delta).min()).alias("s"), pl.len().alias("n"))
         .filter(pl.col("n") > 1)
     )
     return None if spread.is_empty() else float(spread["s"].max())
 
 
+def _shared_knobs(frame: pl.DataFrame, method: str, baseline: str) -> list[str]:
+    """The knobs of some mixers only (`ttt.config.ONLY_FOR`) that act on both methods'
+    runs, among the frame's columns."""
+    if "model.mixer" not in frame.columns:
+        return []
+    mixers = {}
+    for m in (method, baseline):
+        found = frame.filter(pl.col("method") == m)["model.mixer"]
+        mixers[m] = found[0] if found.len() else None
+    return [
+        k
+        for k in ONLY_FOR
+        if k in frame.columns and k != "ttt.meta"
+        and all(mx is not None and applies(k, mx) for mx in mixers.values())
+    ]  # fmt: skip
+
+
 def paired_delta(
     frame: pl.DataFrame, baseline: str, on: list[str], value: str, se: str | None = None
 ) -> pl.DataFrame:
-    """Per method other than `baseline` and per `on` values: the mean over seeds of
+    """Per method other than `baseline` (and per `line` of it, where the frame has
+    lines: `analysis.recipes.with_line`) and per `on` values: the mean over seeds of
     (run - its baseline twin), its bootstrap interval (`delta_lo`, `delta_hi`; none for a
     single pair), the number of pairs, and `noise`: whether the interval holds zero or the
     difference is within the store's seed spread (null where one pair cannot tell). `se`:
     the column of each run's evaluation standard error; a pair's is taken as
     sqrt(se_run^2 + se_twin^2), an upper bound since both read the same held-out
     sequences. Runs without a twin are left out."""
-    keys = [*on, PAIR_BY] if PAIR_BY in frame.columns else list(on)
     se = se if se is not None and se in frame.columns else None
     err = pl.col(se).cast(pl.Float64) if se else pl.lit(0.0)
-    base = frame.filter(pl.col("method") == baseline)
-    base = base.select(*keys, pl.col(value).alias("_b"), err.alias("_bse"))
-    # one baseline run per key (a resumed duplicate would otherwise pair twice)
-    base = base.group_by(keys).agg(pl.col("_b").mean(), pl.col("_bse").mean())
+    base_rows = frame.filter(pl.col("method") == baseline)
+    parts = []
+    for (method,), runs in frame.filter(pl.col("method") != baseline).group_by("method"):
+        # twins also share every knob that acts on both methods (the window of a TTT-E2E
+        # run and of its SWA twin; window, chunk and inner LR with meta-learning off)
+        keys = [*on, *_shared_knobs(frame, method, baseline)]
+        keys += [PAIR_BY] if PAIR_BY in frame.columns else []
+        base = base_rows.select(*keys, pl.col(value).alias("_b"), err.alias("_bse"))
+        # one baseline run per key (a resumed duplicate would otherwise pair twice)
+        base = base.group_by(keys).agg(pl.col("_b").mean(), pl.col("_bse").mean())
+        parts.append(runs.with_columns(err.alias("_se")).join(base, on=keys, how="inner"))
     pairs = (
-        frame.filter(pl.col("method") != baseline)
-        .with_columns(err.alias("_se"))
-        .join(base, on=keys, how="inner")
-        .with_columns(
-            (pl.col(value) - pl.col("_b")).alias("_d"),
-            (pl.col("_se") ** 2 + pl.col("_bse") ** 2).sqrt().alias("_dse"),
-        )
-    )
+        pl.concat(parts, how="diagonal_relaxed") if parts else frame.clear().with_columns(
+            pl.lit(0.0).alias("_b"), pl.lit(0.0).alias("_se"), pl.lit(0.0).alias("_bse"))
+    ).with_columns(
+        (pl.col(value) - pl.col("_b")).alias("_d"),
+        (pl.col("_se") ** 2 + pl.col("_bse") ** 2).sqrt().alias("_dse"),
+    )  # fmt: skip
+    lines = ["method", "line"] if "line" in frame.columns else ["method"]
     spread = seed_spread(pairs, on, "_d")
     rows = []
-    for key, g in pairs.group_by(["method", *on], maintain_order=True):
+    for key, g in pairs.group_by([*lines, *on], maintain_order=True):
         d = g["_d"].to_numpy()
         lo, hi = bootstrap_interval(d, g["_dse"].to_numpy() if se else None)
         mean = float(d.mean())
         noise = None
         if len(d) > 1:
             noise = bool(lo <= 0 <= hi) or (spread is not None and abs(mean) <= spread)
-        rows.append(dict(zip(["method", *on], key, strict=True)) | {
+        rows.append(dict(zip([*lines, *on], key, strict=True)) | {
             "delta": mean, "delta_lo": lo, "delta_hi": hi, "pairs": len(d), "noise": noise,
         })  # fmt: skip
-    schema = {c: frame.schema[c] for c in ["method", *on]}
+    schema = {c: frame.schema[c] for c in [*lines, *on]}
     schema |= {"delta": pl.Float64, "delta_lo": pl.Float64, "delta_hi": pl.Float64}
     schema |= {"pairs": pl.Int64, "noise": pl.Boolean}
     out = pl.DataFrame(rows, schema=schema, orient="row")

@@ -13,8 +13,9 @@ import polars as pl
 
 from analysis.loaders import metric_history, runs, token_bins, token_nll
 from analysis.paired import paired_delta
-from ttt.config import preset_keys
+from ttt.config import ONLY_FOR, preset_keys
 from ttt.data.floors import read_tag
+from ttt.data.recall import RecallTask
 from ttt.stats import BINS_PER_OCTAVE
 
 LOSS = "final_eval_loss"
@@ -152,22 +153,74 @@ def free_knobs(vary: list[str]) -> set[str]:
 
 
 def hold_others(frame: pl.DataFrame, vary: list[str]) -> pl.DataFrame:
-    """Within each method keep the runs at the most common value of every knob that the
-    figure does not let move (`free_knobs`), so one line is one setting."""
+    """The runs that share the other methods' settings. A knob that acts on every method
+    (length, steps, batch, learning rate, preset, stage) and that the figure does not let
+    move (`free_knobs`) is held at the value most methods have. A knob of some methods
+    only (window, chunk, inner LR, TTT layers: `ttt.config.ONLY_FOR`) is not held: each
+    of its settings is a line of its own, named by `with_line`. Nothing is picked
+    silently."""
     free = free_knobs(vary)
-    out = []
-    for _, group in frame.group_by("method", maintain_order=True):
-        for knob in KNOBS:
-            if knob in free or knob not in group.columns or group.is_empty():
-                continue
-            counts = group[knob].value_counts(sort=True)
-            group = group.filter(pl.col(knob).eq_missing(counts[knob][0]))
-        out.append(group)
-    return pl.concat(out) if out else frame
+    for knob in KNOBS:
+        if knob in free or knob in ONLY_FOR or knob not in frame.columns or frame.is_empty():
+            continue
+        frame = frame.filter(pl.col(knob).eq_missing(_shared_value(frame, knob)))
+    return with_line(frame, free)
+
+
+def _shared_value(frame: pl.DataFrame, knob: str):
+    """The value of `knob` that the most methods have runs at (then the most runs)."""
+    counts = (
+        frame.group_by(knob)
+        .agg(pl.col("method").n_unique().alias("methods"), pl.len().alias("runs"))
+        .sort(["methods", "runs"], descending=True, nulls_last=True)
+    )
+    return counts[knob][0]
+
+
+def with_line(frame: pl.DataFrame, free=()) -> pl.DataFrame:
+    """`line`: what one drawn line (or table row group) stands for: the method, then
+    each of its own knobs (not among `free`) that varies among its runs, where the run
+    is not at the method's most common value of it (`ttt_e2e b=64`); a knob whose values
+    are equally common is named on every line (`ttt_e2e b=4 eta=0.1`)."""
+    if frame.is_empty():
+        return frame.with_columns(pl.lit(None, pl.String).alias("line"))
+    knobs = [k for k in KNOBS if k in ONLY_FOR and k in frame.columns and k not in free
+             and k != "ttt.meta"]  # fmt: skip
+    modal = {}  # method -> knob -> its one most common value (None: a tie, or no variation)
+    for (method,), g in frame.group_by("method", maintain_order=True):
+        modal[method] = {}
+        for k in knobs:
+            counts = g[k].value_counts(sort=True)
+            if counts.height > 1:
+                tie = counts["count"][0] == counts["count"][1]
+                modal[method][k] = None if tie else counts[k][0]
+    labels = []
+    for row in frame.iter_rows(named=True):
+        base = modal[row["method"]]
+        parts = [_knob_label(k, row[k]) for k in knobs if k in base and row[k] != base[k]]
+        labels.append(" ".join([row["method"], *parts]))
+    return frame.with_columns(pl.Series("line", labels, pl.String))
+
+
+SHORT = {"model.window": "k", "ttt.chunk": "b", "ttt.inner_lr": "eta",
+         "ttt.inner_lr_init": "eta0", "model.ttt_layers": "L"}  # fmt: skip
+
+
+def _knob_label(knob: str, value) -> str:
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{SHORT.get(knob, knob.split('.')[-1])}={shown}"
 
 
 def aggregate(frame: pl.DataFrame, by: list[str], value: str = LOSS) -> pl.DataFrame:
-    """Seed mean with min/max over the runs that share `by`."""
+    """Seed mean with min/max over the runs that share `by` (and their `line`, where the
+    frame has lines), with the names of those runs."""
+    if "line" in frame.columns and "method" in by and "line" not in by:
+        by = [*by[: by.index("method") + 1], "line", *by[by.index("method") + 1 :]]
+    names = (
+        [pl.col("run_name").unique().sort().str.join(", ").alias("run_names")]
+        if "run_name" in frame.columns
+        else []
+    )
     return (
         frame.group_by(by)
         .agg(
@@ -175,6 +228,7 @@ def aggregate(frame: pl.DataFrame, by: list[str], value: str = LOSS) -> pl.DataF
             pl.col(value).min().alias("min"),
             pl.col(value).max().alias("max"),
             pl.len().alias("runs"),
+            *names,
         )
         .sort(by)
     )
@@ -223,8 +277,8 @@ def context_length(data: Data):
         return None
     held = _held(data, "data.seq_len")
     delta = paired_delta(held, "full", ["data.seq_len"], LOSS, se=LOSS_SE)
-    table = table.join(delta, on=["method", "data.seq_len"], how="left")
-    on = ["method", "data.seq_len"]
+    on = ["method", "line", "data.seq_len"]
+    table = table.join(delta, on=on, how="left")
     return table.join(context_use(held, on), on=on, how="left")
 
 
@@ -312,7 +366,8 @@ def ladder(data: Data, paper: pl.DataFrame | None = None):
     table = order.join(table, on="method", how="inner").sort("rung")
     if "swa" not in table["method"].to_list():  # Table 1 is read as steps from SWA
         return None
-    table = table.join(paired_delta(frame, "swa", [], LOSS, se=LOSS_SE), on="method", how="left")
+    delta = paired_delta(frame, "swa", [], LOSS, se=LOSS_SE)
+    table = table.join(delta, on=["method", "line"], how="left")
     if paper is not None:
         table = table.join(paper.rename({"loss": "paper_loss"}), on="variant", how="left")
     return table
@@ -321,22 +376,25 @@ def ladder(data: Data, paper: pl.DataFrame | None = None):
 def window(data: Data):
     """Fig 4 left: loss against the window k (full attention as a reference line)."""
     table = _sweep_figure(data, "model.window", methods=["swa", "ttt_e2e"])
-    return None if table is None else _with_full_reference(data, table)
+    return None if table is None else _with_full_reference(data, table, "model.window")
 
 
 def chunk(data: Data):
     """Fig 4 middle: TTT-E2E loss against the chunk b; full and SWA as reference lines."""
     table = _sweep_figure(data, "ttt.chunk", methods=["ttt_e2e"])
-    return None if table is None else _with_full_reference(data, table, ("full", "swa"))
+    return (
+        None if table is None else _with_full_reference(data, table, "ttt.chunk", ("full", "swa"))
+    )
 
 
-def _with_full_reference(data: Data, table: pl.DataFrame, refs=("full",)) -> pl.DataFrame:
+def _with_full_reference(data: Data, table: pl.DataFrame, x: str, refs=("full",)):
+    """`refs` (methods the figure's knob does not act on) as rows with no `x`: the
+    drawing's horizontal reference lines."""
     frame = finished(data.runs).filter(pl.col("method").is_in(list(refs)))
     if frame.is_empty():
         return table
-    ref = aggregate(hold_others(frame, []), ["method"]).with_columns(
-        pl.lit(None, table.schema[table.columns[1]]).alias(table.columns[1])
-    )
+    ref = aggregate(hold_others(frame, []), ["method"])
+    ref = ref.with_columns(pl.lit(None, table.schema[x]).alias(x))
     return pl.concat([table, ref.select(table.columns)], how="vertical_relaxed")
 
 
@@ -421,7 +479,9 @@ def compute(data: Data):
         return None
     if "stage" in frame.columns:  # pre-training: a later stage starts from its checkpoints
         frame = frame.filter(pl.col("stage").is_null() | (pl.col("stage") == "main"))
-    frame = hold_others(frame, [])
+    # steps are this figure's x (times FLOPs per step): methods may train for different
+    # numbers of them (equal FLOPs, not equal steps)
+    frame = hold_others(frame, ["train.steps"])
     if frame.is_empty() or frame["method"].n_unique() < 2:
         return None
     per_step = {
@@ -431,16 +491,15 @@ def compute(data: Data):
     hist = data.history(list(per_step), ["loss"])
     if hist.is_empty():
         return None
-    hist = hist.join(frame.select("run_id", "method"), on="run_id").with_columns(
+    hist = hist.join(frame.select("run_id", "method", "line"), on="run_id").with_columns(
         (pl.col("step") * pl.col("run_id").replace_strict(per_step, return_dtype=pl.Float64)).alias(
             "flops"
         ),
         pl.col("value").alias(LOSS),
     )
-    table = aggregate(hist, ["method", "step"], LOSS).join(
-        hist.group_by("method", "step").agg(pl.col("flops").mean()), on=["method", "step"]
-    )
-    return table.sort("method", "step")
+    by = ["method", "line", "step"]
+    table = aggregate(hist, by, LOSS).join(hist.group_by(by).agg(pl.col("flops").mean()), on=by)
+    return table.sort(by)
 
 
 def token_index(data: Data):
@@ -454,12 +513,12 @@ def token_index(data: Data):
     nll = data.nll(frame["run_id"].to_list())
     if nll.is_empty():
         return None
-    table = nll_by_token_index(nll.join(frame.select("run_id", "method"), on="run_id"))
-    table = table.join(binned_se(data, frame), on=["method", "bin"], how="left")
+    table = nll_by_token_index(nll.join(frame.select("run_id", "method", "line"), on="run_id"))
+    table = table.join(binned_se(data, frame), on=["method", "line", "bin"], how="left")
     if "full" not in frame["method"].to_list() or "train.seed" not in frame.columns:
         return table
     # each run's log-binned NLL minus its full-attention twin's (same seed), by bin
-    runs_ = frame.select("run_id", "method", "train.seed")
+    runs_ = frame.select("run_id", "method", "line", "train.seed")
     binned = (
         nll.with_columns(position_bin("position"))
         .group_by("run_id", "bin")
@@ -470,26 +529,28 @@ def token_index(data: Data):
     if not bins.is_empty():  # each run's own evaluation error of the bin
         binned = binned.join(bins.select("run_id", "bin", "se"), on=["run_id", "bin"], how="left")
     delta = paired_delta(binned, "full", ["bin"], "nll", se="se")
-    return table.join(delta, on=["method", "bin"], how="left")
+    return table.join(delta, on=["method", "line", "bin"], how="left")
 
 
 def nll_by_token_index(nll: pl.DataFrame) -> pl.DataFrame:
-    """Per (method, position): mean, min and max NLL over runs and sequences, and the
-    log-binned mean the figure draws. Also the table of one run's NLL artifact."""
+    """Per (method, line, position): mean, min and max NLL over runs and sequences, and
+    the log-binned mean the figure draws. Also the table of one run's NLL artifact."""
+    if "line" not in nll.columns:
+        nll = nll.with_columns(pl.col("method").alias("line"))
     table = (
-        nll.group_by(["method", "position"])
+        nll.group_by(["method", "line", "position"])
         .agg(
             pl.col("nll").mean().alias("mean"),
             pl.col("nll").min().alias("min"),
             pl.col("nll").max().alias("max"),
             pl.len().alias("runs"),
         )
-        .sort(["method", "position"])
+        .sort(["method", "line", "position"])
     )
     # Per-position means are noisy on a log axis; the drawn line averages log-spaced bins
     # (four per octave) of them.
     table = table.with_columns(position_bin("position"))
-    return table.with_columns(pl.col("mean").mean().over(["method", "bin"]).alias("binned"))
+    return table.with_columns(pl.col("mean").mean().over(["line", "bin"]).alias("binned"))
 
 
 def position_bin(column: str) -> pl.Expr:
@@ -505,10 +566,11 @@ def binned_se(data: Data, frame: pl.DataFrame) -> pl.DataFrame:
     no run recorded its bins."""
     bins = data.bins(frame["run_id"].to_list())
     if bins.is_empty():
-        return pl.DataFrame(schema={"method": pl.String, "bin": pl.Int64, "binned_se": pl.Float64})
+        schema = {"method": pl.String, "line": pl.String, "bin": pl.Int64}
+        return pl.DataFrame(schema={**schema, "binned_se": pl.Float64})
     return (
-        bins.join(frame.select("run_id", "method"), on="run_id")
-        .group_by("method", "bin")
+        bins.join(frame.select("run_id", "method", "line"), on="run_id")
+        .group_by("method", "line", "bin")
         .agg(((pl.col("se") ** 2).sum().sqrt() / pl.len()).alias("binned_se"))
     )
 
@@ -559,29 +621,6 @@ def curves(data: Data):
     return hist.join(frame.select("run_id", "experiment", "run_name", "outcome"), on="run_id")
 
 
-# Knobs that make two runs of one method different variants in a figure's lines.
-VARIANT_KNOBS = ("model.window", "ttt.chunk", "ttt.inner_lr", "model.ttt_layers", "train.lr")
-SHORT = {"model.window": "k", "ttt.chunk": "b", "ttt.inner_lr": "eta", "model.ttt_layers": "L",
-         "train.lr": "lr"}  # fmt: skip
-
-
-def with_variant(frame: pl.DataFrame, knobs=VARIANT_KNOBS) -> pl.DataFrame:
-    """`variant`: the method, and the value of each knob that varies among that method's
-    runs (`ttt_e2e b=16 eta=0.1`), so that runs of different settings are different,
-    labelled lines instead of one averaged together."""
-    present = [k for k in knobs if k in frame.columns]
-    labels = []
-    varying = {
-        m: [k for k in present if g[k].n_unique() > 1]
-        for (m,), g in frame.group_by("method", maintain_order=True)
-    }
-    for row in frame.iter_rows(named=True):
-        parts = [f"{SHORT[k]}={row[k]:g}" if isinstance(row[k], float) else f"{SHORT[k]}={row[k]}"
-                 for k in varying.get(row["method"], [])]  # fmt: skip
-        labels.append(" ".join([row["method"], *parts]))
-    return frame.with_columns(pl.Series("variant", labels, pl.String))
-
-
 def recall(data: Data):
     """The recall task (`ttt.data.recall`): exact-match accuracy against the distance
     from a pair to its query, one line per method and variant (seed mean, min and max),
@@ -593,9 +632,9 @@ def recall(data: Data):
     cols = [c for c in frame.columns if c.startswith("recall_accuracy_d")]
     if frame.is_empty() or not cols:
         return None
-    frame = with_variant(frame)
-    keep = ["run_id", "run_name", "method", "variant", "model.window", "ttt.chunk",
-            "recall.values", "train.seed"]  # fmt: skip
+    frame = with_line(frame)
+    keep = ["run_id", "run_name", "method", "line", "model.window", "model.layers",
+            "ttt.chunk", "recall.values", "recall.pairs", "train.seed"]  # fmt: skip
     long = (
         frame.select([c for c in keep if c in frame.columns] + cols)
         .unpivot(on=cols, index=[c for c in keep if c in frame.columns], value_name="accuracy")
@@ -608,7 +647,7 @@ def recall(data: Data):
         .drop("variable")
         .drop_nulls("accuracy")
     )
-    by = ["method", "variant", "distance_lo"]
+    by = ["method", "line", "distance_lo"]
     table = (
         long.group_by(by)
         .agg(
@@ -618,9 +657,14 @@ def recall(data: Data):
             pl.len().alias("runs"),
             pl.col("run_name").unique().sort().str.join(", ").alias("run_names"),
             pl.col("model.window").first().alias("window"),
+            # how far attention reaches: a second layer relays one window further
+            (pl.col("model.window") * pl.col("model.layers")).first().alias("reach"),
             pl.col("ttt.chunk").first().alias("chunk"),
             (1.0 / pl.col("recall.values").first()).alias("chance"),
+            pl.struct("recall.pairs", "recall.values").first().alias("_task"),
         )
         .sort(by)
     )
-    return table
+    seen = [RecallTask(pairs=t["recall.pairs"], values=t["recall.values"]).seen_guess
+            for t in table["_task"].to_list()]  # fmt: skip
+    return table.drop("_task").with_columns(pl.Series("seen_guess", seen, pl.Float64))

@@ -12,16 +12,25 @@ import polars as pl
 from analysis import recipes
 from analysis.figures import draw_token_index
 from analysis.style import fmt_tokens, mark_window_chunk, recall_lines
+from ttt.rundir import companion
 
 
-def nll_artifacts(parquet: Path, out: Path, method: str) -> list[Path]:
-    """One run's per-position NLL as the MLflow UI can show it: Fig 6's drawing as a PNG,
-    and its log-binned table (four bins per octave) as CSV, which the UI previews."""
+def nll_artifacts(parquet: Path, out: Path, method: str, name: str = "") -> list[Path]:
+    """One run's per-position NLL as the MLflow UI can show it: Fig 6's drawing as a PNG
+    (titled with the run's name and method, the evaluation's 95% band where its bins were
+    recorded), and its log-binned table (four bins per octave) as CSV, which the UI
+    previews."""
     nll = pl.read_parquet(parquet).select("position", "nll").with_columns(method=pl.lit(method))
     table = recipes.nll_by_token_index(nll)
+    bins = companion(parquet, "bins")
+    if bins.is_file():
+        se = pl.read_parquet(bins).select("bin", pl.col("se").alias("binned_se"))
+        table = table.join(se, on="bin", how="left")
     out.mkdir(parents=True, exist_ok=True)
     fig = draw_token_index(table)
-    fig.axes[0].set_title(f"{method}: NLL by token index (bold: log-binned)")
+    who = f"{name} ({method})" if name else method
+    fig.axes[0].set_title(f"{who}: NLL by token index\n(bold: log-binned; position 0 not drawn "
+                          "on log x)", fontsize=9)  # fmt: skip
     fig.tight_layout()
     png = out / f"{parquet.stem}.png"
     fig.savefig(png, dpi=110)
@@ -143,9 +152,10 @@ def niah_heatmap(frame: pl.DataFrame, png: Path, title: str) -> Path:
     return png
 
 
-def eval_figure_files(parquet: Path, out: Path, params: dict) -> list[Path]:
+def eval_figure_files(parquet: Path, out: Path, params: dict, name: str = "") -> list[Path]:
     """What a tracked run's evaluation shows in the MLflow UI (`ttt.tracking`'s renderer):
-    `nll_artifacts`, labelled with the method the figures use for the run's params."""
+    `nll_artifacts`, titled with the run's name and the method the figures use for its
+    params."""
     run = pl.DataFrame(
         {
             "model.mixer": [params.get("model.mixer")],
@@ -153,7 +163,7 @@ def eval_figure_files(parquet: Path, out: Path, params: dict) -> list[Path]:
         }
     )
     method = recipes.with_method(run)["method"][0] or "run"
-    return nll_artifacts(parquet, out, method)
+    return nll_artifacts(parquet, out, method, name)
 
 
 def recall_run_figure(table: pl.DataFrame, png: Path, title: str, cfg) -> Path:

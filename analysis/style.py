@@ -54,6 +54,10 @@ def context_axis(ax, values) -> None:
     ax.minorticks_off()
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", ":", "-.")
+
+
 def lines(
     ax,
     table: pl.DataFrame,
@@ -61,16 +65,35 @@ def lines(
     y: str = "mean",
     lo: str = "min",
     hi: str = "max",
-    group: str = "method",
+    group: str | None = None,
     label_fmt=str,
 ) -> None:
-    for key, g in table.filter(pl.col(x).is_not_null()).group_by(group, maintain_order=True):
+    """A line per `group` (default: each `line` of the table, else each method), coloured
+    by method; lines of one method differ in style, and every line has its own marker,
+    so two that coincide (equal FLOPs, equal losses) both stay visible. The band between
+    `lo` and `hi` is drawn only where more than one run stands behind a point."""
+    group = group or ("line" if "line" in table.columns else "method")
+    per_method: dict = {}
+    groups = table.filter(pl.col(x).is_not_null()).group_by(group, maintain_order=True)
+    for i, (key, g) in enumerate(groups):
         name = key[0]
         g = g.sort(x)
-        color = COLORS.get(name) if isinstance(name, str) else None
-        ax.plot(g[x], g[y], marker="o", label=label_fmt(name), color=color)
+        method = g["method"][0] if "method" in g.columns else name
+        color = COLORS.get(method) if isinstance(method, str) else None
+        k = per_method[method] = per_method.get(method, -1) + 1
+        ax.plot(g[x], g[y], marker=MARKERS[i % len(MARKERS)], ls=LINESTYLES[k % len(LINESTYLES)],
+                label=label_fmt(name), color=color, alpha=0.9)  # fmt: skip
         if lo in g.columns and "runs" in g.columns and g["runs"].max() > 1:
-            ax.fill_between(g[x], g[lo], g[hi], alpha=0.2, color=color)
+            ax.fill_between(g[x], g[lo], g[hi], alpha=0.2, color=ax.lines[-1].get_color())
+
+
+def interval_note(table: pl.DataFrame, what: str = "paired by seed") -> str:
+    """What a difference panel's bands are, said only where they exist: one seed has no
+    interval to draw."""
+    pairs = table["pairs"].max() if "pairs" in table.columns and table.height else None
+    if not pairs or pairs < 2:
+        return "one seed: no interval"
+    return f"{what}, {int(pairs)} seeds; 95% interval over seeds and evaluation"
 
 
 def within_noise(ax, table: pl.DataFrame, x: str) -> None:
@@ -94,7 +117,7 @@ def references(ax, table: pl.DataFrame, x: str) -> None:
             row["mean"],
             ls="--",
             color=COLORS.get(row["method"], "gray"),
-            label=f"{row['method']} (reference)",
+            label=f"{row.get('line') or row['method']} (reference)",
         )
 
 

@@ -26,16 +26,17 @@ class FakeRun:
     stage: str = "main"  # a sweep's later stages log into the same experiment
 
 
-def write_store(tracking_uri: str, runs: list[FakeRun]) -> list[str]:
-    """Create experiments, a parent run each, and the child runs (through the project's
-    one writer, `MlflowRun`); return child run ids."""
+def write_store(tracking_uri: str, runs: list[FakeRun], parent_tags=None) -> list[str]:
+    """Create experiments, a parent run each (with `parent_tags`: the floors a sweep
+    records, say), and the child runs (through the project's one writer, `MlflowRun`);
+    return child run ids."""
     from ttt.tracking import MlflowRun
 
     parents: dict[str, str] = {}
     ids = []
     for run in runs:
         if run.experiment not in parents:
-            key = {TAG.ROLE: "sweep", TAG.SWEEP: run.experiment}
+            key = {TAG.ROLE: "sweep", TAG.SWEEP: run.experiment, **(parent_tags or {})}
             parent = MlflowRun.open(tracking_uri, run.experiment, None, name=run.experiment,
                                     tags=key)  # fmt: skip
             parent.end("FINISHED")
@@ -135,6 +136,20 @@ def model_loss(flat: dict, seed: int = 0) -> float:
     return float(4.0 - 0.1 * width - 0.02 * context + gap + 0.005 * seed)
 
 
+def recall_accuracy(flat: dict) -> dict[str, float]:
+    """On the recall task: accuracy by distance bucket (`recall_accuracy_dN`), 1 inside
+    attention's reach (all of it for full attention), falling to chance past it."""
+    if flat.get("data.source") != "recall":
+        return {}
+    reach = flat["model.window"] * flat["model.layers"]
+    chance = 1 / flat["recall.values"]
+    out = {}
+    for lo in (2**b for b in range(2, int(np.log2(flat["data.seq_len"])))):
+        inside = flat["model.mixer"] == "full" or lo < reach
+        out[f"recall_accuracy_d{lo}"] = 1.0 if inside else chance
+    return out
+
+
 def spec_like(tracking_uri: str, spec, seeds=(0,), loss=model_loss) -> list[str]:
     """A store holding exactly the runs `spec` (a loaded `SweepSpec`) would log: one per
     grid point, sample and seed in its first stage, then one per start in each later
@@ -149,7 +164,7 @@ def spec_like(tracking_uri: str, spec, seeds=(0,), loss=model_loss) -> list[str]
             flat = spec.config(point, sample).flat()
             first.append((point, sample, loss(flat, flat["train.seed"])))
             role = "eval" if spec.task == "eval" else "trial"  # as the sweep's callback tags
-            final = {"final_eval_loss": first[-1][2]}
+            final = {"final_eval_loss": first[-1][2], **recall_accuracy(flat)}
             steps = np.linspace(0, flat["train.steps"], 11)[1:].astype(int)
             curve = [(int(s), first[-1][2] + 2.5 * np.exp(-5 * s / steps[-1])) for s in steps]
             history = {"loss": curve}

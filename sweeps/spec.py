@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from ttt.config import SECTIONS, Config, ConfigError, load_config
+from ttt.data.loader import NAMED_SOURCES
 from ttt.errors import UserError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -602,7 +603,7 @@ def _check_source(spec: SweepSpec, cfg: Config, where: str) -> None:
         from ttt.data.prepare import pydocs_files
 
         pydocs_files()
-    if src in ("stdlib", "pydocs") or "://" in src:
+    if src in NAMED_SOURCES or "://" in src:
         return
     if not Path(src).expanduser().is_dir():
         raise SpecError(
@@ -621,7 +622,7 @@ def _absolute(over: dict) -> dict:
     out = dict(over)
     for key in PATH_KEYS:
         value = out.get(key)
-        if isinstance(value, str) and value not in ("", "stdlib", "pydocs") and "://" not in value:
+        if isinstance(value, str) and value not in ("", *NAMED_SOURCES) and "://" not in value:
             out[key] = str(Path(value).expanduser().absolute())
     return out
 

@@ -308,7 +308,7 @@ def render(view: SweepView) -> str:
                     _num(r.loss),
                     ev,
                     _pm(r.context_use, r.context_use_se),
-                    ("! " if r.above_bigram else "") + (r.regime or "-"),
+                    (r.regime or "-").replace(" ", "-") + ("!" if r.above_bigram else ""),
                     "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f}",
                     _eta(r.eta_s),
                     r.run_id,

@@ -206,7 +206,8 @@ class MlflowSweepCallback(Callback):
         from analysis.run_figures import eval_figure_files
 
         with ckpt.as_directory() as d:
-            log_eval_artifacts(run, Path(d), eval_figure_files, self.params_of(trial.config))
+            params = self.params_of(trial.config)
+            log_eval_artifacts(run, Path(d), eval_figure_files, params, short_name(trial.config))
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         self.run(trial).set_tags({TAG.CHECKPOINT: checkpoint.path})

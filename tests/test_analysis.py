@@ -122,11 +122,14 @@ def test_recipes_write_the_expected_tidy_tables(tmp_path):
     np.testing.assert_allclose(full["mean"], [3.005])  # reference line, no window
 
     tokens = pl.read_parquet(out / "fig6_token_index.parquet")
-    t = tokens.filter(pl.col("method") == "ttt_e2e").sort("position")
+    # both windows qualify (the other methods' settings are shared): each is its own
+    # labelled line, both seeds in each; nothing is picked silently
+    lines = set(tokens.filter(pl.col("method") == "ttt_e2e")["line"])
+    assert lines == {"ttt_e2e k=32", "ttt_e2e k=64"}
+    assert set(tokens.filter(pl.col("method") == "swa")["line"]) == {"swa k=32", "swa k=64"}
+    t = tokens.filter(pl.col("line") == "ttt_e2e k=32").sort("position")
     assert t["position"].to_list() == list(range(16))
-    # held at the modal window (32 and 64 tie: the recipe picks one setting, both seeds)
-    w = window.filter(pl.col("method") == "ttt_e2e")["model.window"].to_list()
-    assert t["runs"].to_list() == [2] * 16 and len(w) == 2
+    assert t["runs"].to_list() == [2] * 16
     np.testing.assert_allclose(
         t["mean"] - np.arange(16) / 100, np.full(16, t["mean"][0]), atol=1e-12
     )
@@ -315,7 +318,12 @@ SPEC_FIGURES = {
         "ttt.chunk",
         {"ttt_e2e": {K, 2 * K, 4 * K, 8 * K}, "full": {None}, "swa": {None}},
     ),
-    "inner_lr": ("inner_lr_meta", "ttt.inner_lr", {"ttt_e2e": {0.1, 0.3, 1.0, 3.0, 10.0}}),
+    # the spec's two inner-LR warm-up starts: a line each, both named
+    "inner_lr": (
+        "inner_lr_meta",
+        "ttt.inner_lr",
+        {f"ttt_e2e eta0={e}": {0.1, 0.3, 1.0, 3.0, 10.0} for e in (0.01, 0.1)},
+    ),
     "released_eval": (
         "eval_context_length",
         "data.seq_len",
@@ -324,10 +332,27 @@ SPEC_FIGURES = {
             for s in ("125m", "1b", "3b")
         },
     ),
+    "recall_small": (
+        "recall_by_distance",
+        "distance_lo",
+        {m: {4, 8, 16} for m in ("full", "swa", "gated_deltanet", "mamba2", "ttt_kvb")}
+        | {
+            f"{m} b={b} eta={e}": {4, 8, 16}
+            for m in ("ttt_e2e", "ttt_e2e (meta off)")
+            for b in (4, 8)
+            for e in (0.1, 1)
+        },  # fmt: skip
+    ),
     "quickstart": (
         "fig4_window",
         "model.window",
-        {"swa": {32, 64}, "ttt_e2e": {32, 64}, "full": {None}},
+        {
+            "swa": {32, 64},
+            "ttt_e2e": {32, 64},
+            "ttt_e2e b=64": {64},
+            "ttt_e2e eta=0.1": {64},
+            "full": {None},
+        },  # fmt: skip
     ),
 }
 
@@ -335,8 +360,8 @@ SPEC_FIGURES = {
 def figure_points(table: pl.DataFrame, figure: str, x: str) -> dict:
     """A figure's drawn points: {line: {x values}}, a line being the method (or the
     method and TTT-layer count, or the evaluated model)."""
-    line = {"fig4_ttt_layers": ["method", "model.ttt_layers"], "eval_context_length": ["model"]}
-    line = line.get(figure, ["method"])
+    line = {"fig4_ttt_layers": ["line", "model.ttt_layers"], "eval_context_length": ["model"]}
+    line = line.get(figure, ["line" if "line" in table.columns else "method"])
     got: dict = {}
     for row in table.iter_rows(named=True):
         key = tuple(row[k] for k in line) if len(line) > 1 else row[line[0]]

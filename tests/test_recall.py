@@ -80,3 +80,35 @@ def test_the_recall_section_applies_only_to_the_recall_task():
     assert not any(k.startswith("recall.") for k in load_config("pico").flat())
     cfg = load_config("pico", ["data.source=recall", "recall.pairs=3"])
     assert cfg.flat()["recall.pairs"] == 3 and cfg.with_absolute_paths().data.source == "recall"
+
+
+# The recall task's miniature: what the suite can train in seconds (one pair a sequence;
+# sweeps/recall_small.yaml has two, and trains for minutes).
+MINI = ["data.source=recall", "data.seq_len=16", "data.batch_size=32", "model.layers=2",
+        "model.window=2", "recall.pairs=1", "recall.keys=4", "recall.values=8",
+        "recall.filler=4", "recall.spacing=1", "recall.val_sequences=256",
+        "train.eval_batches=0", "train.steps=150", "train.lr=3e-3"]  # fmt: skip
+
+
+def test_full_attention_recalls_and_swa_is_at_chance_past_its_reach(tmp_path, capsys):
+    """The task measures context: full attention trained on it recalls the value at
+    every distance, while SWA (window 2, two layers: it reaches 4 tokens back) is at
+    chance (1/8) past its reach, through `ttt eval --task recall` as a user runs it."""
+    from ttt.cli import main
+    from ttt.evaluation import Request, evaluate
+    from ttt.train import run
+
+    acc = {}
+    for mixer in ("full", "swa"):
+        run(load_config("pico", [*MINI, f"model.mixer={mixer}"]), tmp_path / mixer, progress=False)
+        (m,) = evaluate(tmp_path / mixer, Request(task="recall"))
+        acc[mixer] = dict(zip(m.table["distance_lo"], m.table["accuracy"], strict=True))
+        assert m.table["queries"].sum() == 256  # every held-out query, one per sequence
+    assert min(acc["full"].values()) >= 0.95, acc
+    beyond = [a for d, a in acc["swa"].items() if d >= 4]
+    assert beyond and all(abs(a - 1 / 8) < 0.08 for a in beyond), acc
+    assert max(acc["swa"].values()) > 0.9  # inside its reach it recalls too
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(tmp_path / "swa"), "--task", "recall", "--seq-len", "4"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "too short" in err, err

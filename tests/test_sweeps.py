@@ -210,7 +210,9 @@ def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster, capsys):
             "eval/nll_by_position.parquet",
             "eval/nll_by_position.png",
             "eval/nll_by_position_binned.csv",
+            "eval/nll_by_position_bins.parquet",  # the log bins' standard errors
         ]
+        assert {"eval_loss_se", "context_use", "context_use_se"} <= set(run.data.metrics)
         tags = run.data.tags  # what a reader needs to trust the run later
         for key in ("ttt.version", "jax.version", "jax.backend", "device.kind", "ttt.run_dir"):
             assert tags.get(key), (key, tags)
@@ -257,6 +259,8 @@ def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster, capsys):
         "step",
         "loss",
         "eval_loss",
+        "ctx_use",
+        "vs_floors",
         "tok/s",
         "eta",
         "mlflow_run",
@@ -265,16 +269,22 @@ def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster, capsys):
     assert len(rows) == 5 and "e2e-ext:" in status
     ids = {r.info.run_id for r in [*children, *ext]}
     assert {r[-1] for r in rows} == ids
-    assert {(r[-9], r[-8]) for r in rows[:4]} == {
+    assert {(r[-11], r[-10]) for r in rows[:4]} == {
         (m, str(lr)) for m in ("swa", "full") for lr in (3e-3, 1e-3)
     }
-    assert all(r[-6] == "4/4" for r in rows[:4]) and rows[4][-6] == "2/2"  # a stage: 2 more
+    assert all(r[-8] == "4/4" for r in rows[:4]) and rows[4][-8] == "2/2"  # a stage: 2 more
+    # four steps of pico: every loss above the corpus's bigram floor, marked with !
+    assert all(r[-4].startswith("above-") and r[-4].endswith("!") for r in rows)
+    assert "floors of " in status and "! eval loss above the bigram floor" in status
+    assert status.rstrip("\n").endswith(f"(read from {uri})")
     assert f"* best eval_loss {ext[0].data.metrics['final_eval_loss']:.4f}" in status
     assert out.strip() == "e2e (finished): 5 finished"
     # SQLite is read with plain SQL (no MLflow import): the same answer as MLflow's client
     from sweeps.status import _MlflowStore, read_sweep, render
 
-    assert render(read_sweep(uri, "e2e", _MlflowStore(uri))) == status.rstrip("\n")
+    assert render(read_sweep(uri, "e2e", _MlflowStore(uri))) == status.rstrip("\n").rsplit(
+        "\n", 1
+    )[0]
     # ... and needs no Ray (nor MLflow): it answers the same after the cluster is gone.
     code = (
         "import sys; from sweeps.status import sweep_status; "

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from ttt.data.loader import NAMED_SOURCES
 from ttt.data.recall import SOURCE as RECALL
 from ttt.data.recall import RecallTask
 from ttt.data.tokenizer import BYTE_BOS
@@ -165,7 +166,7 @@ class Config:
         paths = {
             key: str(Path(flat[key]).expanduser().absolute())
             for key in PATH_KEYS
-            if flat[key] and flat[key] not in ("stdlib", "pydocs", RECALL)
+            if flat[key] and flat[key] not in NAMED_SOURCES
         }
         changed = {k: v for k, v in paths.items() if v != flat[k]}
         return self.replace(**changed) if changed else self
@@ -270,6 +271,25 @@ TRACED_KEYS = {
     "data.cache_dir",
     *(f"recall.{f.name}" for f in fields(RecallTask)),  # drawn on the host
 }
+
+
+# Knobs that act on some mixers only: elsewhere the config still holds a value, which
+# nothing reads (full attention has a `model.window`, SWA a `ttt.chunk`). Every `ttt.*`
+# key acts on `ttt_e2e` alone.
+ONLY_FOR = {
+    "model.window": ("swa", "hybrid", "ttt_kvb", "ttt_e2e"),
+    "model.ttt_layers": ("ttt_e2e",),
+    "model.full_every": ("hybrid",),
+    "model.ssm_state": ("mamba2",),
+    "model.fast_heads": ("ttt_e2e",),
+    **{f"model.{k}": ("ttt_kvb",) for k in ("kvb_loss", "kvb_output", "kvb_lr", "kvb_chunk")},
+    **{f"ttt.{f.name}": ("ttt_e2e",) for f in fields(TTTConfig)},
+}
+
+
+def applies(key: str, mixer: str) -> bool:
+    """Whether `key` changes anything in a run of `mixer`."""
+    return mixer in ONLY_FOR.get(key, (mixer,))
 
 
 def shape_key(cfg: Config) -> tuple:

@@ -28,6 +28,7 @@ def _register() -> None:
         generate_cmd,
         import_cmd,
         plots_cmd,
+        report_cmd,
         sweep_cmd,
         tracking_cmd,
         train_cmd,
@@ -42,6 +43,7 @@ def _register() -> None:
     app.add_typer(sweep_cmd.app, name="sweep")
     app.command("ui")(tracking_cmd.ui)
     app.command("plots")(plots_cmd.plots)
+    app.command("report")(report_cmd.report)
     app.add_typer(tracking_cmd.app, name="tracking")
     app.add_typer(bench_cmd.app, name="bench")
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 from ttt.errors import UserError
 
@@ -143,6 +144,26 @@ class _Order:
     cont: _Counts | None  # the lower level inside models of higher orders
 
 
+# Key spaces up to this size are ranked by counting (O(n), a count per possible key);
+# larger ones by Polars' multithreaded dense rank (a sort).
+DENSE_SPACE = 1 << 26
+
+
+def _unique(key: np.ndarray, space: int):
+    """(sorted distinct keys, each key's index among them, their counts): `np.unique`
+    with `return_inverse` and `return_counts`, without its single-threaded sort."""
+    if space <= DENSE_SPACE:
+        counts = np.bincount(key, minlength=space)
+        present = counts > 0
+        rank = np.cumsum(present) - 1
+        return np.flatnonzero(present), rank[key], counts[present]
+    inverse = pl.Series(key).rank("dense").to_numpy().astype(np.int64) - 1
+    n = int(inverse.max()) + 1
+    uniq = np.empty(n, key.dtype)
+    uniq[inverse] = key
+    return uniq, inverse, np.bincount(inverse, minlength=n)
+
+
 def fit_and_score(train: np.ndarray, val: np.ndarray, vocab: int, bos: int,
                   orders: int = ORDERS) -> dict[int, float]:  # fmt: skip
     """Held-out nats per counted target (target != BOS) of interpolated KN models of
@@ -153,8 +174,9 @@ def fit_and_score(train: np.ndarray, val: np.ndarray, vocab: int, bos: int,
     keys: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # order -> (sorted keys, counts)
     prefix = np.zeros(len(train), np.int64)  # order 0: the empty context, id 0
     for n in range(1, orders + 1):
+        space = (int(prefix.max()) + 1) * vocab  # keys lie in [0, space)
         key = prefix[: len(train) - n + 1] * vocab + train[n - 1 :]
-        uniq, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+        uniq, inverse, counts = _unique(key, space)
         starts[n], keys[n] = inverse, (uniq, counts)
         prefix = inverse
     levels: dict[int, _Order] = {}

@@ -14,9 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from ttt.data.prepare import BUILTIN, META, builtin_dataset
+from ttt.data.recall import SOURCE as RECALL
+from ttt.data.recall import RecallLoader
+from ttt.data.tokenizer import BYTE_BOS
 from ttt.errors import UserError
 
 LLAMA3_BOS = 128000
+# Sources named rather than pathed: the built-in corpora and the drawn recall task.
+NAMED_SOURCES = (*BUILTIN, RECALL)
 IN_MEMORY_BYTES = 1 << 30  # smaller splits are read once into RAM
 
 
@@ -166,9 +171,6 @@ class Dataset:
     def __init__(self, cfg, first: str = "train"):
         """`first`: the split opened at once, whose fingerprint, BOS and vocabulary the
         dataset reports (training records the training split's; evaluation reads val)."""
-        from ttt.data.recall import SOURCE as RECALL
-        from ttt.data.tokenizer import BYTE_BOS
-
         self.source, self.cache_dir = cfg.data.source, cfg.data.cache_dir
         self.recall = cfg.recall if self.source == RECALL else None
         self._splits: dict[str, TokenSplit] = {}
@@ -199,8 +201,6 @@ class Dataset:
         """The training order (`seed`, from `position`), or for `val` the held-out
         sequences in order."""
         if self.recall is not None:
-            from ttt.data.recall import RecallLoader
-
             # the draw is the task's own (recall.seed): every trial sees the same task
             return RecallLoader(self.recall, split, seq_len, batch_size, position=position,
                                 name=name)  # fmt: skip

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -58,6 +59,20 @@ class RecallTask:
     def chance(self) -> float:
         """Accuracy of a model that knows a value comes but not which."""
         return 1.0 / self.values
+
+    @property
+    def seen_guess(self) -> float:
+        """Accuracy of a model that remembers which values the sequence defined but not
+        which key each belongs to, and guesses among them: E[1 / D] for D the distinct
+        values of `pairs` draws from `values` (Stirling numbers of the second kind)."""
+        k, v = self.pairs, self.values
+        stirling = [[0] * (k + 1) for _ in range(k + 1)]
+        stirling[0][0] = 1
+        for n in range(1, k + 1):
+            for d in range(1, n + 1):
+                stirling[n][d] = d * stirling[n - 1][d] + stirling[n - 1][d - 1]
+        ways = [math.perm(v, d) * stirling[k][d] for d in range(1, k + 1)]
+        return sum(w / d for d, w in enumerate(ways, 1)) / v**k
 
     @property
     def width(self) -> int:
@@ -195,6 +210,7 @@ class RecallLoader:
         return tokens[:, :-1], tokens[:, 1:], np.stack([r.counted for r in rows])
 
     def distances_at(self, position: int) -> np.ndarray:
+        """The rows' query distances (B, T): > 0 where the target is a query's value."""
         return np.stack([r.distance for r in self._rows(position)])
 
     def __iter__(self):

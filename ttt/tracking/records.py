@@ -13,9 +13,9 @@ from ttt.tracking.provenance import SystemSampler, provenance
 from ttt.tracking.tracker import MlflowRun, Tracker, run_tags
 
 
-def log_eval_artifacts(run: Tracker, run_dir: Path, render=None, params=None) -> None:
+def log_eval_artifacts(run: Tracker, run_dir: Path, render=None, params=None, name="") -> None:
     """The per-position NLL (Parquet, what `ttt plots` reads), and beside it what the UI
-    can show, made by `render(parquet, folder, run params) -> files` when the caller has a
+    can show, made by `render(parquet, folder, run params, run name) -> files` when the caller has a
     renderer (`analysis.run_figures.eval_figure_files`: a PNG and a log-binned CSV). Tracking
     draws nothing itself: figures are the analysis package's job. `params`: the run's
     flat config, as MLflow holds it (strings)."""
@@ -27,7 +27,7 @@ def log_eval_artifacts(run: Tracker, run_dir: Path, render=None, params=None) ->
             for kind in ("bins", "recall"):  # its standard errors, accuracy by distance
                 if companion(f, kind).is_file():
                     run.log_artifact(companion(f, kind), "eval")
-            for extra in render(f, Path(tmp), params) if render is not None else []:
+            for extra in render(f, Path(tmp), params, name) if render is not None else []:
                 run.log_artifact(extra, "eval")
 
 
@@ -95,7 +95,7 @@ class MlflowReporter:
         if self.run is None:
             return
         if outcome == "finished":
-            log_eval_artifacts(self.run, self.out, self.render, self.cfg.flat())
+            log_eval_artifacts(self.run, self.out, self.render, self.cfg.flat(), self.out.name)
             if eval_loss is not None:
                 self.run.log_summary({"final_eval_loss": eval_loss})
         self.run.finish(outcome, message)

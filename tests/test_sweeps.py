@@ -282,9 +282,9 @@ def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster, capsys):
     # SQLite is read with plain SQL (no MLflow import): the same answer as MLflow's client
     from sweeps.status import _MlflowStore, read_sweep, render
 
-    assert render(read_sweep(uri, "e2e", _MlflowStore(uri))) == status.rstrip("\n").rsplit(
-        "\n", 1
-    )[0]
+    assert (
+        render(read_sweep(uri, "e2e", _MlflowStore(uri))) == status.rstrip("\n").rsplit("\n", 1)[0]
+    )
     # ... and needs no Ray (nor MLflow): it answers the same after the cluster is gone.
     code = (
         "import sys; from sweeps.status import sweep_status; "

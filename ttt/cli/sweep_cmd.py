@@ -106,12 +106,15 @@ def run(
         resume_errored=resume_errored,
         restart_errored=restart_errored,
     )
-    typer.echo(dry_run_table(request.spec()))
-    if dry_run:
-        return
-    raise typer.Exit(
-        launch(request, foreground=foreground, detach=detach, keep_cluster=keep_cluster)
-    )
+    if not dry_run:
+        typer.echo(dry_run_table(request.spec()))
+        raise typer.Exit(
+            launch(request, foreground=foreground, detach=detach, keep_cluster=keep_cluster)
+        )
+    spec = request.spec(dry_run=True)
+    typer.echo(dry_run_table(spec))
+    for line in spec.warnings:
+        typer.echo(f"warning: {line}; the dry run goes on without it", err=True)
 
 
 @app.command("stop")

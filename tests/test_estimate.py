@@ -1,15 +1,22 @@
-"""The pre-run estimate (`ttt.estimate`): its memory held to XLA's own memory analysis of
-the compiled train step, its time to the measurements it is built from."""
+"""The pre-run estimate (`ttt.estimate`, `sweeps.cost`): its memory held to XLA's own
+memory analysis of the compiled train step, its time to the measurements it is built
+from, and `ttt sweep run --dry-run`'s cost section as a user meets it."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+import yaml
+
+from sweeps.cost import sweep_rows, usable_memory
+from sweeps.spec import load_spec
 from ttt.bench import train_step_bytes
 from ttt.config import load_config
 from ttt.estimate import ACCELERATORS, micro_batch, train_memory
 from ttt.estimate.speed import REFERENCE, rate
 
+SWEEPS = Path(__file__).parent.parent / "sweeps"
 # The estimate against XLA's figure (`ttt.bench.compiled_bytes`: arguments + outputs -
 # aliased + temporaries) on this machine's CPU, in fp32: within this fraction either way.
 # BENCHMARKS.md ("Memory estimate against XLA") has the measured agreement.
@@ -69,3 +76,88 @@ def test_other_mixers_and_sizes_name_the_row_they_are_priced_from():
     assert swa.source == "reference 760m full train T=8K B=4"
     assert naive.source == "reference 125m full train T=8K B=8"  # no inner loop in training
     assert e2e.source == "reference 125m ttt_e2e train T=32K B=2"
+
+
+def _spec(tmp_path, **fields):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", **fields}))
+    return path
+
+
+def test_a_from_best_stage_is_one_trial(tmp_path):
+    path = _spec(
+        tmp_path,
+        base="pico",
+        search={"model.mixer": {"grid": ["full", "ttt_e2e"]}},
+        num_samples=2,
+        stages=[{"name": "long", "from": "best", "steps": 5, "overrides": {"data.seq_len": 256}}],
+    )
+    rows = sweep_rows(load_spec(path))
+    assert [(r.trial, r.stage, r.runs) for r in rows] == [
+        ("0", "main", 2),
+        ("1", "main", 2),
+        ("best", "long", 1),
+    ]
+    assert rows[-1].cfg.model.mixer == "ttt_e2e"  # the costlier one stands for the best
+    assert rows[-1].tokens == 5 * 4 * 256
+
+
+def _dry_run(capsys, *argv):
+    from ttt.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "run", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.mark.parametrize("spec", ["context_scaling", "table1_ladder"])
+def test_paper_specs_are_priced_without_their_data(spec, capsys):
+    """The paper-scale specs name /data/... datasets that are not on this machine."""
+    path = SWEEPS / f"{spec}.yaml"
+    code, out, err = _dry_run(capsys, path, "--dry-run")
+    assert code == 0, err
+    assert "data.source='/data/dclm': no such dataset directory" in err
+    datasets = {d for d in ("/data/dclm", "/data/books") if d in path.read_text()}
+    assert err.count("warning:") == len(datasets)  # one line per missing dataset
+    assert "FLOPs" in out and "GiB" in out and "H200 h" in out
+    assert "sweep total: " in out and "H200-hours" in out
+    # ... while the sweep itself refuses to start without them, in one line
+    code, out, err = _dry_run(capsys, path)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "/data/dclm" in err, err
+
+
+def test_several_accelerators_and_a_trial_that_does_not_fit(tmp_path, capsys):
+    path = _spec(
+        tmp_path,
+        base={"config": "125m", "overrides": {"model.mixer": "full", "data.batch_size": 64}},
+        stop={"steps": 10},
+        resources={"gpu": 1},
+    )
+    code, out, err = _dry_run(capsys, path, "--dry-run", "--on", "a100,h100")
+    assert code == 0, err
+    assert "A100 h" in out and "H100 h" in out and "H200 h" not in out
+    assert "A100-hours, " in out and "H100-hours (" in out
+    warning = next(line for line in out.splitlines() if line.startswith("warning: trial 0"))
+    assert "does not fit an A100" in warning and "train.grad_accum=" in warning
+    accum = int(warning.split("train.grad_accum=")[1].split()[0])
+    cfg = load_config("125m", {"model.mixer": "full", "data.batch_size": 64})
+    fits = train_memory(cfg.replace(**{"train.grad_accum": accum})).total
+    assert fits <= usable_memory(load_spec(path), "a100")  # the advice holds by the estimate
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--dry-run", "--on", "tpu"], "'tpu' is not an accelerator it knows"),
+        (["--dry-run", "--on", "h200,v100"], "'v100' is not an accelerator"),
+        (["--dry-run", "--on", ","], "names no accelerator"),
+        (["--dry-run", "--on"], "--on"),
+        (["--dry-run", "--onn", "h100"], "--onn"),
+        (["--on", "h100"], "--on prices a dry run"),
+    ],
+)
+def test_mistakes_with_on_are_one_line_and_exit_2(args, needle, capsys):
+    code, out, err = _dry_run(capsys, SWEEPS / "quickstart.yaml", *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert "Traceback" not in err and out == ""

@@ -445,7 +445,7 @@ def test_a_missing_dataset_stops_the_sweep_and_warns_the_dry_run(tmp_path, capsy
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert exc.value.code == 0 and len(lines) == 1, lines
-    assert lines[0].startswith(f"warning: {path}") and needle in lines[0] and "trial" in out
+    assert lines[0].startswith(f"warning: {path}") and needle in lines[0] and "FLOPs" in out
 
 
 SHIPPED = sorted((Path(__file__).parent.parent / "sweeps").glob("*.yaml"))
@@ -467,7 +467,7 @@ def test_shipped_specs_pass_dry_run(path, corpus, capsys):
             main(["sweep", "run", str(path), "--dry-run"])
         out, err = capsys.readouterr()
         assert exc.value.code == 0 and err.startswith("warning:") and "data.source='/data/" in err
-        assert "distinct compiled shapes" in out, out
+        assert "H200-hours" in out, out
     with pytest.raises(SystemExit) as exc:
         main(["sweep", "run", str(path), *sources, "--dry-run"])
     assert exc.value.code == 0, capsys.readouterr().err

@@ -212,9 +212,9 @@ def _header(spec: SweepSpec, keys: list[str], devices: int) -> list[str]:
     ]
     if training:
         lines.append(
-            "  memory per replica, GiB, at `micro` sequences per micro-step: state (weights, "
-            "AdamW moments, gradients) + act (activations) + inner (the inner loop's "
-            "second order)"
+            "  memory per replica in GiB, at `micro` sequences per micro-step: weights + AdamW "
+            "(two moments) + grads (and the accumulator) + act (activations under "
+            "model.remat) + inner (the inner loop's second-order state) = GiB"
         )
     else:
         lines.append("  an evaluation's memory is not estimated")
@@ -238,7 +238,7 @@ def cost_table(spec: SweepSpec, keys: list[str]) -> str:
     """The dry run's cost section: one row per trial and stage, totals, fit warnings."""
     rows = sweep_rows(spec)
     training = spec.task == "train"
-    memory = ["micro", "state", "act", "inner", "GiB"] if training else []
+    memory = ["micro", "weights", "AdamW", "grads", "act", "inner", "GiB"] if training else []
     head = ["trial", "stage", "params", "tokens", "FLOPs", *memory,
             *(f"{ACCELERATORS[k].name} h" for k in keys), "MFU", "MFU from"]  # fmt: skip
     table = []
@@ -248,8 +248,8 @@ def cost_table(spec: SweepSpec, keys: list[str]) -> str:
         cells = [r.trial, r.stage, _si(model_params(r.cfg.model)), _si(r.tokens),
                  f"{r.flops:.2e}"]  # fmt: skip
         if m is not None:
-            cells += [str(micro_batch(r.cfg, r.devices)), _gib(m.state), _gib(m.activations),
-                      _gib(m.inner), _gib(m.total)]  # fmt: skip
+            parts = (m.weights, m.optimizer, m.gradients, m.activations, m.inner, m.total)
+            cells += [str(micro_batch(r.cfg, r.devices)), *map(_gib, parts)]
         cells += [f"{_hours(r.hours(k))}{fit(k)}" for k in keys]
         cells += [f"{100 * r.rate.mfu:.1f}%", r.rate.source.removeprefix("reference ")]
         table.append(cells)

@@ -36,10 +36,11 @@ class SweepRequest:
         if self.resume_errored and self.restart_errored:
             raise UserError("--resume-errored and --restart-errored: give one of them")
 
-    def spec(self):
+    def spec(self, dry_run: bool = False):
+        """The parsed spec; `dry_run`: a missing dataset is a warning, not an error."""
         from sweeps.spec import load_spec
 
-        return load_spec(self.spec_path, list(self.overrides), self.name)
+        return load_spec(self.spec_path, list(self.overrides), self.name, dry_run=dry_run)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

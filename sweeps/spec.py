@@ -7,6 +7,7 @@ random distributions stay Ray Tune domains, sampled `num_samples` times per poin
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,8 @@ class SweepSpec:
     task: str = "train"  # or eval (TASKS)
     raw: dict = field(default_factory=dict)
     cli_overrides: tuple[str, ...] = ()
+    # What a dry run let pass that a real one refuses (a dataset not downloaded yet).
+    warnings: tuple[str, ...] = ()
 
     def digest(self) -> str:
         """What identifies the sweep on resume: the spec's content and the command line's
@@ -509,12 +512,17 @@ def _schedule(path: str, raw: dict) -> dict:
 
 
 def load_spec(
-    path: str | Path, overrides: list[str] | tuple = (), name: str | None = None
+    path: str | Path,
+    overrides: list[str] | tuple = (),
+    name: str | None = None,
+    dry_run: bool = False,
 ) -> SweepSpec:
     """Parse and check a spec, one section at a time. `overrides` (`dotted.key=value`, or
     `STAGE.dotted.key=value` for one stage) change the base config (or that stage) from
     the command line; `name` renames the sweep. Both are part of what identifies the
-    sweep on resume."""
+    sweep on resume. `dry_run`: a dataset that is not there is a warning in
+    `spec.warnings`, not an error, so a sweep can be priced before its data is
+    downloaded."""
     path = str(path)
     raw = _read(path)
     name = name or raw.get("name")
@@ -552,22 +560,32 @@ def load_spec(
         raw=raw,
         cli_overrides=tuple(overrides),
     )
-    _validate_points(spec)
-    return spec
+    missing = _validate_points(spec)
+    if missing and not dry_run:
+        raise next(iter(missing.values()))
+    return dataclasses.replace(spec, warnings=tuple(map(str, missing.values())))
 
 
 def _bounds(kind: str, args: list) -> list:
     return list(args) if kind == "choice" else [args[0], args[1]]
 
 
-def _validate_points(spec: SweepSpec) -> None:
-    """Every grid point (with each random key at its bounds) must be a valid config."""
-    corners = [
+def corners(spec: SweepSpec) -> list[dict]:
+    """Each random key at each of its bounds (every choice), crossed: the samples that
+    span what a trial may be ([{}] when nothing is sampled)."""
+    return [
         dict(zip(spec.random, combo, strict=True))
         for combo in itertools.product(*[_bounds(k, a) for k, a in spec.random.values()])
     ] or [{}]
+
+
+def _validate_points(spec: SweepSpec) -> dict[str, UserError]:
+    """Every grid point (with each random key at its bounds) must be a valid config.
+    Returns the datasets found missing, each with the error of its first trial, for the
+    caller to raise or (a dry run) report."""
+    missing: dict[str, UserError] = {}
     for i, point in enumerate(spec.points):
-        for sample in corners:
+        for sample in corners(spec):
             for stage in [None, *spec.stages]:
                 where = f"stages.{stage.name}" if stage else f"trial {i} {_short(point)}"
                 try:
@@ -575,13 +593,17 @@ def _validate_points(spec: SweepSpec) -> None:
                 except ConfigError as e:
                     raise SpecError(f"{spec.path}: {where}: {e}") from None
                 _check_split(spec, cfg, where)
-                _check_source(spec, cfg, where)
+                try:
+                    _check_source(spec, cfg, where)
+                except UserError as e:
+                    missing.setdefault(cfg.data.source, e)
                 if spec.task == "eval" and not cfg.train.init_from:
                     raise SpecError(
                         f"{spec.path}: {where}: task: eval evaluates train.init_from's weights; "
                         "set train.init_from to a run directory (`ttt import reference` or "
                         "`ttt train` writes one)"
                     )
+    return missing
 
 
 def _check_split(spec: SweepSpec, cfg: Config, where: str) -> None:

@@ -414,10 +414,6 @@ BAD_SPECS = [
     ({"name": "x", "scheduler": {"type": "asha", "metric": "los"}}, "scheduler.metric"),
     ({"name": "x", "scheduler": {"type": "asha", "grace_period": 9, "max_t": 4}}, "max_t=4"),
     ({"name": "x", "metric": "eval_los"}, "metric: 'eval_los' is not reported"),
-    (
-        {"name": "x", "base": {"config": "pico", "overrides": {"data.source": "/no/such/data"}}},
-        "data.source='/no/such/data': no such dataset directory",
-    ),
     ({"name": "x", "search_alg": "optuna", "search": {"train.lr": {"grid": [1, 2]}}}, "search_alg"),
     ({"name": "x", "system_metrics": "yes"}, "system_metrics"),
     ({"name": "x", "task": "evaluate"}, "task: 'evaluate'; allowed are train, eval"),
@@ -440,6 +436,28 @@ def test_bad_specs_give_one_line_and_exit_2(tmp_path, corpus, fields, needle, ca
     assert err[0].startswith(f"error: {path}") and needle in err[0], err
 
 
+def test_a_missing_dataset_stops_the_sweep_and_warns_the_dry_run(tmp_path, capsys):
+    """A sweep refuses a dataset that is not there, in one line, before Ray starts; a
+    dry run says so in one warning line and prices the sweep anyway."""
+    from ttt.cli import main
+
+    path = tmp_path / "nodata.yaml"
+    over = [*PICO_SWEEP, "data.source=/no/such/data"]
+    path.write_text(yaml.safe_dump({"name": "x", "base": {"config": "pico", "overrides": over}}))
+    needle = "data.source='/no/such/data': no such dataset directory"
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "run", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {path}"), err
+    assert needle in err[0]
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "run", str(path), "--dry-run"])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert exc.value.code == 0 and len(lines) == 1, lines
+    assert lines[0].startswith(f"warning: {path}") and needle in lines[0] and "FLOPs" in out
+
+
 SHIPPED = sorted((Path(__file__).parent.parent / "sweeps").glob("*.yaml"))
 
 
@@ -451,10 +469,15 @@ def test_shipped_specs_pass_dry_run(path, corpus, capsys):
 
     sources = data_overrides(path, corpus)
     if "/data/" in path.read_text():  # (a `pydocs` spec needs only python3-doc installed)
-        with pytest.raises(SystemExit) as exc:
-            main(["sweep", "run", str(path), "--dry-run"])
+        with pytest.raises(SystemExit) as exc:  # the sweep itself refuses to start ...
+            main(["sweep", "run", str(path)])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and "data.source='/data/" in err, err
+        with pytest.raises(SystemExit) as exc:  # ... while a dry run warns and prices it
+            main(["sweep", "run", str(path), "--dry-run"])
+        out, err = capsys.readouterr()
+        assert exc.value.code == 0 and err.startswith("warning:") and "data.source='/data/" in err
+        assert "H200-hours" in out, out
     with pytest.raises(SystemExit) as exc:
         main(["sweep", "run", str(path), *sources, "--dry-run"])
     assert exc.value.code == 0, capsys.readouterr().err

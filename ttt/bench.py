@@ -13,6 +13,7 @@ from flax import nnx
 
 from ttt.config import Config
 from ttt.model import create_model
+from ttt.model.transformer import abstract_model
 from ttt.train.flops import flops_per_token, peak_flops
 from ttt.train.optim import hyper
 from ttt.train.step import init_opt_state, make_eval_step, make_train_step, uses_inner_loop
@@ -48,7 +49,7 @@ def _random_batch(cfg: Config, seed: int = 0):
     return tokens[:, :-1], tokens[:, 1:], jnp.ones((b, t), bool)
 
 
-def _peak_mem_gb(compiled) -> float | None:
+def compiled_bytes(compiled) -> int | None:
     """The compiled step's own device memory from XLA's buffer assignment: arguments and
     outputs (less what is donated and aliased) plus temporaries. Unlike the allocator's
     `peak_bytes_in_use`, which only ever grows within a process, it belongs to this row
@@ -57,7 +58,44 @@ def _peak_mem_gb(compiled) -> float | None:
     if m is None:
         return None
     used = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-    return (used + m.temp_size_in_bytes) / 2**30
+    return used + m.temp_size_in_bytes
+
+
+def _peak_mem_gb(compiled) -> float | None:
+    used = compiled_bytes(compiled)
+    return None if used is None else used / 2**30
+
+
+def bench_memory(cfg: Config) -> dict:
+    """`ttt.estimate`'s memory of `cfg`'s train step against XLA's (`train_step_bytes`)
+    on this machine's backend."""
+    from ttt.estimate import train_memory  # deferred: only this bench needs the estimate
+
+    backend = jax.default_backend()
+    xla = train_step_bytes(cfg)
+    estimate = train_memory(cfg, backend=backend).total
+    return {
+        "preset": cfg.preset,
+        "mixer": cfg.model.mixer,
+        "remat": cfg.model.remat,
+        "seq_len": cfg.data.seq_len,
+        "batch": cfg.data.batch_size,
+        "estimate_gb": estimate / 2**30,
+        "xla_gb": None if xla is None else xla / 2**30,
+        "ratio": None if xla is None else estimate / xla,
+    }
+
+
+def train_step_bytes(cfg: Config) -> int | None:
+    """`compiled_bytes` of `cfg`'s train step, compiled from shapes alone: nothing is
+    allocated or run (what `ttt.estimate` is held to)."""
+    graphdef, params = nnx.split(abstract_model(cfg.model))
+    b, t = cfg.data.batch_size, cfg.data.seq_len
+    tokens = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    batch = (tokens, tokens, jax.ShapeDtypeStruct((b, t), jnp.bool_))
+    opt_state = jax.eval_shape(lambda p: init_opt_state(cfg, p), params)
+    args = (params, opt_state, batch, hyper(cfg, 0))
+    return compiled_bytes(make_train_step(cfg, graphdef).lower(*args).compile())
 
 
 def bench_one(cfg: Config, mode: str, steps: int = 5, warmup: int = 1) -> BenchRow:

@@ -34,12 +34,16 @@ def ray_env() -> None:
     set_env("RAY_DEDUP_LOGS", "0", keep=True)
 
 
+# A trial given a share of a GPU may use this much of that share of its memory.
+GPU_SHARE_OF_MEMORY = 0.95
+
+
 def trial_env(gpu: float) -> None:
     """Before JAX starts in a sweep trial's worker: share a GPU safely (its fraction of
     the memory, no preallocation), or keep JAX off a GPU the trial was not given."""
     if 0 < gpu < 1:
         set_env("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        set_env("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.95 * gpu:.3f}")
+        set_env("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{GPU_SHARE_OF_MEMORY * gpu:.3f}")
     if gpu == 0 and not os.environ.get("CUDA_VISIBLE_DEVICES"):
         set_env("JAX_PLATFORMS", "cpu", keep=True)
 

@@ -174,6 +174,36 @@ def cache(args: list[str] = _ARGS, mixers: str = _MIXERS) -> None:
             )
 
 
+@app.command("memory")
+def memory(
+    args: list[str] = _ARGS,
+    mixers: str = typer.Option("full,ttt_e2e", help="Comma-separated mixers."),
+    remat: str = typer.Option("none,block", help="Comma-separated model.remat values."),
+) -> None:
+    """The dry run's memory estimate of the train step against XLA's own memory analysis
+    of the compiled step (compiled from shapes, never run)."""
+    from ttt.bench import bench_memory
+    from ttt.config import load_config
+
+    source, overrides = split_source(args or [])
+    configs = [
+        load_config(source, [*overrides, f"model.mixer={m}", f"model.remat={r.strip()}"])
+        for m in _mixer_names(mixers)
+        for r in remat.split(",")
+        if r.strip()
+    ]
+    typer.echo(f"{'preset':6} {'mixer':14} {'remat':5} {'T':>6} {'B':>3} {'estimate GB':>11} "
+               f"{'XLA GB':>9} {'est/XLA':>8}")  # fmt: skip
+    for cfg in configs:  # all validated before the first compiles
+        r = bench_memory(cfg)
+        xla = "-" if r["xla_gb"] is None else f"{r['xla_gb']:9.3f}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:8.3f}"
+        typer.echo(
+            f"{r['preset']:6} {r['mixer']:14} {r['remat']:5} {r['seq_len']:6d} {r['batch']:3d} "
+            f"{r['estimate_gb']:11.3f} {xla:>9} {ratio:>8}"
+        )
+
+
 @app.command("analysis")
 def analysis_bench(
     runs: int = typer.Option(500, "--runs", min=1),

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ttt import process
+from ttt.errors import UserError
 
 app = typer.Typer(help="Run sweeps on Ray Tune, tracked in MLflow.", no_args_is_help=True)
 
@@ -70,7 +71,16 @@ def run(
     ),
     storage_path: str = _STORAGE,
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="Print the trials and shapes; run nothing."
+        False,
+        "--dry-run",
+        help="Print the trials, shapes, FLOPs, memory per replica and time; run nothing.",
+    ),
+    on: str = typer.Option(
+        None,
+        "--on",
+        metavar="ACCELERATORS",
+        help="With --dry-run: price the sweep on these, comma-separated (h100, h200, a100; "
+        "default h200).",
     ),
     resume_errored: bool = typer.Option(
         False, "--resume-errored", help="On resume, continue errored trials from a checkpoint."
@@ -106,12 +116,22 @@ def run(
         resume_errored=resume_errored,
         restart_errored=restart_errored,
     )
-    typer.echo(dry_run_table(request.spec()))
-    if dry_run:
-        return
-    raise typer.Exit(
-        launch(request, foreground=foreground, detach=detach, keep_cluster=keep_cluster)
-    )
+    if not dry_run:
+        if on is not None:
+            raise UserError("--on prices a dry run: add --dry-run")
+        typer.echo(dry_run_table(request.spec()))
+        raise typer.Exit(
+            launch(request, foreground=foreground, detach=detach, keep_cluster=keep_cluster)
+        )
+    # deferred like every sweeps import here: the estimate loads JAX and the model's code
+    from sweeps.cost import accelerators, cost_table
+
+    keys = accelerators(on)  # a wrong name fails before anything is printed
+    spec = request.spec(dry_run=True)
+    typer.echo(dry_run_table(spec))
+    for line in spec.warnings:
+        typer.echo(f"warning: {line}; the dry run prices it anyway", err=True)
+    typer.echo(cost_table(spec, keys))
 
 
 @app.command("stop")

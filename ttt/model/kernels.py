@@ -34,7 +34,7 @@ def _pick(choice: str, cfg: Config, backend: str) -> str:
     multiple of 8 up to 128): it never builds the (T x S) score matrix. Elsewhere dense."""
     if choice != "auto":
         return choice
-    dtype = compute_dtype(cfg.model)
+    dtype = compute_dtype(cfg.model, backend)
     head_dim = cfg.model.width // cfg.model.heads
     fits = dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
     return "cudnn" if backend == "gpu" and fits else "dense"

@@ -20,9 +20,12 @@ from ttt.model.recurrent import RecurrentState
 from ttt.shapes import RECURRENT
 
 
-def compute_dtype(cfg: ModelConfig):
+def compute_dtype(cfg: ModelConfig, backend: str | None = None):
+    """`backend`: where the model will run, when that is not this process (an estimate
+    made on a CPU for a GPU); this process's backend otherwise."""
     if cfg.compute_dtype == "auto":
-        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+        backend = backend or jax.default_backend()
+        return jnp.bfloat16 if backend in ("gpu", "tpu") else jnp.float32
     return jnp.dtype(cfg.compute_dtype)
 
 

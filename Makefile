@@ -23,6 +23,7 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/ttt sweep run sweeps/quickstart.yaml
 	$(BIN)/ttt plots --experiment quickstart --out figures
+	$(BIN)/ttt report --experiment quickstart --out figures/report
 
 test: $(STAMP)
 	$(BIN)/ruff check ttt sweeps analysis tests

@@ -21,6 +21,7 @@ from analysis import recipes
 from analysis.paired import PAIR_BY, bootstrap_interval, paired_delta
 from analysis.recipes import LOSS, LOSS_SE, Data, finished, hold_others
 from analysis.style import PAPER_METHOD, paper
+from ttt.config import load_config
 
 BASELINES = ("swa", "hybrid", "gated_deltanet", "mamba2")
 
@@ -284,7 +285,7 @@ def advantage_grows_with(knob: str):
         if frame.is_empty() or not need <= set(frame.columns):
             return None
         if knob == "preset":
-            from ttt.config import load_config
+            # deferred: ttt.model's package loads JAX; only this claim counts parameters
             from ttt.model.params import param_counts
 
             sizes = {p: param_counts(load_config(p, ["model.mixer=full"]).model)["non_embedding"]

@@ -20,6 +20,8 @@ from urllib.parse import unquote, urlparse
 import polars as pl
 
 from ttt import tags as TAG
+from ttt.errors import UserError
+from ttt.tracking import client, sqlite_path
 
 TAGS = {
     TAG.SWEEP: "sweep",
@@ -33,7 +35,6 @@ TAGS = {
 
 
 def _client(tracking_uri: str):
-    from ttt.tracking import client
 
     return client(tracking_uri)
 
@@ -52,7 +53,6 @@ def _experiment_ids(c, experiments: Sequence[str] | None) -> dict[str, str]:
 
 def require_experiments(tracking_uri: str, experiments: Sequence[str]) -> None:
     """A name that is not an experiment in the store is a user error listing those that are."""
-    from ttt.errors import UserError
 
     c = _client(tracking_uri)
     missing = [n for n in experiments if c.get_experiment_by_name(n) is None]
@@ -129,7 +129,6 @@ def metric_history(
     run_ids = list(run_ids)
     if not run_ids:
         return pl.DataFrame(schema=schema)
-    from ttt.tracking import sqlite_path
 
     path = sqlite_path(tracking_uri)
     if path is not None:
@@ -195,6 +194,7 @@ def artifact_table(tracking_uri: str, run_ids: Sequence[str], artifact: str, sch
             if not path.is_file():
                 continue
         else:
+            # deferred: MLflow loads only to download a remote store's artifacts
             from mlflow.exceptions import MlflowException
 
             try:

@@ -13,7 +13,7 @@ import polars as pl
 
 from analysis.loaders import metric_history, runs, token_bins, token_nll
 from analysis.paired import paired_delta
-from ttt.config import ONLY_FOR, preset_keys
+from ttt.config import ONLY_FOR, SECTIONS, load_config, preset_keys
 from ttt.data.floors import read_tag
 from ttt.data.recall import RecallTask
 from ttt.stats import BINS_PER_OCTAVE
@@ -424,7 +424,7 @@ def ttt_layers(data: Data):
 
 def model_size(data: Data):
     """Fig 5 left: loss minus full attention's against model size (non-embedding params)."""
-    from ttt.config import load_config
+    # deferred: ttt.model's package loads JAX; only Fig 5 needs parameter counts
     from ttt.model.params import param_counts
 
     table = _sweep_figure(data, "preset")
@@ -459,7 +459,7 @@ def training_tokens(data: Data):
 def run_flops_per_token(row: dict) -> float:
     """Training FLOPs per token of a tracked run (`ttt.train.flops`, the count behind MFU),
     from its logged config."""
-    from ttt.config import SECTIONS, load_config
+    # deferred: ttt.train's package loads JAX; only the compute figure needs FLOPs
     from ttt.train.flops import flops_per_token
 
     keys = {k: v for k, v in row.items() if k.split(".")[0] in SECTIONS and v is not None}

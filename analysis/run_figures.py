@@ -12,7 +12,8 @@ import polars as pl
 from analysis import recipes
 from analysis.figures import draw_token_index
 from analysis.style import fmt_tokens, mark_window_chunk, recall_lines
-from ttt.rundir import companion
+from ttt.evaluation.weights import run_config
+from ttt.rundir import RunDir, companion
 
 
 def nll_artifacts(parquet: Path, out: Path, method: str, name: str = "") -> list[Path]:
@@ -189,24 +190,22 @@ def recall_run_figure(table: pl.DataFrame, png: Path, title: str, cfg) -> Path:
 def render_measurement(m, run_dir: Path) -> list[Path]:
     """`ttt eval`'s render sink (`ttt.evaluation.Sinks.render`): the figures of one
     measurement, written beside its tables."""
-    from ttt.evaluation.weights import run_config
-    from ttt.rundir import RunDir
-
     if m.kind == "telemetry":
         png = m.tables[0].with_suffix(".png")
         return [inner_loop_by_chunk(m.table, png, f"{run_dir}: inner loop by chunk")]
-    if m.kind == "noinner":
-        png = RunDir(run_dir).inner_split_figure(m.seq_len)
-        return [inner_split(m.with_inner, m.tables[0], png, f"{run_dir}: T={m.seq_len}")]
     if m.kind == "niah":
         everything = pl.read_parquet(m.tables[0])  # this call's cells and every earlier one's
         png = m.tables[0].with_suffix(".png")
         return [niah_heatmap(everything, png, f"{run_dir}: NIAH accuracy")]
+    out = []
+    if m.kind == "loss" and m.without_inner is not None:  # what the updates bought
+        png = RunDir(run_dir).inner_split_figure(m.seq_len)
+        out.append(inner_split(m.tables[0], m.without_inner, png, f"{run_dir}: T={m.seq_len}"))
     if m.kind in ("loss", "recall") and m.table is not None:  # the recall task's distances
         over = {"data.seq_len": m.seq_len}
         if m.kind == "recall":
             over["data.source"] = "recall"
         cfg = run_config(run_dir, over)
         png = m.tables[0].with_name(f"{m.tables[0].stem}_recall.png")
-        return [recall_run_figure(m.table, png, f"{Path(run_dir).name}: T={m.seq_len}", cfg)]
-    return []
+        out.append(recall_run_figure(m.table, png, f"{Path(run_dir).name}: T={m.seq_len}", cfg))
+    return out

@@ -9,6 +9,7 @@ from pathlib import Path
 import polars as pl
 
 from analysis import recipes
+from ttt.data.floors import NAMES
 
 PAPER_DIR = Path(__file__).parent / "paper"
 # The paper's method names -> the project's.
@@ -183,7 +184,6 @@ def floor_lines(ax, floors: dict, orders=(1, 2, 3, 4, 5)) -> None:
     """The corpus's floors (`ttt.data.floors`: held-out loss of n-gram count models) as
     labelled horizontal lines, for each data.source whose floors the store records. A
     loss above the bigram line has not yet learned local statistics."""
-    from ttt.data.floors import NAMES
 
     many = len(floors) > 1
     for source, f in floors.items():

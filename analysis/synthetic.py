@@ -11,7 +11,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from analysis.loaders import metric_history, runs
+from analysis.recipes import with_method
 from ttt import tags as TAG
+from ttt.config import load_config
+from ttt.tracking import MlflowRun
 
 
 @dataclass
@@ -30,7 +34,6 @@ def write_store(tracking_uri: str, runs: list[FakeRun], parent_tags=None) -> lis
     """Create experiments, a parent run each (with `parent_tags`: the floors a sweep
     records, say), and the child runs (through the project's one writer, `MlflowRun`);
     return child run ids."""
-    from ttt.tracking import MlflowRun
 
     parents: dict[str, str] = {}
     ids = []
@@ -71,7 +74,6 @@ def write_store(tracking_uri: str, runs: list[FakeRun], parent_tags=None) -> lis
 
 def trial_params(mixer: str, **overrides) -> dict:
     """A full flat config for a nano trial, as a sweep would log it."""
-    from ttt.config import load_config
 
     keys = [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
     return load_config("nano", [f"model.mixer={mixer}", *keys]).flat()
@@ -127,7 +129,6 @@ _METHOD_OFFSET = {
 
 
 def model_loss(flat: dict, seed: int = 0) -> float:
-    from analysis.recipes import with_method
 
     method = with_method(pl.DataFrame([flat]))["method"][0]
     context = np.log2(flat["data.seq_len"] / 1024)
@@ -199,7 +200,6 @@ def bench_store(tracking_uri: str, n_runs: int, steps: int, keys: int) -> list[s
 
 def bench_analysis(workdir: Path, n_runs: int = 500, steps: int = 1000, keys: int = 5) -> dict:
     """Time the loaders on a synthetic store (the write is not timed)."""
-    from analysis.loaders import metric_history, runs
 
     uri = f"sqlite:///{workdir / 'bench.db'}"
     t0 = time.perf_counter()

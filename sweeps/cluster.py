@@ -9,6 +9,8 @@ free at start, and other machines cannot join it.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -21,6 +23,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ttt
 from sweeps.ray_compat import ensure_token, loopback_env, ray_cli, token_auth
 from ttt import process
 from ttt.errors import UserError
@@ -39,9 +42,6 @@ def owner() -> str:
     workers with the Python that started it, which imports the code installed there. A
     sweep from another checkout or environment gets a cluster of its own, never one that
     would run someone else's code."""
-    import hashlib
-
-    import ttt
 
     tree = Path(ttt.__file__).resolve().parent.parent
     return hashlib.sha256(f"{sys.executable}\0{tree}".encode()).hexdigest()[:8]
@@ -81,6 +81,7 @@ class Cluster:
     python: str = ""  # the interpreter its workers run
 
     def client(self):
+        # deferred: Ray loads only where a job is submitted
         from ray.job_submission import JobSubmissionClient
 
         token_auth()
@@ -144,7 +145,6 @@ def _wait_for_stopping(timeout: float = 120) -> None:
 def local_cluster(keep: bool = False, timeout: float = 120) -> tuple[Cluster, bool]:
     """This machine's ttt cluster, started if none runs; (cluster, started here). Two
     sweeps started at once get the same one."""
-    import fcntl
 
     cluster_dir().mkdir(parents=True, exist_ok=True)
     with open(cluster_dir() / "ttt-cluster.lock", "w") as lock:

@@ -24,9 +24,9 @@ SWEEP_KEY = "ttt.sweep"  # job metadata: which sweep a job runs
 
 def cluster_at(address: str) -> Cluster:
     """An existing cluster's dashboard, asked of the cluster itself."""
-    import ray
+    import ray  # deferred: Ray loads only where a cluster is joined
 
-    from sweeps.driver import connect_env, init_error
+    from sweeps.driver import connect_env, init_error  # deferred: the driver loads Ray Tune
 
     connect_env(address)
     try:

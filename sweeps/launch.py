@@ -16,9 +16,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from sweeps.spec import load_spec
 from ttt import process
 from ttt.entry import run_entry
 from ttt.errors import UserError
+from ttt.tracking import announce, check_uri, resolve_uri
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,6 @@ class SweepRequest:
 
     def spec(self, dry_run: bool = False):
         """The parsed spec; `dry_run`: a missing dataset is a warning, not an error."""
-        from sweeps.spec import load_spec
 
         return load_spec(self.spec_path, list(self.overrides), self.name, dry_run=dry_run)
 
@@ -54,9 +55,7 @@ class SweepRequest:
 def launch(request: SweepRequest, *, foreground=False, detach=False, keep_cluster=False) -> int:
     """Run the sweep the request names; the exit code. As a Ray job unless `foreground`
     or this process is already connected to Ray."""
-    import ray
-
-    from ttt.tracking import announce, resolve_uri
+    import ray  # deferred: Ray loads only when a sweep starts (not for --dry-run)
 
     if detach and foreground:
         raise UserError("--detach and --foreground: give one of them (--detach submits a job)")
@@ -70,7 +69,7 @@ def launch(request: SweepRequest, *, foreground=False, detach=False, keep_cluste
 
 def drive(request: SweepRequest) -> int:
     """The driver itself: run (or resume) every stage, print each stage's outcome."""
-    from sweeps.driver import Rerun, run_sweep
+    from sweeps.driver import Rerun, run_sweep  # deferred: the driver loads Ray Tune
 
     spec = request.spec()
     rerun = Rerun(request.resume_errored, request.restart_errored)
@@ -95,10 +94,9 @@ def drive(request: SweepRequest) -> int:
 def submit(request: SweepRequest, *, detach: bool, keep_cluster: bool) -> int:
     """Submit the sweep as a Ray job named after it (or follow the one already running);
     the exit code of its driver, 0 when `detach`."""
-    from sweeps import job
-    from sweeps.cluster import local_cluster
-    from sweeps.driver import check_init_from, storage_root
-    from ttt.tracking import check_uri
+    from sweeps import job  # deferred: Ray's job client
+    from sweeps.cluster import local_cluster  # deferred: with Ray
+    from sweeps.driver import check_init_from, storage_root  # deferred: the driver loads Ray Tune
 
     spec = request.spec()
     check_uri(request.tracking_uri)  # what the job would fail on first, said here in seconds

@@ -129,7 +129,7 @@ def token_auth() -> None:
         return
     process.set_env("RAY_AUTH_MODE", "token")
     if "ray._raylet" in sys.modules:
-        from ray._raylet import Config
+        from ray._raylet import Config  # deferred: only once Ray is imported (checked above)
 
         Config.initialize("")
         reset_token_cache()
@@ -138,6 +138,7 @@ def token_auth() -> None:
 def reset_token_cache() -> None:
     """Forget the token this process loaded (after HOME or RAY_AUTH_TOKEN changed)."""
     if "ray._raylet" in sys.modules:
+        # deferred: only once Ray is imported (checked above)
         from ray._raylet import AuthenticationTokenLoader
 
         AuthenticationTokenLoader.instance().reset_cache()

@@ -8,7 +8,9 @@ random distributions stay Ray Tune domains, sampled `num_samples` times per poin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import yaml
 
 from ttt.config import SECTIONS, Config, ConfigError, load_config
 from ttt.data.loader import NAMED_SOURCES
+from ttt.data.prepare import pydocs_files
 from ttt.errors import UserError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -95,8 +98,6 @@ class SweepSpec:
     def digest(self) -> str:
         """What identifies the sweep on resume: the spec's content and the command line's
         overrides (not its description, not where it is stored)."""
-        import hashlib
-        import json
 
         ident = {k: v for k, v in self.raw.items() if k not in ("description", "storage_path")}
         blob = json.dumps([ident, self.name, list(self.cli_overrides)], sort_keys=True, default=str)
@@ -622,8 +623,6 @@ def _check_source(spec: SweepSpec, cfg: Config, where: str) -> None:
     """A local dataset must exist before Ray starts; a URI is left to the trial."""
     src = cfg.data.source
     if src == "pydocs":  # its package must be installed before Ray starts
-        from ttt.data.prepare import pydocs_files
-
         pydocs_files()
     if src in NAMED_SOURCES or "://" in src:
         return

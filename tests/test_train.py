@@ -212,7 +212,7 @@ def test_eval_without_the_test_time_updates(train_cfg, tmp_path, capsys):
     assert [r["step"] for r in evals] == [1, 2]
     assert all(np.isfinite(r["inner_gain_own"]) and r["inner_update_rel"] > 0 for r in evals)
     assert all(r["eval_loss_noinner"] != r["eval_loss"] for r in evals)
-    _, off = evaluate(tmp_path / "r", Request(max_batches=1, no_inner=True))
+    off, _ = evaluate(tmp_path / "r", Request(max_batches=1, no_inner=True))
     assert off.kind == "noinner"
     assert off.summary["loss"] == pytest.approx(evals[-1]["eval_loss_noinner"], abs=1e-6)
     uri = f"sqlite:///{tmp_path / 'evals.db'}"

@@ -4,6 +4,8 @@ several mixers side by side, in one process, on random tokens of the config's sh
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -11,10 +13,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ttt import compile_cache
 from ttt.config import Config
-from ttt.model import create_model
+from ttt.model import create_model, reference
+from ttt.model.decode import Decoder
+from ttt.model.params import param_counts
 from ttt.model.transformer import abstract_model
 from ttt.train.flops import flops_per_token, peak_flops
+from ttt.train.importer import write_reference_checkpoint
 from ttt.train.optim import hyper
 from ttt.train.step import init_opt_state, make_eval_step, make_train_step, uses_inner_loop
 
@@ -163,7 +169,6 @@ def bench_decode(cfg: Config, tokens: int = 64, warmup: int = 4) -> BenchRow:
     latency per generated token over `tokens` steps (a ttt_e2e inner step every
     `ttt.chunk` of them is included, so time at least one chunk's worth), and min/max
     single-token latencies. `compile_s` is the prefill's and the token step's compile."""
-    from ttt.model.decode import Decoder
 
     graphdef, params = nnx.split(create_model(cfg.model, seed=cfg.train.seed))
     context = cfg.data.seq_len
@@ -232,7 +237,6 @@ def bench_compile_cache(cfg: Config, cache_dir) -> dict:
     """Cold compile of the train step, then the step of a config that differs only in
     learning rates (outer and inner), with the caches warm. Both go through the path a
     trial takes (`compile_cache.compiled`): what a new trial waits before its first step."""
-    from ttt import compile_cache
 
     compile_cache.enable(cache_dir)
     lr_only = cfg.replace(**{"train.lr": cfg.train.lr / 3, "ttt.inner_lr": cfg.ttt.inner_lr / 2})
@@ -271,9 +275,6 @@ finally:
 def _peak_rss_mb(argv: list[str]) -> float:
     """Peak resident memory (MB) of a fresh process running `ttt ARGV` (argv empty: one
     that only imports the code)."""
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-c", _PEAK_RSS, *argv], capture_output=True, text=True)
     lines = done.stderr.strip().splitlines()
     if done.returncode != 0:
@@ -285,9 +286,6 @@ def bench_import(cfg, workdir) -> dict:
     """Write a reference-format checkpoint of `cfg`'s shapes (random weights), then import
     it in a fresh process; its peak RSS against the weights' size and against a process
     that only imports the same code."""
-    from ttt.model import reference
-    from ttt.model.params import param_counts
-    from ttt.train.importer import write_reference_checkpoint
 
     _, state = nnx.split(create_model(cfg.model))
     weights = reference.from_ours(state.to_pure_dict())

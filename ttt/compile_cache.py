@@ -15,11 +15,14 @@ import functools
 import hashlib
 import os
 import pickle
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import jax
+from jax.experimental import serialize_executable
 
 from ttt import process
+from ttt.config import shape_key
 from ttt.paths import cache_root
 from ttt.settings import settings
 
@@ -75,7 +78,6 @@ def _signature(args) -> str:
 def _library_versions() -> tuple:
     """Every library whose code is traced into an executable: an Optax upgrade that
     changes the optimizer's math must not load the old program."""
-    from importlib.metadata import PackageNotFoundError, version
 
     found = []
     for name in ("jax", "jaxlib", "flax", "optax"):
@@ -87,7 +89,6 @@ def _library_versions() -> tuple:
 
 
 def executable_key(name: str, cfg, args) -> str:
-    from ttt.config import shape_key
 
     backend = jax.devices()[0].client
     parts = (
@@ -116,7 +117,6 @@ def compiled(name: str, cfg, jitted, args):
     # loading binds an executable to all local devices.
     if off or jax.process_count() > 1 or (len(used) > 1 and used != set(jax.devices())):
         return jitted.lower(*args).compile()
-    from jax.experimental import serialize_executable
 
     stem = name.split("[", 1)[0]  # what the key hashes, not the file name, tells programs apart
     path = _active / "executables" / f"{stem}-{executable_key(name, cfg, args)}.bin"

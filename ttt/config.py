@@ -493,6 +493,7 @@ def _kernels_exist(cfg: Config, backend: str | None) -> None:
         if choice != "cudnn":
             continue
         if backend is None:
+            # deferred: configs load without JAX; only a cudnn choice asks for the backend
             import jax
 
             backend = jax.default_backend()

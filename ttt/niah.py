@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import polars as pl
 
+from ttt.data.loader import Dataset
 from ttt.data.tokenizer import TextTokenizer
 from ttt.errors import UserError
+from ttt.generate import open_run
+from ttt.model.decode import Decoder, generate
+from ttt.rundir import RunDir
 
 TASKS = ("niah1", "niah2", "niah3")
 FILLER = (
@@ -128,10 +134,6 @@ def build_samples(
     """Every task x length x depth x sample's prompt for the run (its tokenizer, its
     validation text as the haystack of niah2 and niah3), each checked before any weight
     is loaded. Returns (samples, tokenizer)."""
-    from pathlib import Path
-
-    from ttt.data.loader import Dataset
-    from ttt.generate import open_run
 
     if not tasks:
         raise UserError(f"--niah-tasks: no task given; allowed are {', '.join(TASKS)}")
@@ -164,10 +166,6 @@ def run_samples(run_dir, run, built: list[Sample], tok):
     """Each prompt decoded greedily with the loaded weights (`run`, a `LoadedRun`);
     returns the rows (a Polars frame) and adds them to RUN/eval/niah.parquet
     (`merge_results`)."""
-    import polars as pl
-
-    from ttt.model.decode import Decoder, generate
-    from ttt.rundir import RunDir
 
     longest = max(s.seq_len for s in built) + max(answer_tokens(s.task) for s in built)
     decoder = Decoder(run.cfg, run.graphdef, longest, tok.bos_id)  # one compile for them all
@@ -199,7 +197,6 @@ def merge_results(path, frame) -> None:
     """Add `frame`'s rows to the results file at `path`: a cell evaluated again replaces
     its old row (keyed by task, length, depth and sample), every other row stays. Written
     to a temporary file and renamed, so a run that fails leaves the old file whole."""
-    import polars as pl
 
     if path.exists():
         old = pl.read_parquet(path)
@@ -212,7 +209,6 @@ def merge_results(path, frame) -> None:
 
 def accuracy(frame):
     """Accuracy per task and length (over depths and samples)."""
-    import polars as pl
 
     return (
         frame.group_by("task", "seq_len")

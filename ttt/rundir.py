@@ -17,6 +17,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from ttt.config import ConfigError, load_config
 from ttt.errors import UserError
 
 CONFIG, INFO, METRICS, CHECKPOINTS, EVAL = (
@@ -98,7 +101,7 @@ class RunDir:
 
     def nll_tables(self) -> list[Path]:
         """Every per-position NLL table in eval/ (other kinds, NIAH's rows, are not)."""
-        import polars as pl
+        import polars as pl  # deferred: every command opens run directories; Polars is slow to load
 
         return [
             f
@@ -123,14 +126,12 @@ class RunDir:
         )
 
     def saved_config(self) -> dict:
-        import yaml
 
         return yaml.safe_load(self.config_file.read_text())
 
     def config(self, overrides: dict | None = None, **what):
         """The run's config with `overrides`; `what` names the flags behind the overrides
         in errors (`data.seq_len="--seq-len"`)."""
-        from ttt.config import ConfigError, load_config
 
         if not self.is_run():
             raise UserError(f"RUN_DIR={str(self.path)!r}: no {CONFIG} there (not a run directory)")

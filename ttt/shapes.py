@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 CONV = 4  # the recurrent layers' short convolution (both authors' default)
 GDN_EXPAND_K, GDN_EXPAND_V = 0.75, 1.5  # Gated DeltaNet: key and value widths over d
 MAMBA_EXPAND, MAMBA_HEAD = 2, 64  # Mamba 2: inner width over d, channels per head
@@ -91,8 +94,6 @@ def matched_mlp(m) -> int:
     """The MLP hidden size that gives the model the parameters of `full` with MLP
     `m.mlp` (to a multiple of `MLP_MULTIPLE` and of `fast_heads`, which splits the prime
     MLP). The count is linear in the MLP width, so two evaluations solve it."""
-    import dataclasses
-    import math
 
     target = model_params(dataclasses.replace(m, mixer="full"))
     at = lambda mlp: model_params(dataclasses.replace(m, mlp=mlp))  # noqa: E731

@@ -8,6 +8,9 @@ import typer
 
 from ttt.entry import run_entry
 
+# deferred imports: a command imports what it runs inside its own function, so that
+# `ttt --help` and the light commands load neither JAX, Ray nor MLflow.
+
 app = typer.Typer(
     name="ttt",
     help="Run, track and plot End-to-End Test-Time Training (TTT-E2E) experiments.",

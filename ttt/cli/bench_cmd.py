@@ -10,6 +10,9 @@ import typer
 from ttt.cli.config_cmd import split_source
 from ttt.errors import UserError
 
+# deferred imports: a command imports what it runs inside its own function, so that
+# `ttt --help` and the light commands load neither JAX, Ray nor MLflow.
+
 app = typer.Typer(help="Measure step time, tokens/s, MFU and compile time.", no_args_is_help=True)
 
 

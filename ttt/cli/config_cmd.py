@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import typer
 
+# deferred imports: a command imports what it runs inside its own function, so that
+# `ttt --help` and the light commands load neither JAX, Ray nor MLflow.
+
 app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
 
 

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import typer
 
+# deferred imports: a command imports what it runs inside its own function, so that
+# `ttt --help` and the light commands load neither JAX, Ray nor MLflow.
+
 app = typer.Typer(help="Prepare text corpora in the reference Zarr layout.", no_args_is_help=True)
 
 

@@ -10,6 +10,9 @@ import typer
 from ttt.cli import options
 from ttt.errors import UserError
 
+# deferred imports: a command imports what it runs inside its own function, so that
+# `ttt --help` and the light commands load neither JAX, Ray nor MLflow.
+
 
 def evaluate(
     run_dir: Path = typer.Argument(
@@ -136,11 +139,11 @@ def describe(m, previous: dict) -> list[str]:
                 f"{_pm(r['accuracy'], r['accuracy_se'])} over {r['queries']} queries, answer "
                 f"NLL {r['nll']:.4f}"
             )
-    if m.kind == "noinner":
-        on = previous[("loss", m.seq_len)].summary["loss"]
+    if m.without_inner is not None:
+        off = previous[("noinner", m.seq_len)].summary["loss"]
         lines.append(
-            f"test-time updates: loss {s['loss']:.4f} without, {on:.4f} with "
-            f"({s['loss'] - on:+.4f} nats bought){figures}"
+            f"test-time updates: loss {off:.4f} without, {s['loss']:.4f} with "
+            f"({off - s['loss']:+.4f} nats bought){figures}"
         )
     elif figures:
         lines.append(figures.removeprefix("; "))

@@ -10,6 +10,9 @@ import typer
 
 from ttt.errors import Interrupted, UserError
 
+# deferred imports: a command imports what it runs inside its own function, so that
+# `ttt --help` and the light commands load neither JAX, Ray nor MLflow.
+
 
 def generate(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory."),

@@ -8,6 +8,9 @@ import typer
 
 from ttt.cli.config_cmd import split_source
 
+# deferred imports: a command imports what it runs inside its own function, so that
+# `ttt --help` and the light commands load neither JAX, Ray nor MLflow.
+
 # What the weights cannot tell: how the model read its context when it was trained.
 ASSUMED = ("model.window", "ttt.chunk", "ttt.inner_lr")
 

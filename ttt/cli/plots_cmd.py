@@ -6,6 +6,9 @@ from pathlib import Path
 
 import typer
 
+# deferred imports: a command imports what it runs inside its own function, so that
+# `ttt --help` and the light commands load neither JAX, Ray nor MLflow.
+
 
 def plots(
     experiment: list[str] = typer.Option(

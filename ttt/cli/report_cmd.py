@@ -9,6 +9,9 @@ import typer
 from ttt.cli import options
 from ttt.errors import UserError
 
+# deferred imports: a command imports what it runs inside its own function, so that
+# `ttt --help` and the light commands load neither JAX, Ray nor MLflow.
+
 
 def report(
     experiment: list[str] = typer.Option(

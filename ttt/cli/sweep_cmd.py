@@ -9,6 +9,9 @@ import typer
 from ttt import process
 from ttt.errors import UserError
 
+# deferred imports: a command imports what it runs inside its own function, so that
+# `ttt --help` and the light commands load neither JAX, Ray nor MLflow.
+
 app = typer.Typer(help="Run sweeps on Ray Tune, tracked in MLflow.", no_args_is_help=True)
 
 

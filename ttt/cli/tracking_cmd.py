@@ -11,6 +11,9 @@ import typer
 
 from ttt import process
 
+# deferred imports: a command imports what it runs inside its own function, so that
+# `ttt --help` and the light commands load neither JAX, Ray nor MLflow.
+
 app = typer.Typer(help="MLflow tracking server for multi-node sweeps.", no_args_is_help=True)
 
 

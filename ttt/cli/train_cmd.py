@@ -11,6 +11,9 @@ from ttt.cli.config_cmd import split_source
 from ttt.errors import Interrupted
 from ttt.tracking import optional_uri
 
+# deferred imports: a command imports what it runs inside its own function, so that
+# `ttt --help` and the light commands load neither JAX, Ray nor MLflow.
+
 
 def default_out(cfg) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ttt.data.loader import dataset_root, open_split
 from ttt.errors import UserError
+from ttt.paths import cache_root
 
 ORDERS = 5
 SMOOTHING = "interpolated Kneser-Ney (one discount per order, D = n1 / (n1 + 2 n2))"
@@ -246,7 +248,6 @@ def cached(root: Path, fingerprint: str) -> Floors | None:
 
 
 def _fallback(fingerprint: str) -> Path:
-    from ttt.paths import cache_root
 
     return cache_root() / "floors" / f"{fingerprint}.json"
 
@@ -268,7 +269,6 @@ def _store(root: Path, floors: Floors) -> Path:
 
 def floors_of(source: str, cache_dir: str = "", orders: int = ORDERS) -> Floors:
     """The floors of a dataset (`data.source`), computed once per content fingerprint."""
-    from ttt.data.loader import dataset_root, open_split
 
     if source == "recall":
         raise UserError(

@@ -68,6 +68,7 @@ def dataset_root(source: str, cache_dir: str = "") -> Path:
 
 
 def open_split(source: str, split: str, cache_dir: str = "") -> TokenSplit:
+    # deferred: ttt.config imports this module; zarr loads only when a dataset is opened
     import zarr
 
     root = dataset_root(source, cache_dir)

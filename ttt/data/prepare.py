@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
+from tqdm import tqdm
 
 from ttt.data.tokenizer import TextTokenizer, byte_tokenizer
 from ttt.errors import UserError
@@ -96,8 +98,8 @@ def fingerprint(files: Iterable[Path], root: Path | None, tokenizer: str = "byte
 
 
 def write_tokens(root: Path, split: str, tokens: np.ndarray, bos_id: int) -> None:
-    import zarr
-    from zarr.codecs import BloscCodec
+    import zarr  # deferred: zarr loads only when a dataset is written
+    from zarr.codecs import BloscCodec  # deferred: with zarr
 
     zarr.create_array(
         store=str(root / split),
@@ -126,7 +128,6 @@ def prepare(
 ) -> dict:
     """Tokenise `source` into `out` (bytes unless a `tokenizer` is given); a no-op when
     `out` already holds the same content tokenised the same way."""
-    from tqdm import tqdm
 
     tok = tokenizer or byte_tokenizer()
     files, root = resolve_files(source)
@@ -196,7 +197,6 @@ def prepare(
 def builtin_dataset(source: str = "stdlib", cache_dir: str = "", progress: bool = False) -> Path:
     """A built-in corpus (`BUILTIN`), prepared on first use; concurrent trials wait on one
     lock. Named by the interpreter's version, whose sources (or docs) it holds."""
-    from filelock import FileLock
 
     root = cache_root(cache_dir)
     version = f"{sys.version_info.major}.{sys.version_info.minor}"

@@ -57,7 +57,7 @@ def load_tokenizer(spec: str | None, bos_token: str | None = None) -> TextTokeni
             f"--tokenizer={spec!r}: no such local file; nothing is downloaded at run time, so "
             "save the tokenizer.json (e.g. from the model's repository) and pass its path"
         )
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # deferred: tokenizers is needed only for a tokenizer.json
 
     try:
         tok = Tokenizer.from_file(str(path))

@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from ttt import compile_cache
+from ttt.data.loader import Dataset
 from ttt.errors import UserError
 from ttt.evaluation.weights import LoadedRun, open_data
 from ttt.rundir import RunDir
@@ -134,8 +135,6 @@ def tokens(run: LoadedRun, tokens: np.ndarray, source: Path, out: Path) -> Token
         )
     bos = run.info.get("bos_id")
     if bos is None:
-        from ttt.data.loader import Dataset
-
         bos = Dataset(run.cfg, first="val").bos_id
     tokens = tokens.astype(np.int32)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]

@@ -13,8 +13,9 @@ The measurements (`Measurement.kind`):
 
 What is done with a measurement besides returning it is the caller's: `Sinks.render`
 draws its figures (the CLI passes `analysis.run_figures.render_measurement`), `Sinks.track`
-records it (`ttt.tracking.records.EvalTracker`). Both see measurements in order, so a
-`noinner` one comes after the `loss` one of its length.
+records it (`ttt.tracking.records.EvalTracker`). Both see measurements in order: at
+each length telemetry, then `noinner`, then the loss (which names the `noinner` table
+of its length, for the figure of what the updates bought).
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class Measurement:
     tables: list[Path]  # what it wrote (the first is its main table)
     table: object = None  # a Polars frame for telemetry, niah and recall; else None
     figures: list[Path] = field(default_factory=list)  # drawn by the render sink
-    with_inner: Path | None = None  # noinner: the loss table of the same length
+    # loss with `--no-inner`: the table of the same length with the updates skipped
+    without_inner: Path | None = None
 
 
 @dataclass
@@ -175,14 +177,16 @@ def _lengths(run_dir: Path, weights: LoadedRun, configs: list[Config], request: 
         if request.telemetry:
             path, table = measure.telemetry(run, run_dir, request.max_batches)
             yield Measurement("telemetry", t, telemetry_summary(table), [path], table)
+        off_path = None
+        if request.no_inner:  # first, as `ttt eval` has always printed them
+            off_path = rd.nll_table(t, inner=False)
+            _, off = measure.loss(run, off_path, request.max_batches, inner=False)
+            yield Measurement("noinner", t, off, _written(off_path))
         kind = "recall" if request.task == "recall" else "loss"
         on_path = rd.nll_table(t, task=kind)
         result, summary = measure.loss(run, on_path, request.max_batches)
-        yield Measurement(kind, t, summary, _written(on_path), _recall_frame(result))
-        if request.no_inner:
-            off_path = rd.nll_table(t, inner=False)
-            _, off = measure.loss(run, off_path, request.max_batches, inner=False)
-            yield Measurement("noinner", t, off, _written(off_path), with_inner=on_path)
+        yield Measurement(kind, t, summary, _written(on_path), _recall_frame(result),
+                          without_inner=off_path)  # fmt: skip
 
 
 def _written(path: Path) -> list[Path]:

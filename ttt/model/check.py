@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt.model.kernels import resolve
-from ttt.model.loop import loss_fn
+from ttt.model.loop import carry_window, loss_fn
 from ttt.model.transformer import create_model
 
 
@@ -34,7 +34,6 @@ def chunked_and_whole(attn, x: jax.Array, window: int, chunk: int):
     """One attention layer over `x` (T, d) twice: chunk by chunk, each chunk over a
     carried window of the previous keys and values, and over the whole sequence at once.
     Sliding-window attention makes the two equal."""
-    from ttt.model.loop import carry_window
 
     pos = jnp.arange(x.shape[0])
     whole, _ = attn(x, pos, window)

@@ -20,6 +20,7 @@ inner loop of evaluation); the rest of the prompt, up to one chunk, goes token b
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import jax
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ttt import compile_cache
 from ttt.config import Config
 from ttt.model.kernels import Kernels, resolve
 from ttt.model.kvb import FastState
@@ -108,7 +110,6 @@ class Decoder:
         self.recurrent = m.mixer in RECURRENT
         self.prefix_size = max_len if self.window is None or self.full is not None else self.window
         self.heads, self.head_dim = m.heads, m.width // m.heads
-        from ttt import compile_cache
 
         # From the executable cache: a second `ttt generate` on the run starts in seconds.
         # The name carries what the functions bake in as constants beyond the shape key.
@@ -361,7 +362,6 @@ def generate(
     """Continue `prompt` by up to `max_new_tokens`, stopping after a token in `stop`.
     `on_token(token)` sees each new token as soon as it is sampled (a stream that Ctrl-C
     leaves intact up to there)."""
-    import time
 
     rng = np.random.default_rng(seed)
     begin = time.perf_counter()

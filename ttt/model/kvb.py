@@ -24,6 +24,7 @@ prediction) differentiates through the updates, so TTT-KVB is meta-learned too.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import jax
@@ -130,7 +131,6 @@ def kvb_step(state: FastState, q, k, v, lr, t, chunk: int, loss: str, output: st
 
 
 def _inv_softplus(x: float) -> float:
-    import math
 
     return x + math.log(-math.expm1(-x))
 

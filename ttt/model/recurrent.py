@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt.config import ModelConfig
+from ttt.model.layers import INIT_STD
 from ttt.shapes import CONV, gdn_dims, mamba_dims
 
 CHUNK = 64  # tokens per chunk of the parallel form (flash-linear-attention's default)
@@ -103,7 +104,6 @@ def _conv_init(rngs: nnx.Rngs, channels: int, dtype) -> jax.Array:
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype):
-    from ttt.model.layers import INIT_STD
 
     return INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
 

@@ -26,7 +26,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import polars as pl
+from jax.experimental import multihost_utils
 
+from ttt.rundir import companion
 from ttt.stats import context_spans, log_bin, ratio_mean_se
 
 
@@ -55,9 +58,6 @@ class EvalResult:
     def write_parquet(self, path: Path) -> Path:
         """The per-position table at `path`, and beside it (`companion`) the bins and,
         for the recall task, the accuracy by distance."""
-        import polars as pl
-
-        from ttt.rundir import companion
 
         path.parent.mkdir(parents=True, exist_ok=True)
         pl.DataFrame(
@@ -211,7 +211,5 @@ def evaluate(eval_step, params, loader, max_batches: int, eta: float, put,
 
 def _gather(x):
     if jax.process_count() > 1:  # rows live on other processes' devices
-        from jax.experimental import multihost_utils
-
         x = multihost_utils.process_allgather(x, tiled=True)
     return jax.device_get(x)

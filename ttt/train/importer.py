@@ -13,13 +13,19 @@ import shutil
 import typing
 from pathlib import Path
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from flax import nnx
 
 from ttt.config import PRESETS, Config, ConfigError, load_config, parse_overrides
 from ttt.errors import UserError
-from ttt.model import reference
+from ttt.model import abstract_model, reference
 from ttt.model.transformer import split_layers
 from ttt.rundir import RunDir
+from ttt.train.checkpoint import Checkpoints
 
 LLAMA3_BOS = 128000
 ITEM = "model_weights"
@@ -32,7 +38,6 @@ REFERENCE_CHECKPOINTS = "checkpoints"
 def _manager_dir(ckpt: str):
     """The CheckpointManager directory: CKPT itself, or CKPT/checkpoints (a run directory
     of the reference code)."""
-    from etils import epath
 
     # Absolute: Orbax's metadata call resolves a relative step path to nothing.
     path = epath.Path(Path(ckpt).expanduser().absolute())
@@ -51,9 +56,6 @@ def _manager_dir(ckpt: str):
 
 def read_weights(ckpt: str, step: int | None = None) -> tuple[dict, int]:
     """(flat name -> NumPy array, step) of a reference checkpoint's `model_weights`."""
-    import jax
-    import orbax.checkpoint as ocp
-    from absl import logging
 
     # Orbax warns, for a read-only manager and for an item read without the manager,
     # about things that are expected here.
@@ -147,11 +149,6 @@ def import_reference(
 ) -> tuple[Config, int]:
     """Write RUN (`config.yaml`, `run.json`, `checkpoints/<step>/`) from a reference
     checkpoint; returns the config and the step."""
-    import jax
-    from flax import nnx
-
-    from ttt.model import abstract_model
-    from ttt.train.checkpoint import Checkpoints
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -216,7 +213,6 @@ def write_reference_checkpoint(directory: str | Path, step: int, weights: dict) 
     """A checkpoint in the reference's layout (`<directory>/<step>/model_weights`) from its
     nested `model_weights` tree (`reference.from_ours`); what tests and the import
     benchmark read back."""
-    import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
     with ocp.CheckpointManager(directory) as manager:

@@ -60,7 +60,7 @@ class Verdict:
 
 
 def _sign(claim: Claim) -> int:
-    return 1 if claim.expect == "positive" else -1
+    return 1 if claim.expect == "positive" else -1  # "negative", "not_positive"
 
 
 def _point_call(claim: Claim, p: Point) -> str:
@@ -70,6 +70,8 @@ def _point_call(claim: Claim, p: Point) -> str:
         return "support" if s > 0 else "contradict"
     if math.isnan(p.lo) or math.isnan(p.hi) or p.pairs < 2:
         return "undecided"  # one seed: no interval, no call
+    if claim.expect == "not_positive":  # "does not grow": all of the interval at or below 0
+        return "contradict" if p.lo > 0 else "support" if p.hi <= 0 else "undecided"
     if p.noise or p.lo <= 0 <= p.hi:
         return "undecided"
     return "support" if s > 0 else "contradict"

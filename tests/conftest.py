@@ -128,3 +128,51 @@ def reference_data(tmp_path_factory):
         write_tokens(data, split, tokens, bos_id=0)
     (data / "meta.json").write_text('{"bos_id": 0, "vocab_size": 256}')
     return data
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def wait_until(check, what: str, timeout: float = 120, every: float = 1.0):
+    """`check()`'s first true value, or a failure naming `what` after `timeout` s."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def headless_browser():
+    """Debian's Chromium through its driver, in a fresh profile and with no calls home
+    (this machine has no network); skips, saying why, where it is not installed."""
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip(
+            "no browser: install Debian's Chromium and its driver "
+            "(apt-get install chromium chromium-driver) to run the browser test"
+        )
+    import tempfile
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        f"--user-data-dir={tempfile.mkdtemp(prefix='chrome-')}",
+    ):
+        options.add_argument(arg)  # fmt: skip
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)

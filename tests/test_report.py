@@ -4,6 +4,7 @@ stores whose losses are known, and the command as a user types it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,58 @@ def test_report_command_writes_the_page_and_its_mistakes_are_one_line(tmp_path, 
             main(argv)
         err = capsys.readouterr().err.strip()
         assert exc.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+@pytest.mark.slow
+def test_the_page_renders_its_figures_and_its_links_open_the_runs(tmp_path):
+    """The report as a user opens it: in a fresh headless Chromium, every embedded figure
+    decodes, and a run's link opens that run in the MLflow UI (`ttt ui`)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from conftest import headless_browser, wait_until
+    from selenium.webdriver.common.by import By
+
+    win = {("full", 0): 1.60, ("full", 1): 1.62, ("ttt_e2e", 0): 1.50, ("ttt_e2e", 1): 1.51}
+    uri = store(tmp_path, win, seq_lens=(256, 1024))
+    with pytest.raises(SystemExit):
+        main(["report", "--out", str(tmp_path / "rep"), "--tracking-uri", uri, "--no-log"])
+    driver = headless_browser()
+    port = 5300 + os.getpid() % 500
+    ui = subprocess.Popen([sys.executable, "-m", "ttt.cli", "ui", "--tracking-uri", uri,
+                           "--port", str(port)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    shots = Path(__file__).parent.parent / "build" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    try:
+        driver.get((tmp_path / "rep" / "report.html").as_uri())
+        images = driver.find_elements(By.TAG_NAME, "img")
+        assert images and all(
+            driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)
+            for i in images
+        )
+        assert (
+            "fig1.ttt_at_or_below_full: supported" in driver.find_element(By.TAG_NAME, "body").text
+        )
+        driver.save_screenshot(str(shots / "report.png"))
+        link = driver.find_elements(By.CSS_SELECTOR, "a.run")[0]
+        name, href = link.text, link.get_attribute("href")
+
+        def up():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            except OSError:
+                return None
+
+        wait_until(up, "ttt ui", timeout=120)
+        driver.get(href.replace("127.0.0.1:5000", f"127.0.0.1:{port}"))
+        wait_until(lambda: name in driver.find_element(By.TAG_NAME, "body").text,
+                   f"the run page of {name}", timeout=90)  # fmt: skip
+        driver.save_screenshot(str(shots / "report-run-link.png"))
+    finally:
+        driver.quit()
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)

@@ -22,6 +22,7 @@ from analysis import recipes
 from analysis.recipes import Data
 from analysis.style import (
     COLORS,
+    LINESTYLES,
     PAPER_METHOD,
     context_axis,
     floor_lines,
@@ -86,8 +87,8 @@ def _context_length(t):
     b.set(
         xlabel="context length (tokens)",
         ylabel="loss - full attention (nats)",
-        title=f"Loss difference to full attention ({interval_note(d)})",
     )
+    b.set_title(f"Loss difference to full attention\n({interval_note(d)})", fontsize=9)
     for ax in (a, b):
         ax.legend(fontsize=7)
     return fig
@@ -163,22 +164,23 @@ def draw_token_index(t):
     fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(11 if paired else 6, 4), squeeze=False)
     ax = axes[0][0]
     group = "line" if "line" in t.columns else "method"
+    per_method: dict = {}
     for key, g in t.group_by(group, maintain_order=True):
         g = g.filter(pl.col("position") > 0).sort("position")
-        color = COLORS.get(g["method"][0])
+        method = g["method"][0]
+        color = COLORS.get(method)
+        k = per_method[method] = per_method.get(method, -1) + 1  # its lines differ in style
         ax.plot(g["position"], g["mean"], color=color, lw=0.5, alpha=0.3)
-        line = ax.plot(g["position"], g["binned"], label=key[0], color=color, lw=1.5)[0]
+        line = ax.plot(g["position"], g["binned"], label=key[0], color=color, lw=1.5,
+                       ls=LINESTYLES[k % len(LINESTYLES)])[0]  # fmt: skip
         if "binned_se" in g.columns and g["binned_se"].is_not_null().any():
             half = 1.96 * g["binned_se"].fill_null(0.0)
             ax.fill_between(g["position"], g["binned"] - half, g["binned"] + half,
                             color=line.get_color(), alpha=0.25, lw=0)  # fmt: skip
     ax.set_xscale("log")
-    ax.set(
-        xlabel="token index (log scale)",
-        ylabel="NLL (nats/token)",
-        title="Loss by token index (faint: per position; bold: log-binned,\nband: 95% "
-        "interval of the evaluation over held-out sequences; position 0 not drawn on log x)",
-    )
+    ax.set(xlabel="token index (log scale; position 0 not drawn)", ylabel="NLL (nats/token)")
+    ax.set_title("Loss by token index\n(faint: per position; bold: log-binned; band: 95% over "
+                 "held-out sequences)", fontsize=9)  # fmt: skip
     ax.legend(fontsize=7)
     if paired:  # one point per bin, at the bin's first position
         d = (
@@ -196,8 +198,9 @@ def draw_token_index(t):
         lines(b, d, "position", "delta", "delta_lo", "delta_hi")
         b.axhline(0, color="black", lw=0.8)
         b.set_xscale("log")
-        b.set(xlabel="token index (log scale)", ylabel="NLL - full attention's (nats)",
-              title=f"Difference to full attention ({interval_note(d)})")  # fmt: skip
+        b.set(xlabel="token index (log scale; position 0 not drawn)",
+              ylabel="NLL - full attention's (nats)")  # fmt: skip
+        b.set_title(f"Difference to full attention\n({interval_note(d)})", fontsize=9)
         b.legend(fontsize=7)
     return fig
 
@@ -217,7 +220,8 @@ def _ladder(t):
     within_noise(a, paired.with_columns(pl.Series("rung_x", x)).filter(pl.col("method") != "swa"),
                  "rung_x")  # fmt: skip
     rungs = t.filter(pl.col("method") != "swa")
-    a.set(ylabel="loss minus SWA's (nats)", title=f"This store ({interval_note(rungs)})")
+    a.set(ylabel="loss minus SWA's (nats)")
+    a.set_title(f"This store\n({interval_note(rungs)})", fontsize=9)
     if "paper_loss" in t.columns and t["paper_loss"].is_not_null().any():
         p_swa = t.filter(pl.col("method") == "swa")["paper_loss"]
         ref = p_swa[0] if p_swa.len() else 0.0
@@ -250,7 +254,8 @@ def _one_axis(x: str, xlabel: str, ylabel: str, title: str, log: bool = True, un
             ax.xaxis.set_minor_formatter(NullFormatter())
         seeds = int(t["runs"].max()) if "runs" in t.columns and t.height else 0
         band = "band: min-max over seeds" if seeds > 1 else "one seed: no band"
-        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{title} ({band})")
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.set_title(f"{title}\n({band})", fontsize=9)
         ax.legend(fontsize=7)
         return fig
 

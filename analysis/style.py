@@ -186,10 +186,20 @@ def floor_lines(ax, floors: dict, orders=(1, 2, 3, 4, 5)) -> None:
     loss above the bigram line has not yet learned local statistics."""
 
     many = len(floors) > 1
+    low, _ = ax.get_ylim()  # the data's own range: far floors are named, not drawn
+    below = []
     for source, f in floors.items():
+        drawn_below = False
         for order in orders:
             if order not in f.orders:
                 continue
             name = NAMES[order] + (f" ({source})" if many else "")
-            ax.axhline(f.orders[order], color="0.55", lw=0.8, ls=FLOOR_STYLE.get(order, ":"),
-                       label=f"{name} floor {f.orders[order]:.2f}", zorder=0)  # fmt: skip
+            value = f.orders[order]
+            if value < low and drawn_below:
+                below.append(f"{name} {value:.2f}")
+                continue
+            drawn_below |= value < low
+            ax.axhline(value, color="0.55", lw=0.8, ls=FLOOR_STYLE.get(order, ":"),
+                       label=f"{name} floor {value:.2f}", zorder=0)  # fmt: skip
+    if below:
+        ax.plot([], [], " ", label="below the axis: " + ", ".join(below))

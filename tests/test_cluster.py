@@ -363,6 +363,7 @@ def test_sweep_on_two_nodes_with_one_tracking_server(tmp_path, corpus, two_nodes
             "eval/nll_by_position.parquet",
             "eval/nll_by_position.png",
             "eval/nll_by_position_binned.csv",
+            "eval/nll_by_position_bins.parquet",
         ]
     assert not (tmp_path / "mlflow.db").exists()  # nothing fell back to a local store
 

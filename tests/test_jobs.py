@@ -208,9 +208,10 @@ def test_status_and_watch_read_the_record_while_running_and_after(sweeps):
     assert status.returncode == 0, status.stderr
     lines = status.stdout.splitlines()
     assert lines[0] == "sweep long (running): 1 running", status.stdout
-    (row,) = [ln.split() for ln in lines if " running " in ln]
-    step, total = row[-6].split("/")
-    assert total == "2000" and int(step) >= 1 and row[-2].endswith(("s", "m")), row
+    (head,) = [ln.split() for ln in lines if ln.split()[:1] == ["trial"]]
+    (row,) = [dict(zip(head, ln.split())) for ln in lines if " running " in ln]
+    step, total = row["step"].split("/")
+    assert total == "2000" and int(step) >= 1 and row["eta"].endswith(("s", "m")), row
     # The finished sweep: `watch` draws the table once and ends with the sweep's outcome.
     watch = ttt("sweep", "watch", "short", *uri, env=sweeps.env, cwd=sweeps.tmp)
     assert watch.returncode == 0, watch.stderr
@@ -305,7 +306,7 @@ def test_mlflow_reads_well(sweeps):
         assert run.data.tags["mlflow.source.name"] == "ttt sweep run (short, stage main)"
         files = {a.path for a in c.list_artifacts(run_id, "eval")}
         assert files == {
-            f"eval/nll_by_position{suffix}" for suffix in (".parquet", ".png", "_binned.csv")
+            f"eval/nll_by_position{suffix}" for suffix in (".parquet", ".png", "_binned.csv", "_bins.parquet")
         }
         local = Path(c.download_artifacts(run_id, "eval/nll_by_position_binned.csv"))
         head, *rows = local.read_text().splitlines()

@@ -123,6 +123,7 @@ def test_a_single_run_is_tracked_like_a_trial(tmp_path, corpus, monkeypatch, cap
         "eval/nll_by_position.parquet",
         "eval/nll_by_position.png",
         "eval/nll_by_position_binned.csv",
+            "eval/nll_by_position_bins.parquet",
     ]
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "finished" and info["step"] == 5

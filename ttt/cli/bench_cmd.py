@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ttt.cli import options
 from ttt.cli.config_cmd import split_source
 from ttt.errors import UserError
 
@@ -76,9 +77,7 @@ _MIXERS = typer.Option("full,swa,ttt_e2e", help="Comma-separated mixers to compa
 _STEPS = typer.Option(5, min=1, help="Timed steps (median reported).")
 _WARMUP = typer.Option(1, min=0, help="Untimed steps after compile.")
 _OUT = typer.Option(None, "--json", help="Write the rows as JSON here.")
-_URI = typer.Option(
-    None, "--tracking-uri", help="Also log each row to MLflow (experiment 'bench')."
-)
+_URI = options.tracking_uri("Also log each row to MLflow, experiment 'bench'", "off without it")
 
 
 def _timing_command(mode: str, doc: str):

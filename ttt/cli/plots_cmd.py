@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from ttt.cli import options
+
 # deferred imports: a command imports what it runs inside its own function, so that
 # `ttt --help` and the light commands load neither JAX, Ray nor MLflow.
 
@@ -14,9 +16,7 @@ def plots(
     experiment: list[str] = typer.Option(
         None, "--experiment", "-e", help="Sweep name(s); default all."
     ),
-    tracking_uri: str = typer.Option(
-        None, "--tracking-uri", help="Default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db."
-    ),
+    tracking_uri: str = options.tracking_uri(),
     out: Path = typer.Option(Path("figures"), "--out", help="Folder for the figures."),
     fmt: str = typer.Option("png,pdf", "--format", help="Comma-separated image formats."),
 ) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ttt import process
+from ttt.cli import options
 from ttt.errors import UserError
 
 # deferred imports: a command imports what it runs inside its own function, so that
@@ -69,9 +70,7 @@ def run(
         help="An existing Ray cluster HOST:PORT (default: this machine's local cluster, "
         "started if none runs).",
     ),
-    tracking_uri: str = typer.Option(
-        None, "--tracking-uri", help="MLflow URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)."
-    ),
+    tracking_uri: str = options.tracking_uri(),
     storage_path: str = _STORAGE,
     dry_run: bool = typer.Option(
         False,
@@ -176,11 +175,7 @@ def cluster(
             typer.echo(f"  {j.submission_id}  {j.status.value}  sweep {sweep}")
 
 
-_URI = typer.Option(
-    None,
-    "--tracking-uri",
-    help="The sweep's MLflow store (default $MLFLOW_TRACKING_URI, else ./mlflow.db).",
-)
+_URI = options.tracking_uri("The sweep's MLflow store")
 
 
 @app.command("status")

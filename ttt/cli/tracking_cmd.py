@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from ttt import process
+from ttt.cli import options
 
 # deferred imports: a command imports what it runs inside its own function, so that
 # `ttt --help` and the light commands load neither JAX, Ray nor MLflow.
@@ -92,9 +93,7 @@ def serve(
 
 
 def ui(
-    tracking_uri: str = typer.Option(
-        None, "--tracking-uri", help="Default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db."
-    ),
+    tracking_uri: str = options.tracking_uri(),
     port: int = typer.Option(5000, "--port"),
     workers: int = typer.Option(1, "--workers", help="Server processes (one is enough locally)."),
 ) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ttt.cli import options
 from ttt.cli.config_cmd import split_source
 from ttt.errors import Interrupted
 from ttt.tracking import optional_uri
@@ -35,12 +36,10 @@ def train(
     ),
     num_processes: int = typer.Option(1, "--num-processes"),
     process_id: int = typer.Option(0, "--process-id"),
-    tracking_uri: str = typer.Option(
-        None,
-        "--tracking-uri",
-        help="Track the run in MLflow here (or set MLFLOW_TRACKING_URI); untracked otherwise.",
+    tracking_uri: str = options.tracking_uri(
+        "Track the run in MLflow here", "or set MLFLOW_TRACKING_URI; untracked otherwise"
     ),
-    experiment: str = typer.Option("runs", "--experiment", "-e", help="MLflow experiment."),
+    experiment: str = options.experiment("runs"),
     system_metrics: bool = typer.Option(
         True, "--system-metrics/--no-system-metrics", help="Log CPU/memory/GPU use to MLflow."
     ),

@@ -6,17 +6,21 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ttt.data.loader import dataset_root
+from ttt.data.prepare import read_meta
 from ttt.data.tokenizer import TextTokenizer, load_tokenizer
 from ttt.errors import UserError
 from ttt.rundir import require_bos
+from ttt.train.checkpoint import read_run_info
+
+# deferred imports: ttt.evaluation and ttt.model.decode are imported inside the functions
+# that use them, because ttt.evaluation's package imports ttt.niah, which imports
+# `open_run` from this module.
 
 
 def dataset_tokenizer(cfg) -> str | None:
     """The tokenizer that prepared the run's dataset, as its meta.json names it: a file
     inside the dataset (newer datasets keep a copy), else the path it was prepared with."""
-    from ttt.data.loader import dataset_root
-    from ttt.data.prepare import read_meta
-
     try:
         root = dataset_root(cfg.data.source, cfg.data.cache_dir)
     except UserError:
@@ -34,7 +38,6 @@ def open_run(run_dir: Path, spec: str | None = None, required: bool = True):
     tokenizer's BOS must be the run's. With `required` off, a run without a usable
     tokenizer gives None (it can still take and give token ids)."""
     from ttt.evaluation.weights import run_config
-    from ttt.train.checkpoint import read_run_info
 
     cfg, info = run_config(run_dir), read_run_info(run_dir)
     given = spec is not None

@@ -223,8 +223,9 @@ def test_the_sweeps_view_and_its_links():
     view = trials_view(["model.mixer", "ttt.inner_lr"])
     assert view["searchFilter"] == "tags.`ttt.role` = 'trial'"
     assert view["orderByKey"] == "metrics.`eval_loss`" and view["orderByAsc"] is True
-    assert view["selectedColumns"][:3] == [
-        "params.`model.mixer`", "params.`ttt.inner_lr`", "metrics.`eval_loss`",
+    assert view["selectedColumns"] == [
+        "metrics.`eval_loss`", "metrics.`final_eval_loss`", "metrics.`loss`",
+        "params.`model.mixer`", "params.`ttt.inner_lr`",
     ]  # fmt: skip
     charts = view["compareRunCharts"]
     assert [c["metricKey"] for c in charts if c["type"] == "LINE"] == ["loss", "eval_loss"]

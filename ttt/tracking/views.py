@@ -62,7 +62,7 @@ def _curve(metric: str) -> dict:
 def trials_view(swept: list[str], metric: str = "eval_loss", mode: str = "min",
                 role: str = "trial", curves=("loss", "eval_loss")) -> dict:  # fmt: skip
     """The runs page's state for a sweep's trials: only runs of `role`, best first by
-    `metric` (which also lists them flat), the swept keys and the losses as columns; the
+    `metric` (which also lists them flat), the losses and the swept keys as columns; the
     chart view's curves, then the trials' differences and parallel coordinates."""
     finals = list(dict.fromkeys([metric, "eval_loss", "final_eval_loss", "loss"]))
     charts = [
@@ -75,7 +75,8 @@ def trials_view(swept: list[str], metric: str = "eval_loss", mode: str = "min",
               selectedMetrics=[metric if metric != "eval_loss" else "final_eval_loss"],
               showAllRuns=True),
     ]  # fmt: skip
-    columns = [*(_column("params", k) for k in swept), *(_column("metrics", m) for m in finals)]
+    # the losses first: they stay in sight beside the run names on a narrow screen
+    columns = [*(_column("metrics", m) for m in finals), *(_column("params", k) for k in swept)]
     return {
         "searchFilter": f"tags.`ttt.role` = '{role}'",
         "orderByKey": _column("metrics", metric),

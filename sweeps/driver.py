@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -29,6 +30,7 @@ from ttt.errors import UserError
 from ttt.rundir import RunDir
 from ttt.settings import settings
 from ttt.tracking import MlflowRun, check_uri, find_run, resolve_uri, run_link
+from ttt.tracking.views import TRIALS_VIEW, trials_view, view_tag
 
 DEFAULT_STORAGE = "ray_results"
 
@@ -284,8 +286,9 @@ def print_monitoring(context, tracking_uri: str, experiment_id: str) -> None:
             file=sys.stderr,
         )
     serve = "" if tracking_uri.startswith("http") else f" (ttt ui --tracking-uri {tracking_uri})"
-    print(f"MLflow runs: {run_link(tracking_uri, experiment_id)}{serve}", file=sys.stderr)
-    chart = run_link(tracking_uri, experiment_id, trials_chart=True)
+    table = run_link(tracking_uri, experiment_id, view=TRIALS_VIEW)
+    print(f"MLflow runs: {table}{serve}", file=sys.stderr)
+    chart = run_link(tracking_uri, experiment_id, view=TRIALS_VIEW, charts=True)
     print(f"  the trials' loss and eval_loss side by side: {chart}", file=sys.stderr)
 
 
@@ -332,6 +335,14 @@ def open_parent(spec: SweepSpec, tracking_uri: str, storage: str) -> MlflowRun:
         parent.log_artifact(spec.path, "spec")
     note = f"Sweep {spec.name}: {spec.path}"
     parent.c.set_experiment_tag(parent.experiment_id, "mlflow.note.content", note)
+    # What the printed links open on: the trials flat, their swept keys and losses as
+    # columns, their curves (ttt.tracking.views)
+    trial = spec.task != "eval"
+    view = trials_view(swept, spec.metric, spec.mode, "trial" if trial else "eval",
+                       curves=("loss", "eval_loss") if trial else ())  # fmt: skip
+    parent.c.set_experiment_tag(parent.experiment_id, *view_tag(view, TRIALS_VIEW))
+    link = run_link(tracking_uri, parent.experiment_id, view=TRIALS_VIEW, charts=True)
+    parent.set_tags({TAG.TRIALS_VIEW: link})
     return parent
 
 
@@ -501,6 +512,9 @@ class DriverLog:
 
 # Tune's advice that does not apply to `ttt` users: TensorBoard (the runs are in MLflow).
 NOISE = ("tensorboard --logdir",)
+# Terminal escapes (Ray's and Tune's colours, cursor moves): the terminal gets them, the
+# log file (MLflow's artifact, read in a browser) does not.
+ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
 
 
 class _Tee:
@@ -513,7 +527,7 @@ class _Tee:
             self.dropped = not self.dropped
             return len(text)
         self.dropped = False
-        self.file.write(text)
+        self.file.write(ANSI.sub("", text))
         return self.stream.write(text)
 
     def flush(self) -> None:

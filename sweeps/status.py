@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ttt import tags as TAG
+from ttt.config import applies
 from ttt.data.floors import read_tag
 from ttt.errors import UserError
 
@@ -195,7 +196,7 @@ def _row(run: RunRecord, swept: list[str]) -> Row:
     row = Row(
         name=run.name or tags.get(TAG.TRIAL_NAME, run.run_id[:8]),
         stage=tags.get(TAG.STAGE, "main"),
-        point={k: params.get(k, "") for k in swept},
+        point=_point(params, swept),
         state=state,
         step=loss[1] if loss else 0,
         total=total,
@@ -232,9 +233,21 @@ def _planned(parent, swept: list[str]) -> tuple[list[dict[str, str]], str, str]:
     # another leaves to the config (model.fast_heads of a swa trial) has its config value.
     points = []
     for p in spec.points:
-        flat = spec.config(p, {}).flat()
-        points += [{k: str(flat.get(k, p.get(k, ""))) for k in swept}] * spec.num_samples
+        flat = {k: str(v) for k, v in spec.config(p, {}).flat().items()}
+        points += [_point({**{k: str(v) for k, v in p.items()}, **flat}, swept)] * spec.num_samples
     return points, spec.metric, spec.mode
+
+
+NOT_APPLICABLE = "-"
+
+
+def _point(params: dict[str, str], swept: list[str]) -> dict[str, str]:
+    """A trial's swept values as its run logs them, with `-` for a knob that does nothing
+    for its mixer (the TTT knobs of a `full` row: logged at their defaults, never used)."""
+    mixer = params.get("model.mixer", "")
+    return {
+        k: params.get(k, "") if not mixer or applies(k, mixer) else NOT_APPLICABLE for k in swept
+    }
 
 
 def read_sweep(tracking_uri: str, name: str, store=None) -> SweepView:

@@ -17,7 +17,8 @@ from ray.tune import Callback
 
 from ttt import tags as TAG
 from ttt.tracking import MlflowRun, log_eval_artifacts, run_link, run_tags
-from ttt.tracking.tracker import EVAL_PREFIXES
+from ttt.tracking.tracker import EVAL_PREFIXES, described
+from ttt.tracking.views import RUN_COLOR_TAG, TRIALS_VIEW, run_color
 
 
 def short_name(config: dict) -> str:
@@ -39,6 +40,23 @@ def short_name(config: dict) -> str:
     if start.stage:
         parts.insert(0, start.stage)
     return " ".join(parts) or "trial"
+
+
+def trial_counts(trials, changed=None, as_state: str = "") -> dict[str, int]:
+    """Tune's trials by state, with `changed` counted as `as_state`: Tune calls a
+    callback's `on_trial_start` before it marks the trial RUNNING, and its
+    `on_trial_complete` and `on_trial_error` before it marks the trial ended."""
+    counts = {"finished": 0, "running": 0, "failed": 0, "pending": 0}
+    key = {"TERMINATED": "finished", "RUNNING": "running", "ERROR": "failed"}
+    for t in trials:
+        counts[as_state if t is changed else key.get(t.status, "pending")] += 1
+    return counts
+
+
+def trial_index(trial) -> int:
+    """The trial's number in its Tune experiment (its id ends in `_00003`)."""
+    tail = trial.trial_id.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 class MlflowSweepCallback(Callback):
@@ -68,10 +86,11 @@ class MlflowSweepCallback(Callback):
         self._runs: dict[str, MlflowRun] = {}  # trial_id -> its run
         self._done: set[str] = set()  # run ids already finished
         self._nodes: dict[str, list[str]] = {}  # run_id -> node ids, in order
+        self._mfu_described: set[str] = set()  # run ids whose description names `mfu`
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for key in ("_parent", "_runs", "_done", "_nodes", "driver_log"):
+        for key in ("_parent", "_runs", "_done", "_nodes", "_mfu_described", "driver_log"):
             state.pop(key, None)
         return state
 
@@ -100,6 +119,7 @@ class MlflowSweepCallback(Callback):
             name=short_name(trial.config),
             tags={
                 **run_tags(self.role, f"ttt sweep run ({self.sweep}, stage {self.stage})"),
+                RUN_COLOR_TAG: run_color(trial_index(trial)),  # MLflow's own can collide
                 TAG.SWEEP: self.sweep,
                 TAG.STAGE: self.stage,
                 TAG.RUN_DIR: str(trial.path),
@@ -125,17 +145,13 @@ class MlflowSweepCallback(Callback):
         run.set_tags({TAG.TRIAL_NAME: str(trial)})
         link = run_link(self.tracking_uri, self.experiment_id(), run.run_id)
         print(f"trial {trial} (Ray trial {trial.trial_id}): MLflow {link}", flush=True)
-        self._update_parent(trials)
+        self._update_parent(trials, trial, "running")
 
-    def _update_parent(self, trials, ended=None, as_state: str = "") -> None:
+    def _update_parent(self, trials, changed=None, as_state: str = "") -> None:
         """The parent run as a sweep's summary while it runs: how many trials finished,
         run and failed (metrics, one point per change), the best result so far, and its
         description with a link to the best trial's run (the UI renders it as Markdown)."""
-        counts = {"finished": 0, "running": 0, "failed": 0, "pending": 0}
-        key = {"TERMINATED": "finished", "RUNNING": "running", "ERROR": "failed"}
-        for t in trials:
-            # Tune calls the callback before it sets the ended trial's status
-            counts[as_state if t is ended else key.get(t.status, "pending")] += 1
+        counts = trial_counts(trials, changed, as_state)
         # x: trials ended so far (monotone across a driver restart, unlike a call count)
         step = counts["finished"] + counts["failed"]
         metric = getattr(self, "metric", "eval_loss")  # a callback restored from older state
@@ -143,12 +159,15 @@ class MlflowSweepCallback(Callback):
         done = [
             t
             for t in trials
-            if (t.status == "TERMINATED" or (t is ended and as_state == "finished"))
+            if (t.status == "TERMINATED" or (t is changed and as_state == "finished"))
             and (t.last_result or {}).get(metric) is not None
         ]
+        curves = run_link(self.tracking_uri, self.experiment_id(), view=TRIALS_VIEW, charts=True)
         lines = [
             f"**Sweep {self.sweep}**, stage {self.stage}: "
-            + ", ".join(f"{v} {k}" for k, v in counts.items())
+            + ", ".join(f"{v} {k}" for k, v in counts.items()),
+            f"[The trials side by side]({curves}): their loss and eval_loss curves, what "
+            "differs between them, and (table view) their swept values and losses",
         ]
         if done:
             pick = min if getattr(self, "mode", "min") == "min" else max
@@ -184,6 +203,9 @@ class MlflowSweepCallback(Callback):
             result = {k: v for k, v in result.items() if k not in evaluated}
         run.log(result, step)
         tags = {}
+        if run.run_id not in self._mfu_described and (note := described(result)):
+            tags.update(note)  # the description's `mfu` line, now that it is logged
+            self._mfu_described.add(run.run_id)
         if result.get("node_id"):
             tags[TAG.NODE_ID] = result["node_id"]
             if result.get("node_ip"):

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_sweep_spec
+from conftest import headless_browser, write_sweep_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SCREENSHOTS = Path(__file__).parent.parent / "build" / "screenshots"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 def ttt(*args: str, env: dict, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -209,7 +208,7 @@ def test_status_and_watch_read_the_record_while_running_and_after(sweeps):
     lines = status.stdout.splitlines()
     assert lines[0] == "sweep long (running): 1 running", status.stdout
     (head,) = [ln.split() for ln in lines if ln.split()[:1] == ["trial"]]
-    (row,) = [dict(zip(head, ln.split())) for ln in lines if " running " in ln]
+    (row,) = [dict(zip(head, ln.split(), strict=False)) for ln in lines if " running " in ln]
     step, total = row["step"].split("/")
     assert total == "2000" and int(step) >= 1 and row["eta"].endswith(("s", "m")), row
     # The finished sweep: `watch` draws the table once and ends with the sweep's outcome.
@@ -280,6 +279,10 @@ def test_mlflow_reads_well(sweeps):
     c = MlflowClient(sweeps.uri)
     exp = c.get_experiment_by_name("short")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # the view the printed links open (the browser test opens them)
+    view = json.loads(exp.tags["mlflow.sharedViewState.ttt-trials"])
+    assert view["searchFilter"] == "tags.`ttt.role` = 'trial'"
+    assert "params.`model.mixer`" in view["selectedColumns"]
     all_runs = runs(sweeps.uri, "short")
     (parent,) = [r for r in all_runs if r.data.tags["ttt.role"] == "sweep"]
     children = [r for r in all_runs if r.data.tags["ttt.role"] == "trial"]
@@ -306,7 +309,8 @@ def test_mlflow_reads_well(sweeps):
         assert run.data.tags["mlflow.source.name"] == "ttt sweep run (short, stage main)"
         files = {a.path for a in c.list_artifacts(run_id, "eval")}
         assert files == {
-            f"eval/nll_by_position{suffix}" for suffix in (".parquet", ".png", "_binned.csv", "_bins.parquet")
+            f"eval/nll_by_position{suffix}"
+            for suffix in (".parquet", ".png", "_binned.csv", "_bins.parquet")
         }
         local = Path(c.download_artifacts(run_id, "eval/nll_by_position_binned.csv"))
         head, *rows = local.read_text().splitlines()
@@ -314,31 +318,8 @@ def test_mlflow_reads_well(sweeps):
 
 
 def _browser():
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.skip(
-            "no browser: install Debian's Chromium and its driver "
-            "(apt-get install chromium chromium-driver) to run the browser test"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,1000",
-        # no calls home: this machine has no network, and they fail slowly
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--disable-quic",
-    ):
-        options.add_argument(arg)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    """A headless Chromium in a profile of its own (tests/conftest.py)."""
+    return headless_browser()
 
 
 def _text(driver, wanted: list[str], timeout: float = 60) -> str:
@@ -374,8 +355,6 @@ def _ray_login(driver, dashboard: str) -> None:
 
 
 def test_a_browser_sees_the_running_job_and_the_finished_runs(sweeps):
-    from selenium.webdriver.common.by import By
-
     driver = _browser()
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     port = 5000 + os.getpid() % 1000
@@ -398,8 +377,8 @@ def test_a_browser_sees_the_running_job_and_the_finished_runs(sweeps):
         _text(driver, [job_id, "short-"])
         driver.save_screenshot(str(SCREENSHOTS / "ray-dashboard-jobs.png"))
 
-        # The MLflow runs list of the finished sweep, in model-training mode: the parent,
-        # expanded, shows its children by name.
+        # The two MLflow links the sweep printed, each in a browser that never opened the
+        # UI (a fresh profile): nothing to expand, sort or pick before the trials show.
         def up():
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
@@ -408,29 +387,41 @@ def test_a_browser_sees_the_running_job_and_the_finished_runs(sweeps):
                 return False
 
         wait_for(up, "ttt ui", timeout=120)
-        exp = runs(sweeps.uri, "short")[0].info.experiment_id
-        driver.get(
-            f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?workflowType=machine_learning"
-        )
-        _text(driver, ["Model training", "short", "3 matching runs"])
-        driver.find_element(
-            By.CSS_SELECTOR, "[data-component-id*='runnamecellrenderer'][type=button]"
-        ).click()
-        _text(driver, ["swa", "full"])  # the trials' short names
-        driver.save_screenshot(str(SCREENSHOTS / "mlflow-runs.png"))
-        # The link the driver prints: the trials side by side in the chart view, in a
-        # fresh browser (nothing to expand first).
-        (chart,) = [
-            ln.split(": ", 1)[1]
-            for ln in (sweeps.short_run.stdout + sweeps.short_run.stderr).splitlines()
-            if "the trials' loss and eval_loss side by side:" in ln
-        ]
-        driver.delete_all_cookies()
-        driver.execute_script("window.localStorage.clear()")
-        driver.get(chart.replace("127.0.0.1:5000", f"127.0.0.1:{port}"))
-        body = _text(driver, ["eval_loss", "loss", "swa", "full"])
-        assert "No charts" not in body
-        driver.save_screenshot(str(SCREENSHOTS / "mlflow-trials-chart.png"))
+        out = sweeps.short_run.stdout + sweeps.short_run.stderr
+        (table,) = [ln.split(": ", 1)[1].split(" (ttt ui")[0] for ln in out.splitlines()
+                    if ln.startswith("MLflow runs: ")]  # fmt: skip
+        (chart,) = [ln.split(": ", 1)[1] for ln in out.splitlines()
+                    if "the trials' loss and eval_loss side by side:" in ln]  # fmt: skip
+        (parent,) = [r for r in runs(sweeps.uri, "short") if r.data.tags["ttt.role"] == "sweep"]
+        assert parent.data.tags["ttt.trials_view"] == chart  # the same link, kept with the sweep
+        here = f"127.0.0.1:{port}"
+        # The runs link: the trials flat, best first, the swept key and the losses as columns.
+        fresh = _browser()
+        try:
+            fresh.get(table.replace("127.0.0.1:5000", here))
+            body = _text(fresh, ["swa", "full", "model.mixer", "eval_loss", "final_eval_loss",
+                                 "2 matching runs"])  # fmt: skip
+            fresh.save_screenshot(str(SCREENSHOTS / "mlflow-runs.png"))
+        finally:
+            fresh.quit()
+        # The chart link: the trials' loss and eval_loss curves, then what differs between
+        # them and the parallel coordinates of the swept key against the final eval loss.
+        fresh = _browser()
+        try:
+            fresh.get(chart.replace("127.0.0.1:5000", here))
+            # each curve drawn, one line per trial: the charts' legends name them
+            legends = [f"{m} ({k})" for m in ("swa", "full") for k in ("loss", "eval_loss")]
+            body = _text(fresh, ["Curves", "2 matching runs", *legends])
+            assert "trials_finished" not in body and "No charts" not in body, body[-2000:]
+            fresh.save_screenshot(str(SCREENSHOTS / "mlflow-trials-chart.png"))
+            fresh.execute_script(
+                "document.evaluate(\"//*[text()='Trials']\", document, null, 9, null)"
+                ".singleNodeValue.scrollIntoView()"
+            )
+            _text(fresh, ["Compare by", "model.mixer", "final_eval_loss"])
+            fresh.save_screenshot(str(SCREENSHOTS / "mlflow-trials-differences.png"))
+        finally:
+            fresh.quit()
     finally:
         driver.quit()
         os.killpg(ui.pid, signal.SIGTERM)

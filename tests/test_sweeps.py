@@ -210,7 +210,6 @@ def test_end_to_end_sweep_with_dashboard(tmp_path, corpus, ray_cluster, capsys):
             "eval/nll_by_position.parquet",
             "eval/nll_by_position.png",
             "eval/nll_by_position_binned.csv",
-            "eval/nll_by_position_bins.parquet",
             "eval/nll_by_position_bins.parquet",  # the log bins' standard errors
         ]
         assert {"eval_loss_se", "context_use", "context_use_se"} <= set(run.data.metrics)

@@ -123,7 +123,7 @@ def test_a_single_run_is_tracked_like_a_trial(tmp_path, corpus, monkeypatch, cap
         "eval/nll_by_position.parquet",
         "eval/nll_by_position.png",
         "eval/nll_by_position_binned.csv",
-            "eval/nll_by_position_bins.parquet",
+        "eval/nll_by_position_bins.parquet",
     ]
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "finished" and info["step"] == 5
@@ -212,3 +212,103 @@ def test_a_run_is_found_again_by_its_key_and_continues_after_its_last_step(tmp_p
     assert c.get_run(first.run_id).info.status == "FINISHED"  # left as it was
     other = MlflowRun.open(uri, "exp", None, name="a")  # no key: always a new run
     assert other.run_id != first.run_id
+
+
+def test_the_sweeps_view_and_its_links():
+    """What the printed links open on (the browser test in tests/test_jobs.py opens them):
+    the trials alone, best first, the swept keys and losses as columns, then the curves."""
+    from ttt.tracking import run_link
+    from ttt.tracking.views import trials_view, view_tag
+
+    view = trials_view(["model.mixer", "ttt.inner_lr"])
+    assert view["searchFilter"] == "tags.`ttt.role` = 'trial'"
+    assert view["orderByKey"] == "metrics.`eval_loss`" and view["orderByAsc"] is True
+    assert view["selectedColumns"] == [
+        "metrics.`eval_loss`", "metrics.`final_eval_loss`", "metrics.`loss`",
+        "params.`model.mixer`", "params.`ttt.inner_lr`",
+    ]  # fmt: skip
+    charts = view["compareRunCharts"]
+    assert [c["metricKey"] for c in charts if c["type"] == "LINE"] == ["loss", "eval_loss"]
+    (parallel,) = [c for c in charts if c["type"] == "PARALLEL"]
+    assert parallel["selectedParams"] == ["model.mixer", "ttt.inner_lr"]
+    name, value = view_tag(view)
+    assert name == "mlflow.sharedViewState.ttt-trials" and json.loads(value) == view
+    link = run_link("sqlite:///x.db", "3", view="ttt-trials", charts=True)
+    assert link == (
+        "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+        "&viewStateShareKey=ttt-trials&compareRunsMode=CHART"
+    )
+
+
+def test_the_parents_counters_agree_with_tune():
+    """Tune calls on_trial_start before it marks the trial RUNNING: the second trial to
+    start is counted running, not pending."""
+    from types import SimpleNamespace as T
+
+    from sweeps.tracking import trial_counts, trial_index
+
+    first, second, third = T(status="RUNNING"), T(status="PENDING"), T(status="PENDING")
+    assert trial_counts([first, second, third], second, "running") == {
+        "finished": 0, "running": 2, "failed": 0, "pending": 1,
+    }  # fmt: skip
+    assert trial_counts([first, second], first, "finished")["finished"] == 1
+    assert trial_index(T(trial_id="a1b2c_00007")) == 7
+
+
+def test_trials_get_colours_of_their_own_and_no_mfu_where_none_is_logged():
+    from ttt.tracking.tracker import described, run_tags
+    from ttt.tracking.views import run_color
+
+    assert len({run_color(i) for i in range(20)}) == 20  # MLflow's hash of the id can collide
+    assert "`mfu`" not in run_tags("trial", "ttt sweep run")["mlflow.note.content"]
+    assert described({"loss": 2.0}) == {}
+    assert "`mfu`" in described({"loss": 2.0, "mfu": 0.3})["mlflow.note.content"]
+
+
+def test_the_driver_log_keeps_no_terminal_colours(tmp_path):
+    import io
+
+    from sweeps.driver import _Tee
+
+    terminal, path = io.StringIO(), tmp_path / "driver.log"
+    with path.open("w") as f:
+        tee = _Tee(terminal, f)
+        tee.write("\x1b[36m(trial mixer=swa pid=1)\x1b[0m step 4/4  \x1b[1mloss 2.31\x1b[0m\n")
+    assert path.read_text() == "(trial mixer=swa pid=1) step 4/4  loss 2.31\n"
+    assert "\x1b[36m" in terminal.getvalue()  # the terminal still gets its colours
+
+
+def test_status_shows_a_dash_for_knobs_that_do_nothing_for_the_rows_mixer(tmp_path):
+    from analysis.synthetic import FakeRun, trial_params, write_store
+    from sweeps.status import read_sweep, render
+    from ttt import tags as TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    swept = ["model.mixer", "model.window", "ttt.inner_lr"]
+    write_store(
+        uri,
+        [
+            FakeRun("knobs", trial_params("full"), {"eval_loss": 3.0}, {"loss": [(4, 3.1)]}),
+            FakeRun(
+                "knobs",
+                trial_params("swa", model__window=32),
+                {"eval_loss": 2.9},
+                {"loss": [(4, 3.0)]},
+            ),  # fmt: skip
+            FakeRun(
+                "knobs",
+                trial_params("ttt_e2e", ttt__inner_lr=0.3),
+                {"eval_loss": 2.8},
+                {"loss": [(4, 2.9)]},
+            ),  # fmt: skip
+        ],
+        parent_tags={TAG.SWEPT: ", ".join(swept)},
+    )
+    view = read_sweep(uri, "knobs")
+    points = {r.point["model.mixer"]: r.point for r in view.rows}
+    assert points["full"] == {"model.mixer": "full", "model.window": "-", "ttt.inner_lr": "-"}
+    assert points["swa"] == {"model.mixer": "swa", "model.window": "32", "ttt.inner_lr": "-"}
+    assert points["ttt_e2e"]["ttt.inner_lr"] == "0.3" and points["ttt_e2e"]["model.window"] != "-"
+    table = render(view).splitlines()
+    (full,) = [ln.split() for ln in table if " full " in ln]  # name, its point, its state..
+    assert full[1:5] == ["full", "-", "-", "finished"], table

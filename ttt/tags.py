@@ -45,6 +45,7 @@ STORAGE_PATH = "ttt.storage_path"
 SWEPT = "ttt.swept"
 BEST_RUN = "ttt.best_run"
 BEST_RUN_ID = "ttt.best_run_id"
+TRIALS_VIEW = "ttt.trials_view"  # the UI link to the trials' curves (ttt.tracking.views)
 FLOORS = "ttt.floors"  # a sweep's datasets' n-gram floors: JSON {source: Floors as JSON}
 
 # The parts of an evaluation's key that name it in its run name (not the run dir's path)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ttt import tags as TAG
 from ttt.rundir import RunDir, companion
 from ttt.tracking.provenance import SystemSampler, provenance
-from ttt.tracking.tracker import MlflowRun, Tracker, run_tags
+from ttt.tracking.tracker import MlflowRun, Tracker, described, run_tags
 
 
 def log_eval_artifacts(run: Tracker, run_dir: Path, render=None, params=None, name="") -> None:
@@ -43,6 +43,7 @@ class MlflowReporter:
         self.render = render  # draws the eval artifacts (see log_eval_artifacts)
         self.out = Path(out_dir).absolute()
         self.system_metrics = system_metrics
+        self.mfu_described = False
         self.run: MlflowRun | None = (
             None  # opened at the first report: a start that fails records nothing
         )
@@ -80,6 +81,9 @@ class MlflowReporter:
         values = {k: v for k, v in values.items() if k != "eval_loss"}  # see evaluation()
         if step > run.last_step:  # not logged before a resume
             run.log({**values, **(self.sampler.read() if self.sampler else {})}, step)
+            if not self.mfu_described and (note := described(values)):
+                run.set_tags(note)  # the description's `mfu` line, now that it is logged
+                self.mfu_described = True
 
     def metrics(self, step: int, values: dict) -> None:
         self._log(step, values)

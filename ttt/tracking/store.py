@@ -15,7 +15,6 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ttt import tags as TAG
 from ttt.errors import UserError
 
 DEFAULT_DB = "mlflow.db"
@@ -128,18 +127,21 @@ def run_link(
     tracking_uri: str,
     experiment_id: str | None = None,
     run_id: str | None = None,
-    trials_chart: bool = False,
+    view: str | None = None,
+    charts: bool = False,
 ):
     """A UI link in model-training mode (MLflow 3 opens on GenAI traces otherwise): the
-    experiments, an experiment's runs, or one run. `trials_chart`: a sweep's trials side
-    by side in the chart view (filtered to the trials, which the UI then lists flat
-    instead of folded under the sweep's parent run)."""
+    experiments, an experiment's runs, or one run. `view`: an experiment's runs as the
+    shared view of that key shows them (`ttt.tracking.views`), in its table or, with
+    `charts`, its chart view."""
     from urllib.parse import urlencode
 
     path = "#/experiments"
     if experiment_id is not None:
         path += f"/{experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
     query = {"workflowType": "machine_learning"}
-    if trials_chart:
-        query.update(compareRunsMode="CHART", searchFilter=f"tags.`{TAG.ROLE}` = 'trial'")
+    if view is not None:
+        query["viewStateShareKey"] = view
+    if charts:
+        query["compareRunsMode"] = "CHART"
     return f"{ui_base(tracking_uri)}/{path}?{urlencode(query)}"

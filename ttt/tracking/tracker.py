@@ -43,6 +43,9 @@ STEP_METRIC = "loss"
 BATCH = 100  # MLflow's log_batch takes at most 100 params (and 1000 items)
 
 # The run description (the UI's "Description" box): what each metric is, with its unit.
+# `mfu` is logged only where the device's peak FLOP/s is known (a GPU or TPU the project
+# has a peak for, or `train.peak_flops`; never on a CPU), so its line is added by whoever
+# logs the first `mfu` (`described`).
 DESCRIPTION = """**Metrics** (x axis: optimizer step)
 - `loss`: training loss, nats per token (mean next-token cross-entropy of the outer objective)
 - `eval_loss`, `final_eval_loss`: validation loss, nats per token; `eval_loss_se`: its
@@ -55,22 +58,33 @@ DESCRIPTION = """**Metrics** (x axis: optimizer step)
 - `lr`: outer learning rate; `inner_lr`: inner (test-time) learning rate, per step (only
   where there is an inner loop)
 - `tokens_per_s`: training throughput, tokens per second (all devices)
-- `mfu`: fraction of the devices' peak FLOP/s (the tag `ttt.flops_per_token` holds the
-  model FLOPs per token it is computed from)
-- `system/...`: MLflow's system metrics, each named with its unit (percent, megabytes)
+{mfu}- `system/...`: MLflow's system metrics, each named with its unit (percent, megabytes)
 
 **Artifacts**: `eval/nll_by_position.*`: validation NLL by token position (nats per token):
 Parquet (all positions), PNG and a log-binned CSV.
 """
+MFU_LINE = """- `mfu`: fraction of the devices' peak FLOP/s (the tag `ttt.flops_per_token` holds the
+  model FLOPs per token it is computed from)
+"""
+
+
+def description(mfu: bool = False) -> str:
+    """The run description, with the `mfu` line only for a run that logs it."""
+    return DESCRIPTION.format(mfu=MFU_LINE if mfu else "")
+
+
+def described(values: dict) -> dict[str, str]:
+    """The description tag to set when `values` (a report) carries `mfu`, else nothing."""
+    return {"mlflow.note.content": description(mfu=True)} if "mfu" in values else {}
 
 
 def run_tags(role: str, source: str, **tags: str) -> dict[str, str]:
     """Tags every run this project creates: its role, the command as Source, and the
-    description with units."""
+    description with units (without `mfu` until a report carries it: `described`)."""
     return {
         TAG.ROLE: role,
         "mlflow.source.name": source,
-        "mlflow.note.content": DESCRIPTION,
+        "mlflow.note.content": description(),
         **tags,
     }
 

@@ -197,7 +197,35 @@ def _scratch_run_dir() -> Path:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             shutil.copytree(d, run_dir)
+        add_older_checkpoints(run_dir, older_tune_checkpoints(checkpoint))
     return run_dir
+
+
+def older_tune_checkpoints(checkpoint) -> list[Path]:
+    """The trial's other Tune checkpoints kept beside the latest (`num_to_keep`), newest
+    first, where they are on a local filesystem (a cloud store keeps only the latest in
+    reach: the trial then has no older one to fall back to)."""
+    import pyarrow.fs  # deferred: like Ray, loaded only in a trial's worker
+
+    if not isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return []
+    latest = Path(checkpoint.path)
+    return sorted(
+        (p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p != latest),
+        reverse=True,
+    )
+
+
+def add_older_checkpoints(run_dir: Path, older: list[Path]) -> None:
+    """The Orbax checkpoints of older Tune checkpoints, beside the latest one's in the
+    rebuilt run directory: if the latest cannot be read, the run resumes from the newest
+    one that can (`ttt.train.checkpoint.read_first_readable`), as `ttt train` does."""
+    run = RunDir(run_dir)
+    for tune_dir in older:
+        kept = RunDir(tune_dir)
+        for step in sorted(int(p.name) for p in kept.checkpoints.glob("*") if p.name.isdigit()):
+            if not run.checkpoint(step).exists():
+                shutil.copytree(kept.checkpoint(step), run.checkpoint(step))
 
 
 def _extras(spec: SweepSpec, start_step: int):

@@ -165,9 +165,10 @@ def initial_state(cfg: Config, ckpt: Checkpoints | None, params, opt_state):
     process 0 reads the files and every other process receives the values from it."""
     start, position = 0, 0
     if ckpt is not None:
-        start = ckpt.latest_step() or 0
-        if start:
-            params, opt_state, meta = ckpt.restore(start, params, opt_state)
+        # the newest checkpoint that reads; one that does not is named and moved aside
+        latest = ckpt.restore_latest(params, opt_state)
+        if latest is not None:
+            start, params, opt_state, meta = latest
             position = int(meta["position"])
         elif cfg.train.init_from:
             params, _ = load_params(cfg.train.init_from, params)

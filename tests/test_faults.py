@@ -1,0 +1,152 @@
+"""Faults of real machines, injected for real: a checkpoint cut short on disk, a full or
+read-only disk, a tracking server that goes away. Each ends in at most a few lines and no
+traceback, and the same command afterwards resumes and finishes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import PICO_TRAIN
+
+from ttt.cli import main
+from ttt.errors import UserError
+from ttt.rundir import MANIFEST, RunDir
+from ttt.train.checkpoint import check_manifest, read_first_readable, write_manifest
+
+# -- checkpoints known complete ------------------------------------------------------------
+
+
+def _fake_checkpoint(step_dir):
+    (step_dir / "params" / "d").mkdir(parents=True)
+    (step_dir / "params" / "d" / "blob").write_bytes(b"x" * 1000)
+    (step_dir / "meta").mkdir()
+    (step_dir / "meta" / "metadata").write_text('{"step": 1}')
+    write_manifest(step_dir)
+
+
+def test_a_manifest_names_a_file_cut_short_or_changed(tmp_path):
+    step = tmp_path / "4"
+    _fake_checkpoint(step)
+    files = json.loads((step / MANIFEST).read_text())["files"]
+    assert set(files) == {"params/d/blob", "meta/metadata"}
+    assert check_manifest(step) is None
+    blob = step / "params" / "d" / "blob"
+    blob.write_bytes(b"y" * 1000)  # same size, other bytes
+    assert check_manifest(step) == "params/d/blob differs from its checksum"
+    blob.write_bytes(b"x" * 10)
+    assert check_manifest(step) == "params/d/blob is 10 bytes, 1000 when written"
+    blob.unlink()
+    assert check_manifest(step) == "params/d/blob is missing"
+    assert check_manifest(tmp_path / "no-manifest") is None  # older checkpoints: Orbax decides
+
+
+def test_the_newest_readable_checkpoint_is_used_with_one_warning(tmp_path, capsys):
+    skipped = []
+
+    def read(step):
+        if step == 6:
+            raise ValueError("OUT_OF_RANGE: Error reading\nand much more")
+        return f"state {step}"
+
+    step, value = read_first_readable(tmp_path, [2, 6, 4], read, "resuming", skipped.append)
+    assert (step, value, skipped) == (4, "state 4", [6])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and str(tmp_path / "6") in err[0] and "OUT_OF_RANGE" in err[0], err
+    assert "resuming from step 4" in err[0]
+
+    def never(step):
+        raise ValueError(f"bad {step}")
+
+    with pytest.raises(UserError) as e:
+        read_first_readable(tmp_path, [2, 4], never, "resuming")
+    listed = f"{tmp_path / '4'}: bad 4; {tmp_path / '2'}: bad 2"
+    assert str(e.value) == f"no checkpoint in {tmp_path} can be read ({listed})"
+
+
+def test_a_trial_gets_the_older_tune_checkpoint_beside_the_latest(tmp_path):
+    from sweeps.trial import add_older_checkpoints
+
+    older = RunDir(tmp_path / "checkpoint_000001")
+    _fake_checkpoint(older.checkpoint(2))
+    run = RunDir(tmp_path / "run")
+    _fake_checkpoint(run.checkpoint(4))
+    add_older_checkpoints(run.path, [older.path])
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["2", "4"]
+    assert check_manifest(run.checkpoint(2)) is None
+
+
+def _cut_short(step_dir):
+    """The largest file of a checkpoint's weights truncated, as a crash mid-write leaves it."""
+    files = sorted((step_dir / "params").rglob("*"), key=lambda p: p.stat().st_size)
+    biggest = files[-1]
+    with biggest.open("r+b") as f:
+        f.truncate(1000)
+    return biggest
+
+
+def _problem_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.strip()]
+
+
+def _train_args(train_cfg, out, steps=4):
+    source = train_cfg().data.source
+    args = ["train", "pico", *PICO_TRAIN, f"data.source={source}", "-q", "--out", str(out)]
+    return [
+        *args,
+        f"train.steps={steps}",
+        "train.checkpoint_every=2",
+        "train.eval_batches=1",
+        "train.log_every=1",
+    ]
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_falls_back_to_the_one_before(train_cfg, tmp_path, capfd):
+    out = tmp_path / "r"
+    args = _train_args(train_cfg, out)
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0
+    capfd.readouterr()
+    run = RunDir(out)
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["2", "4"]
+    assert all((run.checkpoint(s) / MANIFEST).is_file() for s in (2, 4))
+    both = tmp_path / "both"
+    shutil.copytree(out, both)
+
+    # ttt eval reads the weights of step 2, with one warning naming step 4
+    _cut_short(run.checkpoint(4))
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(out), "--max-batches", "1"])
+    err = capfd.readouterr().err
+    assert exc.value.code == 0, err
+    lines = _problem_lines(err)
+    assert "Traceback" not in err and len(lines) <= 3, err
+    assert any(str(run.checkpoint(4)) in ln and "unreadable" in ln for ln in lines), err
+
+    # the same training command resumes from step 2 and finishes
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    cap = capfd.readouterr()
+    assert exc.value.code == 0, cap.err
+    lines = _problem_lines(cap.err)
+    assert "Traceback" not in cap.err and len(lines) <= 3, cap.err
+    assert "resuming from step 2" in lines[0] and str(run.checkpoint(4)) in lines[0], lines
+    assert "finished at step 4" in cap.out
+    assert run.unreadable_checkpoint(4).is_dir() and check_manifest(run.checkpoint(4)) is None
+    records = map(json.loads, run.metrics_file.read_text().splitlines())
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # each step once
+
+    # none readable: one line naming each and why, exit 2
+    for step in (2, 4):
+        _cut_short(RunDir(both).checkpoint(step))
+    with pytest.raises(SystemExit) as exc:
+        main(_train_args(train_cfg, both))
+    err = capfd.readouterr().err
+    lines = _problem_lines(err)
+    assert exc.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert (
+        str(RunDir(both).checkpoint(4)) in lines[0] and str(RunDir(both).checkpoint(2)) in lines[0]
+    )

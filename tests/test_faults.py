@@ -4,16 +4,25 @@ traceback, and the same command afterwards resumes and finishes."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import subprocess
 
 import pytest
 from conftest import PICO_TRAIN
 
+from sweeps.trial import add_older_checkpoints
 from ttt.cli import main
-from ttt.errors import UserError
+from ttt.errors import StorageError, UserError, writing
 from ttt.rundir import MANIFEST, RunDir
-from ttt.train.checkpoint import check_manifest, read_first_readable, write_manifest
+from ttt.train.checkpoint import (
+    Checkpoints,
+    check_manifest,
+    read_first_readable,
+    write_manifest,
+)
 
 # -- checkpoints known complete ------------------------------------------------------------
 
@@ -66,8 +75,6 @@ def test_the_newest_readable_checkpoint_is_used_with_one_warning(tmp_path, capsy
 
 
 def test_a_trial_gets_the_older_tune_checkpoint_beside_the_latest(tmp_path):
-    from sweeps.trial import add_older_checkpoints
-
     older = RunDir(tmp_path / "checkpoint_000001")
     _fake_checkpoint(older.checkpoint(2))
     run = RunDir(tmp_path / "run")
@@ -150,3 +157,117 @@ def test_a_truncated_checkpoint_falls_back_to_the_one_before(train_cfg, tmp_path
     assert (
         str(RunDir(both).checkpoint(4)) in lines[0] and str(RunDir(both).checkpoint(2)) in lines[0]
     )
+
+
+# -- storage errors in one line ------------------------------------------------------------
+
+
+def test_a_refused_write_is_one_line_naming_what_where_and_the_free_space(tmp_path):
+    where = tmp_path / "r" / "metrics.jsonl"  # not there yet: its folder's free space
+    with pytest.raises(StorageError) as e:
+        with writing("metrics", where):
+            raise OSError(errno.ENOSPC, "No space left on device", str(where))
+    line = str(e.value)
+    assert line.startswith(f"could not write metrics to {where}: no space left on device (")
+    assert " free)" in line and "\n" not in line and e.value.exit_code == 1
+    # TensorStore's way of saying it (Orbax's writes), and the other storage errors
+    text = "RESOURCE_EXHAUSTED: Error writing x: [OS error 28: No space left on device]"
+    for raised, words in [
+        (ValueError(text), "no space left on device"),
+        (OSError(errno.EROFS, "Read-only file system"), "read-only file system"),
+        (PermissionError(errno.EACCES, "Permission denied"), "permission denied"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), "disk quota exceeded"),
+    ]:
+        with pytest.raises(StorageError, match=words):
+            with writing("checkpoint step 4", tmp_path):
+                raise raised
+    with pytest.raises(KeyError):  # anything else is not a storage error
+        with writing("metrics", tmp_path):
+            raise KeyError("step")
+    with pytest.raises(FileNotFoundError):
+        with writing("metrics", tmp_path):
+            raise FileNotFoundError(errno.ENOENT, "No such file")
+
+
+def _refuse_checkpoint(monkeypatch, at_step: int):
+    """Checkpoints.save fails at `at_step` with ENOSPC, leaving Orbax's temporary folder."""
+    real = Checkpoints.save
+
+    def save(self, step, *args, **kwargs):
+        if step == at_step:
+            (self.directory / f"{step}.orbax-checkpoint-tmp-1").mkdir()
+            raise ValueError(
+                f"RESOURCE_EXHAUSTED: Error writing in OCDBT database at {self.directory}: "
+                "[OS error 28: No space left on device]"
+            )
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoints, "save", save)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(
+    train_cfg, tmp_path, capfd, monkeypatch
+):
+    out = tmp_path / "r"
+    args = _train_args(train_cfg, out)
+    _refuse_checkpoint(monkeypatch, at_step=4)
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capfd.readouterr().err
+    lines = _problem_lines(err)
+    assert exc.value.code == 1 and len(lines) <= 3 and "Traceback" not in err, err
+    (line,) = [ln for ln in lines if ln.startswith("error: ")]
+    assert f"could not write checkpoint step 4 to {RunDir(out).checkpoints}" in line, line
+    assert "no space left on device" in line and " free)" in line, line
+    assert "last complete checkpoint: step 2" in line, line
+    run = RunDir(out)
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["2"]  # temporary folder gone
+    info = run.info()
+    assert info["status"] == "failed" and info["step"] == 2 and info["message"] in line
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    cap = capfd.readouterr()
+    assert exc.value.code == 0 and "finished at step 4" in cap.out, cap.err
+
+
+def _mount_small_disk(folder, size: str):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; the ENOSPC write path is unit-tested")
+    folder.mkdir()
+    p = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if p.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip()})")
+
+
+@pytest.mark.slow
+def test_ttt_train_on_a_filesystem_that_fills_up(train_cfg, tmp_path, capfd):
+    """A real 4 MB filesystem: the first checkpoint (about 2.6 MB at pico) fits, the
+    second does not. One line, exit 1; once there is room the same command finishes."""
+    disk = tmp_path / "disk"
+    _mount_small_disk(disk, "4m")
+    try:
+        out = disk / "r"
+        args = _train_args(train_cfg, out)
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        err = capfd.readouterr().err
+        lines = _problem_lines(err)
+        assert exc.value.code == 1 and len(lines) <= 3 and "Traceback" not in err, err
+        (line,) = [ln for ln in lines if ln.startswith("error: ")]
+        assert "no space left on device" in line and "last complete checkpoint: step 2" in line
+        assert RunDir(out).info()["status"] == "failed"
+        assert sorted(p.name for p in RunDir(out).checkpoints.iterdir()) == ["2"]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        cap = capfd.readouterr()
+        assert exc.value.code == 0 and "finished at step 4" in cap.out, cap.err
+        assert RunDir(out).info()["status"] == "finished"
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from ttt import tags as TAG
+from ttt.errors import writing
 from ttt.rundir import RunDir, companion
 from ttt.tracking.provenance import SystemSampler, provenance
 from ttt.tracking.tracker import MlflowRun, Tracker, run_tags
@@ -27,7 +28,9 @@ def log_eval_artifacts(run: Tracker, run_dir: Path, render=None, params=None, na
             for kind in ("bins", "recall"):  # its standard errors, accuracy by distance
                 if companion(f, kind).is_file():
                     run.log_artifact(companion(f, kind), "eval")
-            for extra in render(f, Path(tmp), params, name) if render is not None else []:
+            with writing("evaluation figures", Path(tmp)):
+                extras = render(f, Path(tmp), params, name) if render is not None else []
+            for extra in extras:
                 run.log_artifact(extra, "eval")
 
 

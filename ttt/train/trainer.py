@@ -275,7 +275,7 @@ class Trainer:
             "device_kind": mesh.devices.flat[0].device_kind,
         }
         if self.lead:
-            with writing("run.json", self.dir.info_file):
+            with writing(self.dir.info_file.name, self.dir.info_file):
                 self.dir.write_info(self.run_info)
         self.log = _Log(self.dir.metrics_file, self.start, enabled=self.lead)
         self.train_step = compile_cache.CachedStep("train", cfg, make_train_step(cfg, graphdef))
@@ -534,7 +534,7 @@ class Trainer:
             self.ckpt.close()
         self.log.close()
         if self.lead:
-            with writing("run.json", self.dir.info_file):
+            with writing(self.dir.info_file.name, self.dir.info_file):
                 self.dir.write_info(self.run_info)
         return result
 

@@ -29,6 +29,7 @@ from ttt.errors import UserError
 from ttt.rundir import RunDir
 from ttt.settings import settings
 from ttt.tracking import MlflowRun, check_uri, find_run, resolve_uri, run_link
+from ttt.tracking.queue import sweep_queue_folder
 
 DEFAULT_STORAGE = "ray_results"
 
@@ -429,6 +430,7 @@ def driver_process(spec: SweepSpec) -> None:
     Tune's metric check off (it would refuse the in-between reports that lack the
     searcher's metric)."""
     process.ray_env()
+    process.tracking_env()
     name_trial_actors(trial_entry)  # trial-named actors in the dashboard and log lines
     process.add_log_filter("ray.tune.tune", _TuneResumeAdvice())
     if spec.search_alg == "optuna":
@@ -443,6 +445,7 @@ def _run_stages(spec: SweepSpec, result: SweepResult, storage: str, rerun: Rerun
         cb = MlflowSweepCallback(
             result.tracking_uri, spec.name, result.parent_run_id, stage,
             functools.partial(flat_params, spec), role, spec.metric, spec.mode,
+            str(sweep_queue_folder(storage, spec.name)),
         )  # fmt: skip
         cb.driver_log = log
         return cb
@@ -487,10 +490,11 @@ class DriverLog:
         `process.redirect_output`)."""
         return _Tee(stream, self.file)
 
-    def upload(self) -> None:
+    def upload(self, via: MlflowRun | None = None) -> None:
+        """`via`: the parent as the trials' callback holds it, writing through its queue."""
         try:
             self.file.flush()
-            self.parent.log_artifact(self.path, "driver")
+            (via or self.parent).log_artifact(self.path, "driver")
         except Exception as e:  # a store that is briefly away: the next upload has it all
             print(f"(driver log not uploaded: {type(e).__name__})", file=sys.__stderr__)
 

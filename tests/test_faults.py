@@ -5,18 +5,27 @@ traceback, and the same command afterwards resumes and finishes."""
 from __future__ import annotations
 
 import errno
+import functools
+import io
 import json
 import os
 import shutil
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
-from conftest import PICO_TRAIN
+from conftest import PICO_TRAIN, wait_until
 
 from sweeps.trial import add_older_checkpoints
 from ttt.cli import main
 from ttt.errors import StorageError, UserError, writing
 from ttt.rundir import MANIFEST, RunDir
+from ttt.tracking import MlflowRun
+from ttt.tracking.queue import PENDING, REJECTED, SPOOL, WriteQueue, behind_line
+from ttt.tracking.tracker import apply_record
 from ttt.train.checkpoint import (
     Checkpoints,
     check_manifest,
@@ -271,3 +280,161 @@ def test_ttt_train_on_a_filesystem_that_fills_up(train_cfg, tmp_path, capfd):
         assert RunDir(out).info()["status"] == "finished"
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+# -- tracking that never blocks training -------------------------------------------------
+
+
+class _Refused(Exception):
+    error_code = "INVALID_PARAMETER_VALUE"
+
+
+class _FlakyServer:
+    """`send` for a WriteQueue: away (ConnectionError) while `down`, refusing records
+    marked `bad`, keeping the rest in order."""
+
+    def __init__(self):
+        self.down, self.got, self.calls = False, [], 0
+
+    def __call__(self, record):
+        self.calls += 1
+        if self.down:
+            raise ConnectionError("Connection refused")
+        if record.get("bad"):
+            raise _Refused("param 'a' was 1, cannot change it to 2")
+        self.got.append(record["n"])
+
+
+def test_a_queue_keeps_records_in_order_while_the_server_is_away(tmp_path, capsys):
+    server, out = _FlakyServer(), io.StringIO()
+    q = WriteQueue(server, tmp_path / "q", "http://x", memory=3, retry_max=0.05, out=out)
+    server.down = True
+    started = time.perf_counter()
+    for n in range(10):
+        q.submit({"op": "log_batch", "n": n})
+    assert time.perf_counter() - started < 0.5  # nothing waits on the server
+    wait_until(lambda: "tracking is behind" in out.getvalue(), "the behind line", 10, 0.05)
+    assert len((tmp_path / "q" / SPOOL).read_text().splitlines()) == 7  # past 3 in memory
+    assert "http://x cannot be reached (Connection refused)" in behind_line(tmp_path / "q")
+    wait_until(lambda: server.calls > 5, "retries", 10, 0.05)
+    assert out.getvalue().count("tracking is behind") == 1  # not repeated per retry
+    q.submit({"op": "log_batch", "n": 10, "bad": True})
+    q.submit({"op": "log_batch", "n": 11})
+    server.down = False
+    assert q.drain(10)
+    assert server.got == list(range(10)) + [11]
+    assert "caught up" in out.getvalue() and behind_line(tmp_path / "q") is None
+    rejected = (tmp_path / "q" / REJECTED).read_text().splitlines()
+    assert len(rejected) == 1 and json.loads(rejected[0])["n"] == 10
+    assert "refused a record for good (param 'a' was 1" in out.getvalue()
+    # the end while the server is away: drained for a bounded time, the rest kept on disk
+    server.down = True
+    for n in range(12, 15):
+        q.submit({"op": "log_batch", "n": n})
+    assert q.close(timeout=0.3) == 3
+    assert len((tmp_path / "q" / PENDING).read_text().splitlines()) == 3
+    assert "3 records not sent to http://x" in out.getvalue()
+    assert "ttt tracking flush" in behind_line(tmp_path / "q")
+    # the next queue on the folder (the same command again, or flush) sends them first
+    server.down = False
+    again = WriteQueue(server, tmp_path / "q", "http://x", out=out)
+    again.submit({"op": "log_batch", "n": 15})
+    assert again.close(timeout=10) == 0
+    assert server.got[-4:] == [12, 13, 14, 15] and not (tmp_path / "q" / PENDING).exists()
+
+
+class _Server:
+    """A real `ttt tracking serve` on 127.0.0.1, stopped and started again on the same port
+    and store."""
+
+    def __init__(self, folder):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.folder, self.proc = folder, None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ttt.cli", "tracking", "serve", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+
+        def up():
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                return True
+            except OSError:
+                return False
+
+        wait_until(up, "the tracking server", 120)
+
+    def stop(self):
+        if self.proc is not None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = _Server(tmp_path)
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.mark.slow
+def test_a_run_goes_on_while_a_real_server_is_stopped_and_started(
+    server, tmp_path, monkeypatch, capfd
+):
+    """Reports to a `ttt tracking serve` that is killed and started again: none waits, all
+    arrive in order; a record refused for good is kept and named; what is left at the end
+    goes out with `ttt tracking flush`."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    run = MlflowRun.open(server.url, "faults", {"ttt.key": "q"}, name="q")
+    out = io.StringIO()
+    folder = tmp_path / "queue"
+    q = WriteQueue(
+        functools.partial(apply_record, run.c), folder, server.url, memory=5, retry_max=1, out=out
+    )
+    run.through(q)
+    run.log_hyperparameters({"a": 1})
+    for step in range(1, 4):
+        run.log({"loss": 10.0 - step}, step)
+    assert q.drain(60)
+    server.stop()
+    waited = []
+    for step in range(4, 21):
+        t = time.perf_counter()
+        run.log({"loss": 10.0 - step}, step)
+        waited.append(time.perf_counter() - t)
+    assert max(waited) < 0.2, waited  # the loop never waits on the server
+    wait_until(lambda: "tracking is behind" in out.getvalue(), "the behind line", 60, 0.2)
+    assert (folder / SPOOL).is_file() and "cannot be reached" in behind_line(folder)
+    server.start()
+    run.log_hyperparameters({"a": 2})  # a param cannot change: refused for good
+    run.log({"loss": -11.0}, 21)
+    assert q.drain(120), out.getvalue()
+    history = run.c.get_metric_history(run.run_id, "loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, 22))
+    assert "caught up" in out.getvalue() and (folder / REJECTED).is_file()
+    assert "refused a record for good" in out.getvalue()
+    # the end of a run while the server is away: bounded, then flushed by the command
+    server.stop()
+    for step in range(22, 25):
+        run.log({"loss": 10.0 - step}, step)
+    run.finish("finished")
+    assert q.close(timeout=3) == 5  # three reports, the outcome tag, the status
+    assert "ttt tracking flush" in out.getvalue()
+    server.start()
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["tracking", "flush", str(folder)])
+    cap = capfd.readouterr()
+    assert exc.value.code == 0 and "5 records sent" in cap.out, cap
+    history = run.c.get_metric_history(run.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 25))
+    assert run.c.get_run(run.run_id).info.status == "FINISHED"

@@ -38,6 +38,14 @@ def ray_env() -> None:
 GPU_SHARE_OF_MEMORY = 0.95
 
 
+def tracking_env() -> None:
+    """MLflow's client tries a request 7 times over about 4 minutes before it raises.
+    Writes go through `ttt.tracking.queue`, which keeps trying on its own thread, so a
+    few tries are enough: it then knows in seconds that the server is away, and says so."""
+    set_env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2", keep=True)
+    set_env("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1", keep=True)
+
+
 def trial_env(gpu: float) -> None:
     """Before JAX starts in a sweep trial's worker: share a GPU safely (its fraction of
     the memory, no preallocation), or keep JAX off a GPU the trial was not given."""

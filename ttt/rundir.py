@@ -6,6 +6,8 @@
     RUN/checkpoints/STEP/  Orbax checkpoints (params, opt_state, meta), each with a
                            manifest.json of its files' sizes and checksums, written last
                            (a checkpoint without one never finished, or predates them)
+    RUN/tracking/          MLflow records not yet sent (`ttt.tracking.queue`; empty when
+                           the server has them all)
     RUN/eval/              evaluation outputs, by kind: nll_by_position[_T<len>].parquet
                            (+ .json summary), tokens_<name>.parquet, niah.parquet (+ .png)
 
@@ -74,6 +76,11 @@ class RunDir:
     @property
     def eval_dir(self) -> Path:
         return self.path / EVAL
+
+    @property
+    def tracking_spool(self) -> Path:
+        """The queue of MLflow records of `ttt train --tracking-uri` (ttt.tracking.queue)."""
+        return self.path / "tracking"
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / str(step)

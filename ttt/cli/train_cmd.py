@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ttt import process
 from ttt.cli.config_cmd import split_source
 from ttt.errors import Interrupted
 from ttt.tracking import optional_uri
@@ -63,6 +64,7 @@ def train(
         from analysis.run_figures import eval_figure_files
         from ttt.tracking import MlflowReporter
 
+        process.tracking_env()
         reporter = MlflowReporter(
             uri, experiment, cfg, out, system_metrics=system_metrics, render=eval_figure_files
         )

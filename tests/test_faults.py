@@ -19,12 +19,23 @@ import urllib.request
 import pytest
 from conftest import PICO_TRAIN, wait_until
 
+from sweeps.status import sweep_status
 from sweeps.trial import add_older_checkpoints
+from ttt import tags as TAG
 from ttt.cli import main
 from ttt.errors import StorageError, UserError, writing
 from ttt.rundir import MANIFEST, RunDir
-from ttt.tracking import MlflowRun
-from ttt.tracking.queue import PENDING, REJECTED, SPOOL, WriteQueue, behind_line
+from ttt.tracking import MlflowRun, run_tags
+from ttt.tracking.queue import (
+    BEHIND,
+    META,
+    PENDING,
+    REJECTED,
+    SPOOL,
+    WriteQueue,
+    behind_line,
+    sweep_queue_folder,
+)
 from ttt.tracking.tracker import apply_record
 from ttt.train.checkpoint import (
     Checkpoints,
@@ -438,3 +449,26 @@ def test_a_run_goes_on_while_a_real_server_is_stopped_and_started(
     history = run.c.get_metric_history(run.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 25))
     assert run.c.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_sweep_status_says_when_the_record_is_behind(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = str(tmp_path / "ray")
+    tags = {**run_tags("sweep", "test"), TAG.SWEEP: "late", TAG.STORAGE_PATH: storage}
+    MlflowRun.open(uri, "late", {TAG.SWEEP: "late"}, name="late", tags=tags)
+    assert "behind" not in sweep_status("late", uri)
+    folder = sweep_queue_folder(storage, "late")
+    assert folder == tmp_path / "ray" / "late" / "tracking-queue"
+    folder.mkdir(parents=True)
+    (folder / META).write_text(json.dumps({"uri": "http://x"}))
+    state = {"since": time.time(), "reason": "Connection refused", "where": "http://x"}
+    (folder / BEHIND).write_text(json.dumps(state))
+    line = sweep_status("late", uri).splitlines()[-2]  # above "(read from URI)"
+    assert line.startswith("tracking is behind since ") and "http://x cannot be reached" in line
+    (folder / BEHIND).unlink()
+    (folder / PENDING).write_text('{"op": "log_batch"}\n{"op": "log_batch"}\n')
+    line = sweep_status("late", uri).splitlines()[-2]  # above "(read from URI)"
+    assert line == (
+        f"tracking is behind: 2 records not yet sent are kept in {folder}; "
+        f"`ttt tracking flush {folder}` sends them"
+    )

@@ -418,7 +418,7 @@ def run_sweep(
                 raise
     finally:
         log.close()
-        _close_runs(parent, status)
+        _close_runs(parent, status, ended_runs(log))
         if started_here:
             ray.shutdown()
     return result
@@ -448,6 +448,7 @@ def _run_stages(spec: SweepSpec, result: SweepResult, storage: str, rerun: Rerun
             str(sweep_queue_folder(storage, spec.name)),
         )  # fmt: skip
         cb.driver_log = log
+        log.callbacks.append(cb)
         return cb
 
     max_steps = spec.config(spec.points[0], {}).train.steps
@@ -481,6 +482,7 @@ class DriverLog:
 
     def __init__(self, parent: MlflowRun):
         self.parent = parent
+        self.callbacks: list = []  # the stages' MlflowSweepCallbacks, which upload it
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.path = Path(tempfile.mkdtemp(prefix="ttt-driver-")) / f"driver-{stamp}.log"
         self.file = self.path.open("a", buffering=1)
@@ -604,14 +606,21 @@ def init_error(address: str, e: Exception) -> UserError:
     return UserError(f"--address={address}: could not join the Ray cluster: {first}")
 
 
-def _close_runs(parent: MlflowRun, status: str) -> None:
+def ended_runs(log: DriverLog) -> set[str]:
+    """The MLflow runs the stages' callbacks ended (their `_done`)."""
+    return {run_id for cb in log.callbacks for run_id in cb.ended()}
+
+
+def _close_runs(parent: MlflowRun, status: str, ended: set[str] = frozenset()) -> None:
     """Nothing stays RUNNING after the driver ends: an interrupted trial's run is marked
-    KILLED (a resume sets it running again)."""
+    KILLED (a resume sets it running again). `ended`: runs whose end the callbacks have
+    written, perhaps still in the tracking queue (not interrupted, only not yet sent)."""
     children = parent.c.search_runs(
         [parent.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}' "
         "and attributes.status = 'RUNNING'",
     )
     for run in children:
-        MlflowRun(parent.c, run.info.run_id, parent.experiment_id).finish("interrupted")
+        if run.info.run_id not in ended:
+            MlflowRun(parent.c, run.info.run_id, parent.experiment_id).finish("interrupted")
     parent.end(status)

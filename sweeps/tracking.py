@@ -114,11 +114,15 @@ class MlflowSweepCallback(Callback):
         left = self._queue.close(timeout)
         self._queue = None
         self._parent = None
-        self._runs.clear()
+        self._runs.clear()  # `_done` stays: the driver's end asks which runs were ended
         return left
 
     def on_experiment_end(self, trials, **info):
         self.close_queue()
+
+    def ended(self) -> set[str]:
+        """The runs this callback ended (FINISHED, FAILED or KILLED as their outcome)."""
+        return set(self._done)
 
     def experiment_id(self) -> str:
         return self.parent.experiment_id

@@ -301,19 +301,24 @@ class _Refused(Exception):
 
 
 class _FlakyServer:
-    """`send` for a WriteQueue: away (ConnectionError) while `down`, refusing records
-    marked `bad`, keeping the rest in order."""
+    """`send` for a WriteQueue: away (ConnectionError) while `down`, refusing a request
+    that changes param `a`, keeping the steps of the rest in order."""
 
     def __init__(self):
-        self.down, self.got, self.calls = False, [], 0
+        self.down, self.got, self.calls, self.requests = False, [], 0, 0
 
     def __call__(self, record):
         self.calls += 1
         if self.down:
-            raise ConnectionError("Connection refused")
-        if record.get("bad"):
+            raise ConnectionError("HTTPConnectionPool: [Errno 111] Connection refused')")
+        if ["a", "2"] in record.get("params", []):
             raise _Refused("param 'a' was 1, cannot change it to 2")
-        self.got.append(record["n"])
+        self.requests += 1
+        self.got += [m[3] for m in record.get("metrics", [])]
+
+
+def _report(n, **more):
+    return {"op": "log_batch", "run_id": "r", "metrics": [["loss", 1.0, 0, n]], **more}
 
 
 def test_a_queue_keeps_records_in_order_while_the_server_is_away(tmp_path, capsys):
@@ -322,26 +327,27 @@ def test_a_queue_keeps_records_in_order_while_the_server_is_away(tmp_path, capsy
     server.down = True
     started = time.perf_counter()
     for n in range(10):
-        q.submit({"op": "log_batch", "n": n})
+        q.submit(_report(n))
     assert time.perf_counter() - started < 0.5  # nothing waits on the server
     wait_until(lambda: "tracking is behind" in out.getvalue(), "the behind line", 10, 0.05)
     assert len((tmp_path / "q" / SPOOL).read_text().splitlines()) == 7  # past 3 in memory
     assert "http://x cannot be reached (Connection refused)" in behind_line(tmp_path / "q")
     wait_until(lambda: server.calls > 5, "retries", 10, 0.05)
     assert out.getvalue().count("tracking is behind") == 1  # not repeated per retry
-    q.submit({"op": "log_batch", "n": 10, "bad": True})
-    q.submit({"op": "log_batch", "n": 11})
+    q.submit(_report(10, params=[["a", "2"]]))
+    q.submit(_report(11))
     server.down = False
     assert q.drain(10)
     assert server.got == list(range(10)) + [11]
+    assert server.requests < 12  # consecutive reports of a run go out as one request
     assert "caught up" in out.getvalue() and behind_line(tmp_path / "q") is None
     rejected = (tmp_path / "q" / REJECTED).read_text().splitlines()
-    assert len(rejected) == 1 and json.loads(rejected[0])["n"] == 10
+    assert len(rejected) == 1 and json.loads(rejected[0])["metrics"][0][3] == 10
     assert "refused a record for good (param 'a' was 1" in out.getvalue()
     # the end while the server is away: drained for a bounded time, the rest kept on disk
     server.down = True
     for n in range(12, 15):
-        q.submit({"op": "log_batch", "n": n})
+        q.submit(_report(n))
     assert q.close(timeout=0.3) == 3
     assert len((tmp_path / "q" / PENDING).read_text().splitlines()) == 3
     assert "3 records not sent to http://x" in out.getvalue()
@@ -349,7 +355,7 @@ def test_a_queue_keeps_records_in_order_while_the_server_is_away(tmp_path, capsy
     # the next queue on the folder (the same command again, or flush) sends them first
     server.down = False
     again = WriteQueue(server, tmp_path / "q", "http://x", out=out)
-    again.submit({"op": "log_batch", "n": 15})
+    again.submit(_report(15))
     assert again.close(timeout=10) == 0
     assert server.got[-4:] == [12, 13, 14, 15] and not (tmp_path / "q" / PENDING).exists()
 

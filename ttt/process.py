@@ -44,6 +44,13 @@ def tracking_env() -> None:
     few tries are enough: it then knows in seconds that the server is away, and says so."""
     set_env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2", keep=True)
     set_env("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1", keep=True)
+    # the queue's one line says it; urllib3's warning per retried request would repeat it
+    add_log_filter("urllib3.connectionpool", _NoRetryWarnings())
+
+
+class _NoRetryWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Retrying (")
 
 
 def trial_env(gpu: float) -> None:

@@ -6,8 +6,8 @@
     RUN/checkpoints/STEP/  Orbax checkpoints (params, opt_state, meta), each with a
                            manifest.json of its files' sizes and checksums, written last
                            (a checkpoint without one never finished, or predates them)
-    RUN/tracking/          MLflow records not yet sent (`ttt.tracking.queue`; empty when
-                           the server has them all)
+    RUN/tracking/          MLflow records not yet sent (`ttt.tracking.queue`; only its
+                           meta.json when the server has them all)
     RUN/eval/              evaluation outputs, by kind: nll_by_position[_T<len>].parquet
                            (+ .json summary), tokens_<name>.parquet, niah.parquet (+ .png)
 

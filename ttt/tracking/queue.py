@@ -17,6 +17,7 @@ again, or `ttt tracking flush DIR`) sends those records first.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -46,6 +47,10 @@ PERMANENT = {
 }
 
 
+# How many queued records one request may take (`merge`).
+MERGE_AHEAD = 200
+
+
 def refused_for_good(e: BaseException) -> bool:
     """A refusal that sending again cannot change (not a server that is away)."""
     code = getattr(e, "error_code", None)
@@ -53,8 +58,39 @@ def refused_for_good(e: BaseException) -> bool:
 
 
 def _reason(e: BaseException) -> str:
+    """The error in a few words: the OS's, where a connection failed (MLflow wraps it in
+    two layers of retry messages)."""
     text = " ".join(str(e).split()) or type(e).__name__
-    return text[:200]
+    os_error = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    return os_error.group(1).strip() if os_error else text[:200]
+
+
+# A request MLflow takes at once: up to 1000 metrics, 100 params and 100 tags.
+MERGE_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
+
+
+def merge(records: list[dict]) -> tuple[dict, int]:
+    """The longest run of `log_batch` records of one run at the head of `records` that
+    fits one request, as one record; and how many it took (1 for any other record)."""
+    head = records[0]
+    if head.get("op") != "log_batch":
+        return head, 1
+    merged = {"op": "log_batch", "run_id": head["run_id"]}
+    taken = 0
+    for r in records:
+        if r.get("op") != "log_batch" or r["run_id"] != head["run_id"]:
+            break
+        sizes = {k: len(merged.get(k, ())) + len(r.get(k, ())) for k in MERGE_LIMITS}
+        if taken and any(sizes[k] > MERGE_LIMITS[k] for k in MERGE_LIMITS):
+            break
+        tag_keys = {t[0] for t in merged.get("tags", ())}
+        if taken and any(t[0] in tag_keys for t in r.get("tags", ())):
+            break  # a tag set twice in one request: MLflow may keep either
+        for k in MERGE_LIMITS:
+            if r.get(k):
+                merged.setdefault(k, []).extend(r[k])
+        taken += 1
+    return merged, taken
 
 
 def sweep_queue_folder(storage: str, sweep: str) -> Path:
@@ -107,7 +143,7 @@ class WriteQueue:
         *,
         memory: int = 1000,
         notice_every: float = 300.0,
-        retry_max: float = 30.0,
+        retry_max: float = 10.0,
         out=None,
     ):
         self.send, self.folder, self.where = send, Path(folder), where
@@ -189,16 +225,21 @@ class WriteQueue:
 
     def _work(self) -> None:
         pause = min(1.0, self.retry_max)
+        merge_ahead = MERGE_AHEAD
         while True:
             with self.lock:
                 while not (self.mem or self.spooled) and not self.stopping:
                     self.lock.wait()
                 if self.stopping:
                     return
-                record, line_len = self._head()
+                heads = self._heads(merge_ahead)
+            record, taken = merge(heads)
             try:
                 self.send(record)
             except Exception as e:
+                if refused_for_good(e) and taken > 1:
+                    merge_ahead = 1  # which of the merged records? send them one by one
+                    continue
                 if refused_for_good(e):
                     self._reject(record, e)
                 else:
@@ -207,32 +248,40 @@ class WriteQueue:
                     pause = min(pause * 2, self.retry_max)
                     continue
             pause = min(1.0, self.retry_max)
+            merge_ahead = MERGE_AHEAD if taken == 1 and merge_ahead == 1 else merge_ahead
             with self.lock:
                 if self.stopping:
                     return
-                self._pop(line_len)
-                self.sent += 1
+                for _ in range(taken):
+                    self._pop()
+                self.sent += taken
                 self.lock.notify_all()
-            self._drop_artifact(record)
+            for r in heads[:taken]:
+                self._drop_artifact(r)
             if self.behind_since is not None and not (self.mem or self.spooled):
                 waited = time.monotonic() - self.behind_since
                 self.behind_since = None
                 (self.folder / BEHIND).unlink(missing_ok=True)
                 self._say(f"tracking caught up with {self.where} after {waited:.0f} s")
 
-    def _head(self) -> tuple[dict, int]:
-        if self.mem:
-            return self.mem[0], 0
-        with (self.folder / SPOOL).open("rb") as f:
-            f.seek(self.offset)
-            line = f.readline()
-        return json.loads(line), len(line)
+    def _heads(self, n: int) -> list[dict]:
+        """Up to `n` records from the head, in order (memory first, then the spool)."""
+        out = list(self.mem)[:n]
+        if len(out) < n and self.spooled:
+            self._lens = []
+            with (self.folder / SPOOL).open("rb") as f:
+                f.seek(self.offset)
+                for _ in range(min(n - len(out), self.spooled)):
+                    line = f.readline()
+                    self._lens.append(len(line))
+                    out.append(json.loads(line))
+        return out
 
-    def _pop(self, line_len: int) -> None:
-        if line_len == 0:
+    def _pop(self) -> None:
+        if self.mem:
             self.mem.popleft()
             return
-        self.offset += line_len
+        self.offset += self._lens.pop(0)
         self.spooled -= 1
         if not self.spooled:
             (self.folder / SPOOL).unlink(missing_ok=True)

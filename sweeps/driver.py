@@ -20,7 +20,7 @@ from pathlib import Path
 from sweeps.cluster import loopback_only
 from sweeps.ray_compat import fit, loopback_mode, name_trial_actors, token_auth, token_source
 from sweeps.spec import Stage, SweepSpec, TrialStart
-from sweeps.tracking import MlflowSweepCallback
+from sweeps.tracking import DRAIN_TIMEOUT, MlflowSweepCallback
 from ttt import process
 from ttt import tags as TAG
 from ttt.data.floors import NAMES, Floors, as_tag, floors_of
@@ -29,7 +29,8 @@ from ttt.errors import UserError
 from ttt.rundir import RunDir
 from ttt.settings import settings
 from ttt.tracking import MlflowRun, check_uri, find_run, resolve_uri, run_link
-from ttt.tracking.queue import sweep_queue_folder
+from ttt.tracking.queue import WriteQueue, sweep_queue_folder
+from ttt.tracking.tracker import apply_record
 
 DEFAULT_STORAGE = "ray_results"
 
@@ -396,11 +397,20 @@ def run_sweep(
         connect_env(address)
     storage = storage_root(storage_path, spec)
     parent = open_parent(spec, tracking_uri, storage)
+    # Every write of the sweep from here on (the parent's, the trials', the driver log's)
+    # goes through one queue: neither Tune's loop nor the driver's end waits on the server.
+    queue = WriteQueue(
+        functools.partial(apply_record, parent.c),
+        sweep_queue_folder(storage, spec.name),
+        tracking_uri,
+    )
+    parent.through(queue)
     log_floors(parent, spec)
     context, started_here = join_ray(address)
     result = SweepResult(spec, parent.run_id, tracking_uri)
     status = "FAILED"
     log = DriverLog(parent)
+    log.queue = queue
     try:
         with process.redirect_output(log.tee):
             try:
@@ -419,6 +429,7 @@ def run_sweep(
     finally:
         log.close()
         _close_runs(parent, status, ended_runs(log))
+        queue.close(DRAIN_TIMEOUT)  # then what is left is named, and sent by the next run
         if started_here:
             ray.shutdown()
     return result
@@ -447,7 +458,7 @@ def _run_stages(spec: SweepSpec, result: SweepResult, storage: str, rerun: Rerun
             functools.partial(flat_params, spec), role, spec.metric, spec.mode,
             str(sweep_queue_folder(storage, spec.name)),
         )  # fmt: skip
-        cb.driver_log = log
+        cb.driver_log, cb.queue = log, log.queue  # not pickled: the driver's own
         log.callbacks.append(cb)
         return cb
 
@@ -483,6 +494,7 @@ class DriverLog:
     def __init__(self, parent: MlflowRun):
         self.parent = parent
         self.callbacks: list = []  # the stages' MlflowSweepCallbacks, which upload it
+        self.queue = None  # the sweep's tracking queue (ttt.tracking.queue.WriteQueue)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.path = Path(tempfile.mkdtemp(prefix="ttt-driver-")) / f"driver-{stamp}.log"
         self.file = self.path.open("a", buffering=1)
@@ -539,7 +551,11 @@ def _log_best(parent: MlflowRun, spec: SweepSpec, rows: list[dict]) -> None:
     best = (min if spec.mode == "min" else max)(done, key=lambda r: r[spec.metric])
     parent.log_summary({f"best_{spec.metric}": best[spec.metric]})
     exp = parent.experiment_id
-    run = find_run(parent.c, exp, {TAG.TRIAL_ID: best["trial"]}) if best["trial"] else None
+    try:
+        run = find_run(parent.c, exp, {TAG.TRIAL_ID: best["trial"]}) if best["trial"] else None
+    except Exception as e:  # the server away at the end: the metric is queued, not the link
+        print(f"best trial not linked on the parent run: {type(e).__name__}", file=sys.stderr)
+        return
     if run is not None:
         link = run_link(parent.c.tracking_uri, exp, run.info.run_id)
         parent.set_tags(
@@ -615,11 +631,15 @@ def _close_runs(parent: MlflowRun, status: str, ended: set[str] = frozenset()) -
     """Nothing stays RUNNING after the driver ends: an interrupted trial's run is marked
     KILLED (a resume sets it running again). `ended`: runs whose end the callbacks have
     written, perhaps still in the tracking queue (not interrupted, only not yet sent)."""
-    children = parent.c.search_runs(
-        [parent.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}' "
-        "and attributes.status = 'RUNNING'",
-    )
+    try:
+        children = parent.c.search_runs(
+            [parent.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}' "
+            "and attributes.status = 'RUNNING'",
+        )
+    except Exception as e:  # the server away: the next run of the sweep closes them
+        print(f"trial runs left RUNNING not closed: {type(e).__name__}", file=sys.stderr)
+        children = []
     for run in children:
         if run.info.run_id not in ended:
             MlflowRun(parent.c, run.info.run_id, parent.experiment_id).finish("interrupted")

@@ -81,7 +81,8 @@ class MlflowSweepCallback(Callback):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for key in ("_queue", "_parent", "_runs", "_done", "_nodes", "_retries", "driver_log"):
+        drop = ("_queue", "_parent", "_runs", "_done", "_nodes", "_retries", "driver_log", "queue")
+        for key in drop:
             state.pop(key, None)
         return state
 
@@ -98,6 +99,9 @@ class MlflowSweepCallback(Callback):
     def _through(self, run: MlflowRun) -> MlflowRun:
         """Every write of a run that is open goes through one queue, on its own thread, so
         Tune's loop never waits on the server (`ttt.tracking.queue`)."""
+        shared = getattr(self, "queue", None)  # the driver's, set beside driver_log
+        if shared is not None:
+            return run.through(shared)
         folder = getattr(self, "queue_folder", None)  # a callback restored from older state
         if folder is None:
             return run
@@ -118,7 +122,7 @@ class MlflowSweepCallback(Callback):
         return left
 
     def on_experiment_end(self, trials, **info):
-        self.close_queue()
+        self.close_queue()  # its own queue; the driver's is closed at the sweep's end
 
     def ended(self) -> set[str]:
         """The runs this callback ended (FINISHED, FAILED or KILLED as their outcome)."""

@@ -352,6 +352,21 @@ def test_a_queue_keeps_records_in_order_while_the_server_is_away(tmp_path, capsy
     assert len((tmp_path / "q" / PENDING).read_text().splitlines()) == 3
     assert "3 records not sent to http://x" in out.getvalue()
     assert "ttt tracking flush" in behind_line(tmp_path / "q")
+    # a queue killed with records on disk (every record is, by default): the next one
+    # on the folder sends those the server had not had, once
+    server.down = False
+    killed = WriteQueue(server, tmp_path / "k", "http://x", retry_max=0.05, out=out)
+    killed.submit(_report(100))
+    assert killed.drain(10)
+    server.down = True
+    for n in (101, 102):
+        killed.submit(_report(n))
+    with (tmp_path / "k" / SPOOL).open("a") as f:
+        f.write('{"op": "log_ba')  # a line cut short by the kill
+    killed.stopping = True  # the process gone: nothing more is sent or tidied
+    server.down = False
+    after = WriteQueue(server, tmp_path / "k", "http://x", out=out)
+    assert after.drain(10) and server.got[-3:] == [100, 101, 102]  # 100 once, before the kill
     # the next queue on the folder (the same command again, or flush) sends them first
     server.down = False
     again = WriteQueue(server, tmp_path / "q", "http://x", out=out)

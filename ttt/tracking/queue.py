@@ -4,8 +4,10 @@ thread, kept in order while the server is away.
 `WriteQueue.submit(record)` returns at once. One thread sends the records in the order
 they came, through `send(record)` (`ttt.tracking.tracker.apply_record` on a client). While
 the server cannot be reached the record at the head is tried again (with a growing pause)
-and nothing behind it is sent; past `memory` records in memory the rest go to a spool file
-on disk, under the run's or the sweep's folder. One line says that tracking is behind and
+and nothing behind it is sent. Records past `memory` in memory (by default every one) go
+to a spool file on disk, under the run's or the sweep's folder, with the count of bytes
+the server has beside it: a process killed with records not yet sent leaves them there,
+and the next queue on the folder sends them. One line says that tracking is behind and
 why, repeated at most every `notice_every` seconds. A record the server refuses for good
 (a bad value, a run that is gone) is kept in `rejected.jsonl` and named in one line.
 
@@ -17,6 +19,7 @@ again, or `ttt tracking flush DIR`) sends those records first.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -27,8 +30,9 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-SPOOL, PENDING, REJECTED, ARTIFACTS, META, BEHIND = (
+SPOOL, SENT, PENDING, REJECTED, ARTIFACTS, META, BEHIND = (
     "spool.jsonl",
+    "spool.sent",  # how many bytes of the spool the server has: a killed queue resumes there
     "pending.jsonl",
     "rejected.jsonl",
     "artifacts",
@@ -106,7 +110,7 @@ def behind_line(folder: Path) -> str | None:
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    n = pending_records(folder)
+    n = pending_records(folder, live=False)  # a live queue's spool is behind only by ms
     state = folder / BEHIND
     if state.is_file():
         info = json.loads(state.read_text())
@@ -124,13 +128,19 @@ def behind_line(folder: Path) -> str | None:
     return None
 
 
-def pending_records(folder: Path) -> int:
-    """How many records a queue's folder holds that the server has not been sent."""
+def pending_records(folder: Path, live: bool = True) -> int:
+    """How many records a queue's folder holds that the server has not been sent: those
+    a closed queue left, and with `live` those of its spool past the bytes sent."""
+    folder = Path(folder)
     n = 0
-    for name in (PENDING, SPOOL):
-        path = Path(folder) / name
-        if path.is_file():
-            n += sum(1 for line in path.read_text().splitlines() if line.strip())
+    if (folder / PENDING).is_file():
+        n += sum(1 for line in (folder / PENDING).read_text().splitlines() if line.strip())
+    if live and (folder / SPOOL).is_file():
+        sent = folder / SENT
+        start = int(sent.read_text() or 0) if sent.is_file() else 0
+        with (folder / SPOOL).open("rb") as f:
+            f.seek(start)
+            n += sum(1 for line in f.read().splitlines() if line.strip())
     return n
 
 
@@ -141,7 +151,7 @@ class WriteQueue:
         folder: Path,
         where: str = "",
         *,
-        memory: int = 1000,
+        memory: int = 0,
         notice_every: float = 300.0,
         retry_max: float = 10.0,
         out=None,
@@ -211,6 +221,7 @@ class WriteQueue:
             with (self.folder / PENDING).open("w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in left)
             (self.folder / SPOOL).unlink(missing_ok=True)
+            (self.folder / SENT).unlink(missing_ok=True)
             (self.folder / BEHIND).unlink(missing_ok=True)
             self.mem.clear()
             self.spooled = self.offset = 0
@@ -255,14 +266,14 @@ class WriteQueue:
                 for _ in range(taken):
                     self._pop()
                 self.sent += taken
+                if self.behind_since is not None and not (self.mem or self.spooled):
+                    waited = time.monotonic() - self.behind_since
+                    self.behind_since = None
+                    (self.folder / BEHIND).unlink(missing_ok=True)
+                    self._say(f"tracking caught up with {self.where} after {waited:.0f} s")
                 self.lock.notify_all()
             for r in heads[:taken]:
                 self._drop_artifact(r)
-            if self.behind_since is not None and not (self.mem or self.spooled):
-                waited = time.monotonic() - self.behind_since
-                self.behind_since = None
-                (self.folder / BEHIND).unlink(missing_ok=True)
-                self._say(f"tracking caught up with {self.where} after {waited:.0f} s")
 
     def _heads(self, n: int) -> list[dict]:
         """Up to `n` records from the head, in order (memory first, then the spool)."""
@@ -285,7 +296,12 @@ class WriteQueue:
         self.spooled -= 1
         if not self.spooled:
             (self.folder / SPOOL).unlink(missing_ok=True)
+            (self.folder / SENT).unlink(missing_ok=True)
             self.offset = 0
+            return
+        tmp = self.folder / f".{SENT}.tmp"
+        tmp.write_text(str(self.offset))
+        os.replace(tmp, self.folder / SENT)
 
     def _spool_lines(self) -> list[dict]:
         path = self.folder / SPOOL
@@ -305,8 +321,7 @@ class WriteQueue:
             self.last_notice = now
             self._say(
                 f"tracking is behind: {self.where} cannot be reached ({_reason(e)}); "
-                f"{self.pending()} records kept in order (past {self.memory} in "
-                f"{self.folder / SPOOL}); training goes on"
+                f"{self.pending()} records kept in order ({self.folder}); training goes on"
             )
 
     def _reject(self, record: dict, e: Exception) -> None:
@@ -324,15 +339,31 @@ class WriteQueue:
     # -- files -----------------------------------------------------------------------------
 
     def _load_left_over(self) -> None:
-        """A previous queue's records (pending.jsonl at its close, or a spool left by a
-        crash) are sent first, in their order."""
-        old = [self.folder / PENDING, self.folder / SPOOL]
-        lines = [ln for p in old if p.is_file() for ln in p.read_text().splitlines() if ln]
-        if not lines:
+        """A previous queue's records are sent first, in their order: pending.jsonl (left
+        at its close), then what its spool held past the bytes sent (a killed process;
+        a line cut short by the kill is dropped)."""
+        pending, spool, sent = (self.folder / n for n in (PENDING, SPOOL, SENT))
+        lines = pending.read_text().splitlines() if pending.is_file() else []
+        if spool.is_file():
+            start = int(sent.read_text() or 0) if sent.is_file() else 0
+            with spool.open("rb") as f:
+                f.seek(start)
+                lines += f.read().decode(errors="replace").splitlines()
+        kept = []
+        for line in lines:
+            try:
+                json.loads(line)
+            except ValueError:
+                continue
+            kept.append(line)
+        sent.unlink(missing_ok=True)
+        if not kept:
+            spool.unlink(missing_ok=True)
+            pending.unlink(missing_ok=True)
             return
-        (self.folder / SPOOL).write_text("".join(ln + "\n" for ln in lines))
-        (self.folder / PENDING).unlink(missing_ok=True)
-        self.spooled = len(lines)
+        spool.write_text("".join(ln + "\n" for ln in kept))
+        pending.unlink(missing_ok=True)
+        self.spooled = len(kept)
 
     def _keep_artifact(self, record: dict) -> dict:
         """A copy of the file in the queue's folder: the original may be a temporary file
@@ -351,7 +382,7 @@ class WriteQueue:
             shutil.rmtree(Path(record["path"]).parent, ignore_errors=True)
 
     def _tidy(self) -> None:
-        for name in (SPOOL, PENDING, BEHIND):
+        for name in (SPOOL, SENT, PENDING, BEHIND):
             (self.folder / name).unlink(missing_ok=True)
         artifacts = self.folder / ARTIFACTS
         if artifacts.is_dir() and not any(artifacts.iterdir()):

@@ -493,3 +493,19 @@ def test_sweep_status_says_when_the_record_is_behind(tmp_path):
         f"tracking is behind: 2 records not yet sent are kept in {folder}; "
         f"`ttt tracking flush {folder}` sends them"
     )
+
+
+def test_a_full_disk_under_the_tracking_spool_is_one_storage_line(tmp_path, monkeypatch):
+    q = WriteQueue(_FlakyServer(), tmp_path / "q", "http://x")
+    real_open = type(tmp_path).open
+
+    def full(self, mode="r", *args, **kwargs):
+        if self.name == SPOOL and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(type(tmp_path), "open", full)
+    with pytest.raises(StorageError, match="could not write tracking records to .*spool.jsonl"):
+        q.submit(_report(1))
+    monkeypatch.undo()
+    assert q.close(5) == 0

@@ -30,6 +30,8 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from ttt.errors import writing
+
 SPOOL, SENT, PENDING, REJECTED, ARTIFACTS, META, BEHIND = (
     "spool.jsonl",
     "spool.sent",  # how many bytes of the spool the server has: a killed queue resumes there
@@ -182,8 +184,9 @@ class WriteQueue:
             record = self._keep_artifact(record)
         with self.lock:
             if self.spooled or len(self.mem) >= self.memory:
-                with (self.folder / SPOOL).open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                with writing("tracking records", self.folder / SPOOL):
+                    with (self.folder / SPOOL).open("a") as f:
+                        f.write(json.dumps(record) + "\n")
                 self.spooled += 1
             else:
                 self.mem.append(record)
@@ -218,8 +221,9 @@ class WriteQueue:
                 self._tidy()
                 return 0
             left = list(self.mem) + self._spool_lines()
-            with (self.folder / PENDING).open("w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in left)
+            with writing("tracking records", self.folder / PENDING):
+                with (self.folder / PENDING).open("w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in left)
             (self.folder / SPOOL).unlink(missing_ok=True)
             (self.folder / SENT).unlink(missing_ok=True)
             (self.folder / BEHIND).unlink(missing_ok=True)

@@ -266,6 +266,7 @@ def storage_failure_report(e: StorageError, node_id: str) -> dict:
 
 def trial_main(start: TrialStart, spec: SweepSpec) -> None:
     process.trial_env(spec.resources["gpu"])
+    process.quiet_checkpoint_errors()
     import ray
     from ray import tune
 

@@ -51,6 +51,7 @@ def train(
     from ttt.train import run
     from ttt.train.checkpoint import read_run_info
 
+    process.quiet_checkpoint_errors()
     source, overrides = split_source(args)
     cfg = load_config(source, overrides)
     uri = optional_uri(tracking_uri)

@@ -74,6 +74,10 @@ def check_manifest(step_dir: Path) -> str | None:
 
 
 def _first_line(e: BaseException) -> str:
+    """The error's first line, from the exception at the root of its causes (Orbax wraps
+    TensorStore's "OUT_OF_RANGE: ... is not valid for value of size N" in its own)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
     text = " ".join(str(e).split("\n")[0].split()) or type(e).__name__
     return text[:300]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from sweeps.cluster import loopback_only
 from sweeps.ray_compat import fit, loopback_mode, name_trial_actors, token_auth, token_source
 from sweeps.spec import Stage, SweepSpec, TrialStart
-from sweeps.tracking import MlflowSweepCallback
+from sweeps.tracking import DRAIN_TIMEOUT, MlflowSweepCallback
 from ttt import process
 from ttt import tags as TAG
 from ttt.data.floors import NAMES, Floors, as_tag, floors_of
@@ -30,6 +30,8 @@ from ttt.errors import UserError
 from ttt.rundir import RunDir
 from ttt.settings import settings
 from ttt.tracking import MlflowRun, check_uri, find_run, resolve_uri, run_link
+from ttt.tracking.queue import WriteQueue, sweep_queue_folder
+from ttt.tracking.tracker import apply_record
 from ttt.tracking.views import TRIALS_VIEW, trials_view, view_tag
 
 DEFAULT_STORAGE = "ray_results"
@@ -406,11 +408,20 @@ def run_sweep(
         connect_env(address)
     storage = storage_root(storage_path, spec)
     parent = open_parent(spec, tracking_uri, storage)
+    # Every write of the sweep from here on (the parent's, the trials', the driver log's)
+    # goes through one queue: neither Tune's loop nor the driver's end waits on the server.
+    queue = WriteQueue(
+        functools.partial(apply_record, parent.c),
+        sweep_queue_folder(storage, spec.name),
+        tracking_uri,
+    )
+    parent.through(queue)
     log_floors(parent, spec)
     context, started_here = join_ray(address)
     result = SweepResult(spec, parent.run_id, tracking_uri)
     status = "FAILED"
     log = DriverLog(parent)
+    log.queue = queue
     try:
         with process.redirect_output(log.tee):
             try:
@@ -428,7 +439,8 @@ def run_sweep(
                 raise
     finally:
         log.close()
-        _close_runs(parent, status)
+        _close_runs(parent, status, ended_runs(log))
+        queue.close(DRAIN_TIMEOUT)  # then what is left is named, and sent by the next run
         if started_here:
             ray.shutdown()
     return result
@@ -440,6 +452,7 @@ def driver_process(spec: SweepSpec) -> None:
     Tune's metric check off (it would refuse the in-between reports that lack the
     searcher's metric)."""
     process.ray_env()
+    process.tracking_env()
     name_trial_actors(trial_entry)  # trial-named actors in the dashboard and log lines
     process.add_log_filter("ray.tune.tune", _TuneResumeAdvice())
     if spec.search_alg == "optuna":
@@ -454,8 +467,10 @@ def _run_stages(spec: SweepSpec, result: SweepResult, storage: str, rerun: Rerun
         cb = MlflowSweepCallback(
             result.tracking_uri, spec.name, result.parent_run_id, stage,
             functools.partial(flat_params, spec), role, spec.metric, spec.mode,
+            str(sweep_queue_folder(storage, spec.name)),
         )  # fmt: skip
-        cb.driver_log = log
+        cb.driver_log, cb.queue = log, log.queue  # not pickled: the driver's own
+        log.callbacks.append(cb)
         return cb
 
     max_steps = spec.config(spec.points[0], {}).train.steps
@@ -489,6 +504,8 @@ class DriverLog:
 
     def __init__(self, parent: MlflowRun):
         self.parent = parent
+        self.callbacks: list = []  # the stages' MlflowSweepCallbacks, which upload it
+        self.queue = None  # the sweep's tracking queue (ttt.tracking.queue.WriteQueue)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.path = Path(tempfile.mkdtemp(prefix="ttt-driver-")) / f"driver-{stamp}.log"
         self.file = self.path.open("a", buffering=1)
@@ -498,10 +515,11 @@ class DriverLog:
         `process.redirect_output`)."""
         return _Tee(stream, self.file)
 
-    def upload(self) -> None:
+    def upload(self, via: MlflowRun | None = None) -> None:
+        """`via`: the parent as the trials' callback holds it, writing through its queue."""
         try:
             self.file.flush()
-            self.parent.log_artifact(self.path, "driver")
+            (via or self.parent).log_artifact(self.path, "driver")
         except Exception as e:  # a store that is briefly away: the next upload has it all
             print(f"(driver log not uploaded: {type(e).__name__})", file=sys.__stderr__)
 
@@ -547,7 +565,11 @@ def _log_best(parent: MlflowRun, spec: SweepSpec, rows: list[dict]) -> None:
     best = (min if spec.mode == "min" else max)(done, key=lambda r: r[spec.metric])
     parent.log_summary({f"best_{spec.metric}": best[spec.metric]})
     exp = parent.experiment_id
-    run = find_run(parent.c, exp, {TAG.TRIAL_ID: best["trial"]}) if best["trial"] else None
+    try:
+        run = find_run(parent.c, exp, {TAG.TRIAL_ID: best["trial"]}) if best["trial"] else None
+    except Exception as e:  # the server away at the end: the metric is queued, not the link
+        print(f"best trial not linked on the parent run: {type(e).__name__}", file=sys.stderr)
+        return
     if run is not None:
         link = run_link(parent.c.tracking_uri, exp, run.info.run_id)
         parent.set_tags(
@@ -614,14 +636,25 @@ def init_error(address: str, e: Exception) -> UserError:
     return UserError(f"--address={address}: could not join the Ray cluster: {first}")
 
 
-def _close_runs(parent: MlflowRun, status: str) -> None:
+def ended_runs(log: DriverLog) -> set[str]:
+    """The MLflow runs the stages' callbacks ended (their `_done`)."""
+    return {run_id for cb in log.callbacks for run_id in cb.ended()}
+
+
+def _close_runs(parent: MlflowRun, status: str, ended: set[str] = frozenset()) -> None:
     """Nothing stays RUNNING after the driver ends: an interrupted trial's run is marked
-    KILLED (a resume sets it running again)."""
-    children = parent.c.search_runs(
-        [parent.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}' "
-        "and attributes.status = 'RUNNING'",
-    )
+    KILLED (a resume sets it running again). `ended`: runs whose end the callbacks have
+    written, perhaps still in the tracking queue (not interrupted, only not yet sent)."""
+    try:
+        children = parent.c.search_runs(
+            [parent.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}' "
+            "and attributes.status = 'RUNNING'",
+        )
+    except Exception as e:  # the server away: the next run of the sweep closes them
+        print(f"trial runs left RUNNING not closed: {type(e).__name__}", file=sys.stderr)
+        children = []
     for run in children:
-        MlflowRun(parent.c, run.info.run_id, parent.experiment_id).finish("interrupted")
+        if run.info.run_id not in ended:
+            MlflowRun(parent.c, run.info.run_id, parent.experiment_id).finish("interrupted")
     parent.end(status)

@@ -18,6 +18,7 @@ from ttt import tags as TAG
 from ttt.config import applies
 from ttt.data.floors import read_tag
 from ttt.errors import UserError
+from ttt.tracking.queue import behind_line, sweep_queue_folder
 
 # A trial's state, from its MLflow run's status and outcome.
 STATE = {"RUNNING": "running", "SCHEDULED": "pending", "KILLED": "stopped", "FAILED": "error"}
@@ -166,6 +167,7 @@ class SweepView:
     metric: str = "eval_loss"
     mode: str = "min"
     floors: dict = field(default_factory=dict)  # data.source -> Floors
+    tracking: str | None = None  # a line when the record here is behind the trials
 
     def summary(self) -> str:
         """How many trials are in each state: `4 finished, 1 running`."""
@@ -266,6 +268,9 @@ def read_sweep(tracking_uri: str, name: str, store=None) -> SweepView:
     view = SweepView(name, parent_state, swept, stages, [_row(r, swept) for r in runs])
     view.metric, view.mode = metric, mode
     view.floors = read_tag(parent.tags.get(TAG.FLOORS))
+    storage = parent.tags.get(TAG.STORAGE_PATH)
+    if storage:  # the driver's queue of writes, on this machine's disk
+        view.tracking = behind_line(sweep_queue_folder(storage, name))
     for row in view.rows:
         floors = view.floors.get(row.source)
         row.regime = floors.regime(row.eval_loss) if floors is not None else None
@@ -332,6 +337,8 @@ def render(view: SweepView) -> str:
     if best is not None:
         lines.append(f"* best {view.metric} {getattr(best, view.metric):.4f}: {best.name}")
     lines += _floor_lines(view)
+    if view.tracking:
+        lines.append(view.tracking)
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ resumed trial never gets a second run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -17,8 +18,12 @@ from ray.tune import Callback
 
 from ttt import tags as TAG
 from ttt.tracking import MlflowRun, log_eval_artifacts, run_link, run_tags
-from ttt.tracking.tracker import EVAL_PREFIXES, described
+from ttt.tracking.queue import WriteQueue
+from ttt.tracking.tracker import EVAL_PREFIXES, apply_record, described
 from ttt.tracking.views import RUN_COLOR_TAG, TRIALS_VIEW, run_color
+
+# How long the end of a stage waits for records the server has not taken yet.
+DRAIN_TIMEOUT = 120.0
 
 
 def short_name(config: dict) -> str:
@@ -73,24 +78,31 @@ class MlflowSweepCallback(Callback):
         role: str = "trial",
         metric: str = "eval_loss",
         mode: str = "min",
+        queue_folder: str | None = None,
     ):
         self.tracking_uri, self.sweep, self.stage = tracking_uri, sweep, stage
         self.role = role  # trial, or eval for a `task: eval` sweep
         self.metric, self.mode = metric, mode  # what "best" means on the parent run
         self.parent_run_id = parent_run_id
         self.params_of = params_of  # trial.config -> flat config dict
+        # where the queue of writes spools while the server is away (None: written at once)
+        self.queue_folder = queue_folder
         self._reset()
 
     def _reset(self):
+        self._queue: WriteQueue | None = None
         self._parent: MlflowRun | None = None
         self._runs: dict[str, MlflowRun] = {}  # trial_id -> its run
         self._done: set[str] = set()  # run ids already finished
         self._nodes: dict[str, list[str]] = {}  # run_id -> node ids, in order
+        self._retries: dict[str, int] = {}  # run_id -> Tune's retries, as MLflow has them
         self._mfu_described: set[str] = set()  # run ids whose description names `mfu`
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for key in ("_parent", "_runs", "_done", "_nodes", "_mfu_described", "driver_log"):
+        drop = ("_queue", "_parent", "_runs", "_done", "_nodes", "_retries", "_mfu_described",
+                "driver_log", "queue")  # fmt: skip
+        for key in drop:
             state.pop(key, None)
         return state
 
@@ -101,8 +113,40 @@ class MlflowSweepCallback(Callback):
     @property
     def parent(self) -> MlflowRun:
         if self._parent is None:
-            self._parent = MlflowRun.attach(self.tracking_uri, self.parent_run_id)
+            self._parent = self._through(MlflowRun.attach(self.tracking_uri, self.parent_run_id))
         return self._parent
+
+    def _through(self, run: MlflowRun) -> MlflowRun:
+        """Every write of a run that is open goes through one queue, on its own thread, so
+        Tune's loop never waits on the server (`ttt.tracking.queue`)."""
+        shared = getattr(self, "queue", None)  # the driver's, set beside driver_log
+        if shared is not None:
+            return run.through(shared)
+        folder = getattr(self, "queue_folder", None)  # a callback restored from older state
+        if folder is None:
+            return run
+        if self._queue is None:
+            send = functools.partial(apply_record, run.c)
+            self._queue = WriteQueue(send, Path(folder), self.tracking_uri)
+        return run.through(self._queue)
+
+    def close_queue(self, timeout: float = DRAIN_TIMEOUT) -> int:
+        """Drain the writes for at most `timeout` s; returns how many are left (kept on
+        disk, named in one line, sent first by the next queue on the folder)."""
+        if self._queue is None:
+            return 0
+        left = self._queue.close(timeout)
+        self._queue = None
+        self._parent = None
+        self._runs.clear()  # `_done` stays: the driver's end asks which runs were ended
+        return left
+
+    def on_experiment_end(self, trials, **info):
+        self.close_queue()  # its own queue; the driver's is closed at the sweep's end
+
+    def ended(self) -> set[str]:
+        """The runs this callback ended (FINISHED, FAILED or KILLED as their outcome)."""
+        return set(self._done)
 
     def experiment_id(self) -> str:
         return self.parent.experiment_id
@@ -128,8 +172,10 @@ class MlflowSweepCallback(Callback):
             parent_id=self.parent_run_id,
             reopen=False,
         )
+        self._through(run)
         if run.found is not None:
             self._nodes[run.run_id] = [n for n in run.tags.get(TAG.NODE_IDS, "").split(",") if n]
+            self._retries[run.run_id] = int(run.tags.get(TAG.RETRIES, "0"))
             if run.tags.get(TAG.OUTCOME) == "finished":
                 self._done.add(run.run_id)  # Tune may restart it; MLflow already has it all
             else:
@@ -183,7 +229,7 @@ class MlflowSweepCallback(Callback):
         self.parent.set_tags({"mlflow.note.content": "\n\n".join(lines)})
         log = getattr(self, "driver_log", None)  # set by the driver; not pickled
         if log is not None:
-            log.upload()
+            log.upload(self.parent)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run = self.run(trial)
@@ -253,8 +299,9 @@ class MlflowSweepCallback(Callback):
         self._update_parent(trials, trial, "finished")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        run = self.run(trial)
-        retries = int(run.c.get_run(run.run_id).data.tags.get(TAG.RETRIES, "0")) + 1
+        run = self.run(trial)  # counted here: no read of the server while writes queue
+        retries = self._retries.get(run.run_id, 0) + 1
+        self._retries[run.run_id] = retries
         run.set_tags({TAG.RETRIES: str(retries)})
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sweeps.spec import SweepSpec, TrialStart
 from ttt import process
+from ttt.errors import StorageError, writing
 from ttt.rundir import RECORD_FILES, RunDir
 
 FINAL = "final.json"
@@ -169,11 +170,14 @@ class TuneReporter:
         result = self.report(step, values)
         if final:
             result["outcome"] = "finished"
-        stage_dir = _stage_checkpoint(self.run_dir, step, result if final else None)
+        stage_dir = None
         try:
-            tune.report(result, checkpoint=tune.Checkpoint.from_directory(stage_dir))
+            with writing(f"the Tune checkpoint of step {step}", Path(tempfile.gettempdir())):
+                stage_dir = _stage_checkpoint(self.run_dir, step, result if final else None)
+                tune.report(result, checkpoint=tune.Checkpoint.from_directory(stage_dir))
         finally:
-            shutil.rmtree(stage_dir, ignore_errors=True)
+            if stage_dir is not None:
+                shutil.rmtree(stage_dir, ignore_errors=True)
 
 
 def _scratch_run_dir() -> Path:
@@ -197,7 +201,35 @@ def _scratch_run_dir() -> Path:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             shutil.copytree(d, run_dir)
+        add_older_checkpoints(run_dir, older_tune_checkpoints(checkpoint))
     return run_dir
+
+
+def older_tune_checkpoints(checkpoint) -> list[Path]:
+    """The trial's other Tune checkpoints kept beside the latest (`num_to_keep`), newest
+    first, where they are on a local filesystem (a cloud store keeps only the latest in
+    reach: the trial then has no older one to fall back to)."""
+    import pyarrow.fs  # deferred: like Ray, loaded only in a trial's worker
+
+    if not isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return []
+    latest = Path(checkpoint.path)
+    return sorted(
+        (p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p != latest),
+        reverse=True,
+    )
+
+
+def add_older_checkpoints(run_dir: Path, older: list[Path]) -> None:
+    """The Orbax checkpoints of older Tune checkpoints, beside the latest one's in the
+    rebuilt run directory: if the latest cannot be read, the run resumes from the newest
+    one that can (`ttt.train.checkpoint.read_first_readable`), as `ttt train` does."""
+    run = RunDir(run_dir)
+    for tune_dir in older:
+        kept = RunDir(tune_dir)
+        for step in sorted(int(p.name) for p in kept.checkpoints.glob("*") if p.name.isdigit()):
+            if not run.checkpoint(step).exists():
+                shutil.copytree(kept.checkpoint(step), run.checkpoint(step))
 
 
 def _extras(spec: SweepSpec, start_step: int):
@@ -226,8 +258,15 @@ def _extras(spec: SweepSpec, start_step: int):
     return extras
 
 
+def storage_failure_report(e: StorageError, node_id: str) -> dict:
+    """The last report of a trial whose disk refused a write: the driver's callback ends
+    its MLflow run FAILED with `ttt.outcome=error` and the line as `ttt.message`."""
+    return {"outcome": "error", "message": str(e), "node_id": node_id}
+
+
 def trial_main(start: TrialStart, spec: SweepSpec) -> None:
     process.trial_env(spec.resources["gpu"])
+    process.quiet_checkpoint_errors()
     import ray
     from ray import tune
 
@@ -251,7 +290,15 @@ def trial_main(start: TrialStart, spec: SweepSpec) -> None:
 
             coordinator, peers = _start_peers(start, spec)
             initialize(coordinator, int(spec.resources["nodes"]), 0)
-        result = run(cfg, run_dir, reporter=TuneReporter(run_dir, progress, extras), progress=False)
+        try:
+            reporter = TuneReporter(run_dir, progress, extras)
+            result = run(cfg, run_dir, reporter=reporter, progress=False)
+        except StorageError as e:
+            # A full (or read-only) disk is not fixed by trying again: the trial ends as an
+            # error with the line, once, instead of burning through Tune's retries.
+            print(f"error: {e}", flush=True)
+            tune.report(storage_failure_report(e, ray.get_runtime_context().get_node_id()))
+            return
         ray.get(peers)  # a peer's error fails the trial too
         if result.status == "diverged":
             tune.report(

@@ -38,6 +38,55 @@ def ray_env() -> None:
 GPU_SHARE_OF_MEMORY = 0.95
 
 
+def tracking_env() -> None:
+    """MLflow's client tries a request 7 times over about 4 minutes before it raises.
+    Writes go through `ttt.tracking.queue`, which keeps trying on its own thread, so a
+    few tries are enough: it then knows in seconds that the server is away, and says so."""
+    set_env("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2", keep=True)
+    set_env("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1", keep=True)
+    # the queue's one line says it; urllib3's warning per retried request would repeat it
+    add_log_filter("urllib3.connectionpool", _NoRetryWarnings())
+
+
+class _NoRetryWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Retrying (")
+
+
+class _StorageNoise(logging.Filter):
+    """Orbax's own error logs (tracebacks of its writer threads) for a write the disk
+    refused: the command says it in one line (`ttt.errors.StorageError`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ttt.errors import storage_errno  # deferred: the bottom layer imports nothing
+
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and storage_errno(error) is not None:
+            return False
+        return storage_errno(Exception(record.getMessage())) is None
+
+
+def _drop_closed_loop_noise(previous: Callable) -> Callable:
+    def hook(unraisable) -> None:
+        # TensorStore calling back into an event loop Orbax closed after a failed write
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and "Event loop is closed" in str(e):
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop_noise = True
+    return hook
+
+
+def quiet_checkpoint_errors() -> None:
+    """A checkpoint the disk refuses is one line from the command, not Orbax's hundreds:
+    its error logs of that failure filtered, and the closed-event-loop errors its writer
+    threads leave behind not printed."""
+    add_log_filter("absl", _StorageNoise())
+    if not getattr(sys.unraisablehook, "drops_closed_loop_noise", False):
+        sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
+
+
 def trial_env(gpu: float) -> None:
     """Before JAX starts in a sweep trial's worker: share a GPU safely (its fraction of
     the memory, no preallocation), or keep JAX off a GPU the trial was not given."""

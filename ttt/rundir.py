@@ -3,7 +3,11 @@
     RUN/config.yaml        the run's config (absolute paths: it opens from any folder)
     RUN/run.json           status, step, data fingerprint, BOS id, devices
     RUN/metrics.jsonl      one line per logged step
-    RUN/checkpoints/STEP/  Orbax checkpoints (params, opt_state, meta)
+    RUN/checkpoints/STEP/  Orbax checkpoints (params, opt_state, meta), each with a
+                           manifest.json of its files' sizes and checksums, written last
+                           (a checkpoint without one never finished, or predates them)
+    RUN/tracking/          MLflow records not yet sent (`ttt.tracking.queue`; only its
+                           meta.json when the server has them all)
     RUN/eval/              evaluation outputs, by kind: nll_by_position[_T<len>].parquet
                            (+ .json summary), tokens_<name>.parquet, niah.parquet (+ .png)
 
@@ -29,6 +33,8 @@ CONFIG, INFO, METRICS, CHECKPOINTS, EVAL = (
     "checkpoints",
     "eval",
 )
+# Written last into a checkpoint's folder: every other file's size and SHA-256.
+MANIFEST = "manifest.json"
 # The small files that travel with a checkpoint (a sweep trial's Tune checkpoint).
 RECORD_FILES = (CONFIG, INFO, METRICS)
 
@@ -71,8 +77,18 @@ class RunDir:
     def eval_dir(self) -> Path:
         return self.path / EVAL
 
+    @property
+    def tracking_spool(self) -> Path:
+        """The queue of MLflow records of `ttt train --tracking-uri` (ttt.tracking.queue)."""
+        return self.path / "tracking"
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / str(step)
+
+    def unreadable_checkpoint(self, step: int) -> Path:
+        """Where a checkpoint that cannot be read is moved when a run resumes from an older
+        one (kept for inspection; not a step name, so Orbax and `latest_step` skip it)."""
+        return self.checkpoints / f"{step}.unreadable"
 
     def nll_table(self, seq_len: int | None = None, inner: bool = True, task: str = "loss"):
         """Per-position NLL of an evaluation: at the run's own length (written by

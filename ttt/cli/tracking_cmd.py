@@ -1,4 +1,5 @@
-"""`ttt tracking serve` (an MLflow server for sweeps that span several nodes) and `ttt ui`."""
+"""`ttt tracking serve` (an MLflow server for sweeps that span several nodes), `ttt tracking
+flush` (records kept while a server was away) and `ttt ui`."""
 
 from __future__ import annotations
 
@@ -118,3 +119,31 @@ def ui(
     typer.echo(f"MLflow UI for {uri} at {run_link(f'http://127.0.0.1:{port}')}")
     light_env()
     os.execv(sys.executable, args)
+
+
+@app.command("flush")
+def flush(
+    folder: Path = typer.Argument(
+        ...,
+        metavar="DIR",
+        help="A run directory, or a tracking queue's folder (a sweep's, as its line names).",
+    ),
+    tracking_uri: str = typer.Option(
+        None, "--tracking-uri", help="Default: the server the records were meant for."
+    ),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to keep trying."),
+) -> None:
+    """Send the MLflow records a run or sweep kept while its server was away."""
+    from ttt.tracking.records import flush_queue
+
+    sent, left, refused, uri = flush_queue(folder, tracking_uri, timeout)
+    if not (sent or left or refused):
+        typer.echo(f"{folder}: nothing pending for {uri}")
+        return
+    typer.echo(
+        f"{folder}: {sent} records sent to {uri}"
+        + (f", {refused} refused for good (kept in rejected.jsonl)" if refused else "")
+        + (f"; {left} still pending" if left else "")
+    )
+    if left:
+        raise typer.Exit(1)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ttt import process
 from ttt.cli import options
 from ttt.cli.config_cmd import split_source
 from ttt.errors import Interrupted
@@ -49,6 +50,7 @@ def train(
     from ttt.train import run
     from ttt.train.checkpoint import read_run_info
 
+    process.quiet_checkpoint_errors()
     source, overrides = split_source(args)
     cfg = load_config(source, overrides)
     uri = optional_uri(tracking_uri)
@@ -62,6 +64,7 @@ def train(
         from analysis.run_figures import eval_figure_files
         from ttt.tracking import MlflowReporter
 
+        process.tracking_env()
         reporter = MlflowReporter(
             uri, experiment, cfg, out, system_metrics=system_metrics, render=eval_figure_files
         )

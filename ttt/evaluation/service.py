@@ -28,7 +28,7 @@ import polars as pl
 
 from ttt.config import Config
 from ttt.data.recall import SOURCE as RECALL
-from ttt.errors import UserError
+from ttt.errors import UserError, writing
 from ttt.evaluation import measure
 from ttt.evaluation.weights import LoadedRun, load_weights, run_config
 from ttt.niah import accuracy, build_samples, run_samples
@@ -160,13 +160,16 @@ def evaluate(run_dir: str | Path, request: Request, sinks: Sinks = Sinks()) -> l
 
 
 def _handed(made: Iterator[Measurement], run_dir: Path, sinks: Sinks) -> list[Measurement]:
+    """Each measurement drawn and tracked as it is made; a disk that refuses its tables
+    or figures is one line (`ttt.errors.StorageError`)."""
     out = []
-    for m in made:
-        if sinks.render is not None:
-            m.figures = list(sinks.render(m, run_dir))
-        if sinks.track is not None:
-            sinks.track(m, run_dir)
-        out.append(m)
+    with writing("evaluation tables and figures", RunDir(run_dir).eval_dir):
+        for m in made:
+            if sinks.render is not None:
+                m.figures = list(sinks.render(m, run_dir))
+            if sinks.track is not None:
+                sinks.track(m, run_dir)
+            out.append(m)
     return out
 
 

@@ -4,13 +4,19 @@ A sweep's trials and parent are written by `sweeps.tracking` through the same cl
 
 from __future__ import annotations
 
+import functools
+import json
 import tempfile
 from pathlib import Path
 
 from ttt import tags as TAG
+from ttt.errors import UserError, writing
 from ttt.rundir import RunDir, companion
+from ttt.tracking import queue as queue_files
 from ttt.tracking.provenance import SystemSampler, provenance
-from ttt.tracking.tracker import MlflowRun, Tracker, described, run_tags
+from ttt.tracking.queue import WriteQueue
+from ttt.tracking.store import check_uri, client
+from ttt.tracking.tracker import MlflowRun, Tracker, apply_record, described, run_tags
 
 
 def log_eval_artifacts(run: Tracker, run_dir: Path, render=None, params=None, name="") -> None:
@@ -27,8 +33,14 @@ def log_eval_artifacts(run: Tracker, run_dir: Path, render=None, params=None, na
             for kind in ("bins", "recall"):  # its standard errors, accuracy by distance
                 if companion(f, kind).is_file():
                     run.log_artifact(companion(f, kind), "eval")
-            for extra in render(f, Path(tmp), params, name) if render is not None else []:
+            with writing("evaluation figures", Path(tmp)):
+                extras = render(f, Path(tmp), params, name) if render is not None else []
+            for extra in extras:
                 run.log_artifact(extra, "eval")
+
+
+# How long `ttt train` waits at its end for tracking records a server has not taken yet.
+DRAIN_TIMEOUT = 60.0
 
 
 class MlflowReporter:
@@ -47,6 +59,8 @@ class MlflowReporter:
         self.run: MlflowRun | None = (
             None  # opened at the first report: a start that fails records nothing
         )
+        self.queue: WriteQueue | None = None
+        self.drain_timeout = DRAIN_TIMEOUT
 
     def _open(self) -> MlflowRun:
         if self.run is not None:
@@ -62,6 +76,11 @@ class MlflowReporter:
             tags=run_tags("run", f"ttt train --out {self.out}"),
             params=self.cfg.flat(),
         )
+        # every write from here on goes through a queue: the training loop never waits
+        self.queue = WriteQueue(
+            functools.partial(apply_record, run.c), RunDir(self.out).tracking_spool, self.uri
+        )
+        run.through(self.queue)
         steps = str(self.cfg.train.steps)
         if run.found is not None and run.found.data.params.get("train.steps") != steps:
             run.set_tags({TAG.EXTENDED_TO_STEPS: steps})  # params are immutable
@@ -103,6 +122,8 @@ class MlflowReporter:
             if eval_loss is not None:
                 self.run.log_summary({"final_eval_loss": eval_loss})
         self.run.finish(outcome, message)
+        if self.queue is not None:  # drain for a bounded time, then say what is pending
+            self.queue.close(self.drain_timeout)
 
 
 # What an evaluation's summary holds besides its metrics.
@@ -253,3 +274,24 @@ def log_bench_rows(tracking_uri: str, rows: list[dict], experiment: str = "bench
         run.finish("finished")
         ids.append(run.run_id)
     return ids
+
+
+def flush_queue(folder: Path, uri: str | None = None, timeout: float = DRAIN_TIMEOUT) -> tuple:
+    """Send what a tracking queue's folder still holds (`ttt tracking flush`): a run
+    directory (its tracking/ folder), a sweep's queue folder, or the folder itself.
+    Returns (sent, still pending, refused for good, the server)."""
+    folder = Path(folder)
+    if RunDir(folder).tracking_spool.is_dir():
+        folder = RunDir(folder).tracking_spool
+    meta = folder / queue_files.META
+    if not meta.is_file():
+        raise UserError(f"DIR={str(folder)!r}: not a tracking queue's folder (no {meta.name})")
+    uri = uri or json.loads(meta.read_text()).get("uri")
+    if not uri:
+        raise UserError(f"DIR={str(folder)!r}: names no tracking server; give --tracking-uri")
+    if not queue_files.pending_records(folder):
+        return 0, 0, 0, uri
+    check_uri(uri)
+    q = WriteQueue(functools.partial(apply_record, client(uri)), folder, uri)
+    left = q.close(timeout)
+    return q.sent, left, q.rejected, uri

@@ -130,6 +130,9 @@ class MlflowRun(Tracker):
 
     def __init__(self, c, run_id: str, experiment_id: str, found=None):
         self.c, self.run_id, self.experiment_id, self.found = c, run_id, experiment_id, found
+        # A `ttt.tracking.queue.WriteQueue`: writes go through it, on its thread, and
+        # never wait on the server; None: each write is sent at once.
+        self.queue = None
         self.last_step = 0
         if found is not None:
             history = c.get_metric_history(run_id, STEP_METRIC)
@@ -178,10 +181,22 @@ class MlflowRun(Tracker):
         c = client(uri)
         return cls(c, run_id, c.get_run(run_id).info.experiment_id)
 
+    def through(self, queue) -> MlflowRun:
+        """From now on, write through `queue` (`ttt.tracking.queue.WriteQueue`)."""
+        self.queue = queue
+        return self
+
+    def _send(self, op: str, **fields) -> None:
+        record = {"op": op, "run_id": self.run_id, **fields}
+        if self.queue is not None:
+            self.queue.submit(record)
+        else:
+            apply_record(self.c, record)
+
     def reopen(self) -> None:
         """Mark a found run RUNNING again: it is being resumed."""
         if self.found is None or self.found.info.status != "RUNNING":
-            self.c.update_run(self.run_id, status="RUNNING")
+            self._send("update_run", status="RUNNING")
 
     @property
     def tags(self) -> dict[str, str]:
@@ -189,22 +204,18 @@ class MlflowRun(Tracker):
         return dict(self.found.data.tags) if self.found is not None else {}
 
     def log_hyperparameters(self, params: dict) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [[k, str(v)[:6000]] for k, v in params.items()]
         for i in range(0, len(items), BATCH):
-            self.c.log_batch(self.run_id, params=items[i : i + BATCH])
+            self._send("log_batch", params=items[i : i + BATCH])
 
     def _metrics(self, values: dict[str, float], step: int) -> None:
         self._points([(k, v, step) for k, v in values.items()])
 
     def _points(self, points: list[tuple[str, float, int]]) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v, step in points]
+        metrics = [[k, v, now, step] for k, v, step in points]
         for i in range(0, len(metrics), 1000):  # log_batch's limit
-            self.c.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+            self._send("log_batch", metrics=metrics[i : i + 1000])
 
     def log_history(self, history: dict[str, list[tuple[int, float]]]) -> None:
         """Whole metric histories at once (`metric -> [(step, value)]`): a fixture's."""
@@ -221,20 +232,41 @@ class MlflowRun(Tracker):
         self._metrics(_finite(values), step)
 
     def set_tags(self, tags: dict) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        items = [[k, str(v)[:5000]] for k, v in tags.items()]
         if items:
-            self.c.log_batch(self.run_id, tags=items)
+            self._send("log_batch", tags=items)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        self.c.log_artifact(self.run_id, str(path), artifact_path=folder)
+        self._send("log_artifact", path=str(path), folder=folder)
 
     def finish(self, outcome: str, message: str = "") -> None:
         tags = {TAG.OUTCOME: outcome, **({TAG.MESSAGE: message} if message else {})}
         self.set_tags(tags)
-        self.c.set_terminated(self.run_id, status=OUTCOME_STATUS[outcome])
+        self._send("set_terminated", status=OUTCOME_STATUS[outcome])
 
     def end(self, status: str) -> None:
         """End with an MLflow status alone (a sweep's parent: no outcome of its own)."""
-        self.c.set_terminated(self.run_id, status=status)
+        self._send("set_terminated", status=status)
+
+
+def apply_record(c, record: dict) -> None:
+    """Send one write (`MlflowRun._send`'s record, plain JSON so that a queue can keep it
+    on disk) with the MLflow client `c`."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    op, run_id = record["op"], record["run_id"]
+    if op == "log_batch":
+        c.log_batch(
+            run_id,
+            metrics=[Metric(*m) for m in record.get("metrics", ())],
+            params=[Param(*p) for p in record.get("params", ())],
+            tags=[RunTag(*t) for t in record.get("tags", ())],
+        )
+    elif op == "update_run":
+        c.update_run(run_id, status=record["status"])
+    elif op == "set_terminated":
+        c.set_terminated(run_id, status=record["status"])
+    elif op == "log_artifact":
+        c.log_artifact(run_id, record["path"], artifact_path=record.get("folder"))
+    else:
+        raise ValueError(f"not a tracking record: {op!r}")

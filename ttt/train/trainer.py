@@ -27,9 +27,9 @@ from flax import nnx
 from ttt import compile_cache, process
 from ttt.config import Config, load_config
 from ttt.data.loader import Dataset
-from ttt.errors import UserError
+from ttt.errors import StorageError, UserError, writing
 from ttt.model import create_model
-from ttt.rundir import RunDir
+from ttt.rundir import MANIFEST, RunDir
 from ttt.train.checkpoint import Checkpoints, load_params, read_run_info
 from ttt.train.evaluate import EvalResult, evaluate
 from ttt.train.flops import flops_per_token, peak_flops
@@ -140,23 +140,29 @@ def _check_run_dir(out: Path, cfg: Config) -> None:
 
 class _Log:
     def __init__(self, path: Path, keep_until: int, enabled: bool = True):
-        self.file = None
+        self.file, self.path = None, path
         if not enabled:
             return
         # On resume, drop lines past the checkpoint so each step is recorded once.
         lines = path.read_text().splitlines() if path.exists() else []
         kept = [ln for ln in lines if ln and json.loads(ln).get("step", 0) <= keep_until]
-        path.write_text("".join(ln + "\n" for ln in kept))
-        self.file = path.open("a")
+        with writing("metrics", path):
+            path.write_text("".join(ln + "\n" for ln in kept))
+            self.file = path.open("a")
 
     def write(self, record: dict) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            with writing("metrics", self.path):
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # the flush of a full disk: what was written is what is kept
+                pass
+            self.file = None
 
 
 def initial_state(cfg: Config, ckpt: Checkpoints | None, params, opt_state):
@@ -165,9 +171,10 @@ def initial_state(cfg: Config, ckpt: Checkpoints | None, params, opt_state):
     process 0 reads the files and every other process receives the values from it."""
     start, position = 0, 0
     if ckpt is not None:
-        start = ckpt.latest_step() or 0
-        if start:
-            params, opt_state, meta = ckpt.restore(start, params, opt_state)
+        # the newest checkpoint that reads; one that does not is named and moved aside
+        latest = ckpt.restore_latest(params, opt_state)
+        if latest is not None:
+            start, params, opt_state, meta = latest
             position = int(meta["position"])
         elif cfg.train.init_from:
             params, _ = load_params(cfg.train.init_from, params)
@@ -268,7 +275,8 @@ class Trainer:
             "device_kind": mesh.devices.flat[0].device_kind,
         }
         if self.lead:
-            self.dir.write_info(self.run_info)
+            with writing(self.dir.info_file.name, self.dir.info_file):
+                self.dir.write_info(self.run_info)
         self.log = _Log(self.dir.metrics_file, self.start, enabled=self.lead)
         self.train_step = compile_cache.CachedStep("train", cfg, make_train_step(cfg, graphdef))
         hits = data.recall is not None  # the recall task's accuracy needs the argmax
@@ -279,6 +287,7 @@ class Trainer:
         self.result = RunResult("finished", self.start, self.out)
         self.hooks: list[Hook] = []
         self.stop_signal: int | None = None  # set by stop_on_signals
+        self.saving: int | None = None  # the checkpoint being written
         self._default_hooks(progress)
 
     def _open_data(self) -> Dataset:
@@ -316,7 +325,8 @@ class Trainer:
                 shutil.rmtree(out, ignore_errors=True)
             raise
         if self.lead:
-            self.dir.write_config(cfg)
+            with writing("the run's config", self.dir.config_file):
+                self.dir.write_config(cfg)
         self.params = jax.device_put(params, replicated(mesh))
         self.opt_state = jax.device_put(opt_state, replicated(mesh))
         self.put = batch_putter(mesh)
@@ -400,7 +410,8 @@ class Trainer:
             result.extra = self.telemetry(number)
         self.log.write({"step": number, **result.metrics})
         if self.lead:
-            result.write_parquet(self.dir.nll_table())
+            with writing("an evaluation table", self.dir.nll_table()):
+                result.write_parquet(self.dir.nll_table())
         self.reporter.evaluation(number, result)
         return result
 
@@ -417,8 +428,9 @@ class Trainer:
         )
         if self.lead:
             path = self.dir.telemetry_table(self.cfg.data.seq_len)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            table.with_columns(step=pl.lit(number)).write_parquet(path)
+            with writing("the inner loop's telemetry", path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                table.with_columns(step=pl.lit(number)).write_parquet(path)
         # the same batches with the updates skipped: the initial weights alone
         eta = self.cfg.ttt.inner_lr
         off = evaluate(self._noinner_step, self.params, self.val, tr.eval_batches, eta, self.put)
@@ -428,7 +440,10 @@ class Trainer:
         if self.ckpt is None:
             return
         state = {"step": number, "position": self.loader.position}
-        directory = self.ckpt.save(number, self.params, self.opt_state, state)
+        self.saving = number
+        with writing(f"checkpoint step {number}", self.ckpt.directory):
+            directory = self.ckpt.save(number, self.params, self.opt_state, state)
+        self.saving = None
         self.reporter.checkpoint(number, directory, values, final)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -519,7 +534,8 @@ class Trainer:
             self.ckpt.close()
         self.log.close()
         if self.lead:
-            self.dir.write_info(self.run_info)
+            with writing(self.dir.info_file.name, self.dir.info_file):
+                self.dir.write_info(self.run_info)
         return result
 
     def run(self) -> RunResult:
@@ -531,6 +547,34 @@ class Trainer:
             except KeyboardInterrupt:  # a second Ctrl-C: run.json names the checkpoint kept
                 self._abandon()
                 raise
+            except StorageError as e:
+                raise self._storage_failure(e) from None
+
+    def _storage_failure(self, e: StorageError) -> StorageError:
+        """A write the disk refused: the partial checkpoint removed, the files closed,
+        run.json records the failure; the error's line says what is safe."""
+        self.bar.close()
+        if self.ckpt is not None:
+            try:
+                self.ckpt.close()
+            except Exception:  # a manager whose save failed may fail to close; its files go next
+                pass
+            remove_partial_checkpoints(self.dir, self.saving)
+        self.log.close()
+        kept = self.dir.latest_step()
+        safe = (
+            f"last complete checkpoint: step {kept}; the same command resumes from it"
+            if kept
+            else "no complete checkpoint yet; the same command starts again"
+        )
+        line = f"{e}; {safe}"
+        if self.lead:
+            self.run_info.update(status="failed", step=kept or 0, message=line)
+            try:
+                self.dir.write_info(self.run_info)
+            except OSError:  # the disk refuses even run.json: the line says it all
+                pass
+        return StorageError(line, e.errno, e.where)
 
     def _abandon(self) -> None:
         """Stopped without finishing: run.json tells the truth about what a re-run gets."""
@@ -542,6 +586,22 @@ class Trainer:
         if self.lead:
             self.run_info.update(status="interrupted", step=kept or 0)
             self.dir.write_info(self.run_info)
+
+
+def remove_partial_checkpoints(run: RunDir, step: int | None) -> None:
+    """What a failed save leaves in checkpoints/: Orbax's temporary folders, and the step
+    being written if it has no manifest yet (it never counted)."""
+    if not run.checkpoints.is_dir():
+        return
+    for p in run.checkpoints.iterdir():
+        if not p.name.isdigit() and not p.name.endswith(".unreadable"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if step is not None:
+        folder = run.checkpoint(step)
+        if folder.is_dir() and not (folder / MANIFEST).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+        for tmp in folder.glob(f".{MANIFEST}.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def run(cfg: Config, out_dir: str | Path, reporter: Reporter | None = None, **options):

@@ -12,11 +12,17 @@ import functools
 import logging
 import os
 import re
+import socket
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.util.state import list_jobs
 
 from sweeps.cluster import loopback_only
 from sweeps.ray_compat import fit, loopback_mode, name_trial_actors, token_auth, token_source
@@ -52,7 +58,9 @@ def flat_params(spec: SweepSpec, trial_config: dict) -> dict:
 
 def trial_entry(config: dict, spec: SweepSpec) -> None:
     """Tune's trainable (module level, so that a restore finds it under the same name)."""
-    from sweeps.trial import trial_main
+    from sweeps.trial import (
+        trial_main,  # deferred: the trial's module loads JAX, which the driver never needs
+    )
 
     trial_main(TrialStart.of(config), spec)
 
@@ -85,7 +93,6 @@ def trial_dirname(trial) -> str:
 
 
 def _domain(kind: str, args: list):
-    from ray import tune
 
     return {
         "choice": lambda: tune.choice(args),
@@ -99,7 +106,6 @@ def _scheduler(spec: SweepSpec, max_steps: int):
     s = spec.scheduler
     if s["type"] == "fifo":
         return None
-    from ray.tune.schedulers import ASHAScheduler
 
     # Rung decisions need a metric in every report: the training loss (eval comes only at
     # the end, or every `eval_every` steps).
@@ -118,7 +124,9 @@ def _search_alg(spec: SweepSpec):
     if spec.search_alg == "basic":
         return None
     try:
-        from ray.tune.search.optuna import OptunaSearch
+        from ray.tune.search.optuna import (
+            OptunaSearch,  # deferred: Optuna loads only for a spec that asks for it
+        )
     except ImportError:
         raise UserError(
             f"{spec.path}: search_alg: optuna is not installed (pip install optuna), or use basic"
@@ -140,7 +148,6 @@ def trial_resources(spec: SweepSpec):
     """One node's share, or for `nodes: N` a placement group of N bundles on N distinct
     nodes: the trial itself runs in the first bundle as JAX process 0 and places one
     peer process in each other bundle (sweeps/trial.py)."""
-    from ray import tune
 
     cpu, gpu, nodes = spec.resources["cpu"], spec.resources["gpu"], spec.resources["nodes"]
     if nodes == 1:
@@ -173,7 +180,6 @@ def _tuner(
     max_steps: int,
     rerun: Rerun = Rerun(),
 ):
-    from ray import tune
 
     trainable = tune.with_resources(
         tune.with_parameters(trial_entry, spec=spec), trial_resources(spec)
@@ -251,7 +257,6 @@ def say_if_waiting(spec: SweepSpec) -> None:
     """Before a stage starts: when the cluster has fewer free CPUs than one trial needs,
     say that its trials wait, and for which other sweeps (Tune's table only shows them
     PENDING)."""
-    import ray
 
     need = spec.resources["cpu"]
     free = ray.available_resources().get("CPU", 0.0)
@@ -259,8 +264,6 @@ def say_if_waiting(spec: SweepSpec) -> None:
         return
     others = []
     try:
-        from ray.util.state import list_jobs
-
         mine = os.environ.get("RAY_JOB_SUBMISSION_ID")  # set by Ray in a job's driver
         for job in list_jobs(raise_on_missing_output=False):
             name = (job.metadata or {}).get(TAG.SWEEP)
@@ -377,7 +380,6 @@ def log_floors(parent: MlflowRun, spec: SweepSpec) -> dict[str, Floors]:
 def join_ray(address: str | None):
     """Ray for the sweep: the caller's (a Ray job's driver), the cluster at `address`, or
     a cluster of its own. Returns the runtime context and whether it was started here."""
-    import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context(), False
@@ -398,7 +400,6 @@ def run_sweep(
     storage_path: str | None = None,
     rerun: Rerun = Rerun(),
 ) -> SweepResult:
-    import ray
 
     driver_process(spec)
     tracking_uri = resolve_uri(tracking_uri)
@@ -461,7 +462,6 @@ def driver_process(spec: SweepSpec) -> None:
 
 def _run_stages(spec: SweepSpec, result: SweepResult, storage: str, rerun: Rerun, log) -> None:
     """The grid (stage `main`), then each stage from the grid's finished trials."""
-    from ray import tune
 
     def callback(stage: str, role: str) -> MlflowSweepCallback:
         cb = MlflowSweepCallback(
@@ -600,7 +600,6 @@ def connect_env(address: str, timeout: float = 5.0) -> None:
     """Before `ray.init(address=...)`: fail in seconds when nothing listens there, and use
     the cluster's token when one is at hand (Ray >= 2.59 turns token auth on for
     `ray start --head`; a driver with auth off is refused after ~20 s of retries)."""
-    import socket
 
     host, _, port = address.rpartition(":")
     if host in ("127.0.0.1", "localhost") and loopback_only(int(port)):

@@ -55,6 +55,11 @@ def running(client, name: str | None = None) -> list:
     ]
 
 
+# How long a submission waits for the cluster's job agent (Ray answers "try again later").
+SUBMIT_WAIT_S = 120.0
+NO_AGENT = "No available agent to submit job"
+
+
 def submit(cluster: Cluster, name: str, request, local: bool) -> str:
     """Submit the sweep's `SweepRequest` as a job named after the sweep: its entry point
     reads the request and drives the sweep (`sweeps/launch.py`)."""
@@ -66,12 +71,27 @@ def submit(cluster: Cluster, name: str, request, local: bool) -> str:
     env.update(STOP_ENV)
     if local:
         env.update(loopback_env())
-    return cluster.client().submit_job(
-        entrypoint=entrypoint,
-        submission_id=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        metadata={SWEEP_KEY: name, "job_name": name},
-        runtime_env={"env_vars": env},
-    )
+    client = cluster.client()
+    deadline = time.monotonic() + SUBMIT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                metadata={SWEEP_KEY: name, "job_name": name},
+                runtime_env={"env_vars": env},
+            )
+        except RuntimeError as e:
+            # A cluster that has just started (or a loaded machine) answers 500 "No
+            # available agent" until its dashboard agent registers; Ray says to retry.
+            if NO_AGENT not in str(e):
+                raise
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"the Ray cluster at {cluster.dashboard} took no job for {SUBMIT_WAIT_S:.0f} s "
+                    f"({NO_AGENT}); run the same command again"
+                ) from None
+            time.sleep(2.0)
 
 
 def follow(cluster: Cluster, job_id: str) -> int:

@@ -9,15 +9,18 @@ listed as pending.
 from __future__ import annotations
 
 import math
+import sqlite3
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from sweeps.spec import load_spec
 from ttt import tags as TAG
 from ttt.config import applies
-from ttt.data.floors import read_tag
+from ttt.data.floors import NAMES, read_tag
 from ttt.errors import UserError
+from ttt.tracking import check_uri, client, sqlite_path
 from ttt.tracking.queue import behind_line, sweep_queue_folder
 
 # A trial's state, from its MLflow run's status and outcome.
@@ -59,7 +62,6 @@ class _SqliteStore:
     import alone takes seconds, so that `ttt sweep status` answers in about one."""
 
     def __init__(self, path):
-        import sqlite3
 
         self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
 
@@ -99,7 +101,6 @@ class _MlflowStore:
     """Any other store, through MLflow's client."""
 
     def __init__(self, tracking_uri: str):
-        from ttt.tracking import check_uri, client
 
         check_uri(tracking_uri)
         self.c = client(tracking_uri)
@@ -123,7 +124,6 @@ class _MlflowStore:
 
 
 def open_store(tracking_uri: str):
-    from ttt.tracking import sqlite_path
 
     db = sqlite_path(tracking_uri)
     if db is None:
@@ -222,7 +222,6 @@ def _row(run: RunRecord, swept: list[str]) -> Row:
 def _planned(parent, swept: list[str]) -> tuple[list[dict[str, str]], str, str]:
     """The first stage's planned points (one per sample) from the spec the parent names,
     and the spec's metric and mode; nothing when the spec is gone."""
-    from sweeps.spec import load_spec
 
     tags = parent.tags
     try:
@@ -350,7 +349,6 @@ def _pm(value: float | None, se: float | None) -> str:
 
 def _floor_lines(view: SweepView) -> list[str]:
     """The floors the eval losses are read against, and what `!` means."""
-    from ttt.data.floors import NAMES
 
     lines = []
     for source, f in view.floors.items():
@@ -392,7 +390,6 @@ def watch(name: str, tracking_uri: str, every: float = 5.0, out=None) -> int:
 
 
 def list_sweeps(tracking_uri: str) -> str:
-    from ttt.tracking import sqlite_path
 
     if (db := sqlite_path(tracking_uri)) is not None and not db.exists():
         return f"no sweeps in {tracking_uri}"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from sweeps.spec import TrialStart
 from ttt import tags as TAG
 from ttt.tracking import MlflowRun, log_eval_artifacts, run_link, run_tags
 from ttt.tracking.queue import WriteQueue
@@ -29,7 +30,6 @@ DRAIN_TIMEOUT = 120.0
 def short_name(config: dict) -> str:
     """A trial's MLflow run name: its swept values, the mixer first and bare, so that names
     differ in their first characters where the UI cuts them (`ttt_e2e inner_lr=0.3`)."""
-    from sweeps.spec import TrialStart
 
     start = TrialStart.of(config)
     values = {**start.point, **start.sample}
@@ -271,7 +271,9 @@ class MlflowSweepCallback(Callback):
         ckpt = trial.checkpoint
         if ckpt is None:
             return
-        from analysis.run_figures import eval_figure_files
+        from analysis.run_figures import (
+            eval_figure_files,  # deferred: Matplotlib loads only when a trial's figures are drawn
+        )
 
         with ckpt.as_directory() as d:
             params = self.params_of(trial.config)

@@ -9,13 +9,26 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+
+import jax
+import ray
+from ray import tune
+from ray.util.metrics import Gauge
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from sweeps.spec import SweepSpec, TrialStart
 from ttt import process
 from ttt.errors import StorageError, writing
+from ttt.evaluation import measure
+from ttt.evaluation.weights import load_weights
 from ttt.rundir import RECORD_FILES, RunDir
+from ttt.tracking import SystemSampler, provenance
+from ttt.train import run
+from ttt.train.distributed import initialize
 
 FINAL = "final.json"
 
@@ -46,8 +59,6 @@ class Peer:
 
     def run(self, start: TrialStart, spec: SweepSpec, coordinator: str, rank: int) -> str:
         process.trial_env(spec.resources["gpu"])
-        from ttt.train import run
-        from ttt.train.distributed import initialize
 
         initialize(coordinator, int(spec.resources["nodes"]), rank)
         with tempfile.TemporaryDirectory(prefix=f"ttt-peer{rank}-") as d:
@@ -57,11 +68,6 @@ class Peer:
 def _start_peers(start: TrialStart, spec: SweepSpec) -> tuple[str, list]:
     """Start processes 1..N-1 in the trial's other bundles; returns (coordinator, refs).
     Process 0's node hosts the jax.distributed coordinator."""
-    import socket
-
-    import ray
-    from ray.util.placement_group import get_current_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     host = ray.util.get_node_ip_address()
     with socket.socket() as s:
@@ -85,10 +91,6 @@ def _start_peers(start: TrialStart, spec: SweepSpec) -> tuple[str, list]:
 def _evaluate(cfg, run_dir: Path, extras: dict) -> None:
     """A `task: eval` trial: evaluate `train.init_from`'s weights, report once, with the
     per-position NLL in the checkpoint (as a training trial's final report has it)."""
-    from ray import tune
-
-    from ttt.evaluation import measure
-    from ttt.evaluation.weights import load_weights
 
     run = load_weights(cfg, cfg.train.init_from, key="train.init_from")
     result, summary = measure.loss(run, RunDir(run_dir).nll_table())
@@ -110,7 +112,6 @@ class Progress:
     KEYS = ("step", "loss", "eval_loss", "tokens_per_s")
 
     def __init__(self, trial: str, experiment: str, steps: int):
-        from ray.util.metrics import Gauge
 
         self.trial, self.steps = trial, steps
         self.tags = {"trial": trial, "sweep": experiment}
@@ -160,12 +161,10 @@ class TuneReporter:
         self.pending = {**result.metrics, "eval_step": step}
 
     def metrics(self, step, values) -> None:
-        from ray import tune
 
         tune.report(self.report(step, values))
 
     def checkpoint(self, step, directory, values, final=False) -> None:
-        from ray import tune
 
         result = self.report(step, values)
         if final:
@@ -184,7 +183,6 @@ def _scratch_run_dir() -> Path:
     """The trial's run directory, rebuilt from Tune's checkpoint (empty without one), in
     node-local scratch outside Tune's trial folder (which Tune syncs to storage as driver
     artifacts): Tune's checkpoints are what persists."""
-    from ray import tune
 
     ctx = tune.get_context()
     run_dir = (
@@ -235,10 +233,6 @@ def add_older_checkpoints(run_dir: Path, older: list[Path]) -> None:
 def _extras(spec: SweepSpec, start_step: int):
     """What each of this attempt's reports carries besides the loop's metrics: where it
     runs, and once (when JAX and jax.distributed are up) its provenance."""
-    import jax
-    import ray
-
-    from ttt.tracking import SystemSampler, provenance
 
     tags = {
         "node_id": ray.get_runtime_context().get_node_id(),
@@ -267,10 +261,6 @@ def storage_failure_report(e: StorageError, node_id: str) -> dict:
 def trial_main(start: TrialStart, spec: SweepSpec) -> None:
     process.trial_env(spec.resources["gpu"])
     process.quiet_checkpoint_errors()
-    import ray
-    from ray import tune
-
-    from ttt.train import run
 
     cfg = start.config(spec)
     run_dir = _scratch_run_dir()
@@ -286,8 +276,6 @@ def trial_main(start: TrialStart, spec: SweepSpec) -> None:
             return
         peers = []
         if spec.resources["nodes"] > 1:
-            from ttt.train.distributed import initialize
-
             coordinator, peers = _start_peers(start, spec)
             initialize(coordinator, int(spec.resources["nodes"]), 0)
         try:

@@ -336,12 +336,7 @@ SPEC_FIGURES = {
         "recall_by_distance",
         "distance_lo",
         {m: {4, 8, 16} for m in ("full", "swa", "gated_deltanet", "mamba2", "ttt_kvb")}
-        | {
-            f"{m} b={b} eta={e}": {4, 8, 16}
-            for m in ("ttt_e2e", "ttt_e2e (meta off)")
-            for b in (4, 8)
-            for e in (0.1, 1)
-        },  # fmt: skip
+        | {f"{m} b={b}": {4, 8, 16} for m in ("ttt_e2e", "ttt_e2e (meta off)") for b in (4, 8)},
     ),
     "quickstart": (
         "fig4_window",

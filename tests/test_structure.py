@@ -193,3 +193,30 @@ def test_nothing_changes_process_state_at_import_time():
             if isinstance(call, ast.Call) and "process." in ast.unparse(call.func):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_an_import_inside_a_function_says_why():
+    """Imports sit at a module's top, where they show its dependencies. One kept inside a
+    function (start-up time of the CLI, JAX or Ray kept out of a light command, an
+    optional dependency) carries a comment on its line or the line above, or its module
+    says so once with a `# deferred imports:` line."""
+    import ast
+
+    offenders = set()  # a set: a nested function's imports are walked twice
+    for path in _modules().values():
+        source = path.read_text()
+        if "# deferred imports:" in source:
+            continue
+        lines = source.splitlines()
+        for fn in ast.walk(ast.parse(source)):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    line, above = lines[node.lineno - 1], lines[node.lineno - 2]
+                    statement = "".join(lines[node.lineno - 1 : node.end_lineno])
+                    if "#" not in statement and not above.strip().startswith("#"):
+                        offenders.add(f"{path.relative_to(ROOT)}:{node.lineno}: {line.strip()}")
+    assert not offenders, f"{len(offenders)} imports inside functions, no reason given:\n" + (
+        "\n".join(sorted(offenders))
+    )

@@ -4,6 +4,7 @@ while it ran (MLflow's own system monitors)."""
 from __future__ import annotations
 
 import subprocess
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ttt import tags as TAG
@@ -26,9 +27,8 @@ def _git(*args: str) -> str | None:
 
 def provenance() -> dict[str, str]:
     """What a reader needs to trust a run later: code, JAX, devices."""
-    from importlib.metadata import PackageNotFoundError, version
 
-    import jax
+    import jax  # deferred: JAX stays out of the light commands that track
 
     try:
         pkg = version("ttt-e2e")
@@ -61,11 +61,15 @@ class SystemSampler:
     CPU share is the average since the previous read, so no sampling thread is needed."""
 
     def __init__(self):
-        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.cpu_monitor import (
+            CPUMonitor,  # deferred: MLflow's monitors load only when a run samples
+        )
 
         self.monitors = [CPUMonitor()]
         try:
-            from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+            from mlflow.system_metrics.metrics.gpu_monitor import (
+                GPUMonitor,  # deferred: as above (and pynvml with it)
+            )
 
             self.monitors.append(GPUMonitor())
         except (ImportError, RuntimeError):

@@ -65,8 +65,10 @@ class MlflowReporter:
     def _open(self) -> MlflowRun:
         if self.run is not None:
             return self.run
-        from ttt.train.flops import flops_per_token
-        from ttt.train.step import uses_inner_loop
+        from ttt.train.flops import (
+            flops_per_token,  # deferred: JAX, only to describe a training run
+        )
+        from ttt.train.step import uses_inner_loop  # deferred: as above
 
         self.run = run = MlflowRun.open(
             self.uri,
@@ -180,7 +182,7 @@ class EvalTracker:
 def log_telemetry(uri: str, experiment: str, run_dir: Path, table, files: list[Path]) -> str:
     """`ttt eval --telemetry` as an MLflow run (role `telemetry`) per (evaluated run,
     context length): what the inner steps bought as metrics, the table and its figure."""
-    from ttt.train.telemetry import telemetry_summary
+    from ttt.train.telemetry import telemetry_summary  # deferred: as above
 
     seq_len, step = int(table["seq_len"][0]), int(table["step"][0])
     return _log_result(

@@ -7,13 +7,14 @@ MLflow's minutes of retries. Links open the UI in model-training mode.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlencode, urlparse
 
 from ttt.errors import UserError
 
@@ -77,9 +78,10 @@ def _open_sqlite(tracking_uri: str, db: Path) -> None:
     opens it, and two processes doing that at once fail ("table ... already exists"): a
     sweep's driver and its first trials, `ttt ui`, a notebook. One at a time, then; once
     per process, as MLflow keeps the opened store for the process's later clients."""
-    import fcntl
 
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import (
+        MlflowClient,  # deferred: MLflow's client takes about a second to import
+    )
 
     with open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -134,7 +136,6 @@ def run_link(
     experiments, an experiment's runs, or one run. `view`: an experiment's runs as the
     shared view of that key shows them (`ttt.tracking.views`), in its table or, with
     `charts`, its chart view."""
-    from urllib.parse import urlencode
 
     path = "#/experiments"
     if experiment_id is not None:

@@ -252,7 +252,11 @@ class MlflowRun(Tracker):
 def apply_record(c, record: dict) -> None:
     """Send one write (`MlflowRun._send`'s record, plain JSON so that a queue can keep it
     on disk) with the MLflow client `c`."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import (  # deferred: as MLflow's client (ttt.tracking.store)
+        Metric,
+        Param,
+        RunTag,
+    )
 
     op, run_id = record["op"], record["run_id"]
     if op == "log_batch":

@@ -23,6 +23,8 @@ import jax
 import numpy as np
 import polars as pl
 from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from ttt import compile_cache, process
 from ttt.config import Config, load_config
@@ -179,8 +181,6 @@ def initial_state(cfg: Config, ckpt: Checkpoints | None, params, opt_state):
         elif cfg.train.init_from:
             params, _ = load_params(cfg.train.init_from, params)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         state = (params, opt_state, np.int64(start), np.int64(position))
         params, opt_state, start, position = multihost_utils.broadcast_one_to_all(state)
     return params, opt_state, int(start), int(position)
@@ -342,7 +342,6 @@ class Trainer:
         return hook
 
     def _default_hooks(self, progress: bool) -> None:
-        from tqdm import tqdm
 
         tr = self.cfg.train
         limit = max_loss(self.cfg)

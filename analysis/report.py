@@ -34,6 +34,7 @@ from analysis.figures import build_all
 from analysis.recipes import LOSS, Data, context_length, finished, run_flops_per_token
 from ttt import tags as TAG
 from ttt.data.floors import NAMES
+from ttt.data.recall import SOURCE as RECALL_SOURCE
 from ttt.tracking import MlflowRun, client, run_link
 
 VERDICTS = ("supported", "contradicted", "inconclusive", "not evidence", "no runs")
@@ -89,6 +90,17 @@ def _above_trigram(runs: pl.DataFrame, floors: dict) -> list[str]:
     return out
 
 
+def _on_recall(runs: pl.DataFrame) -> list[str]:
+    """Runs trained and evaluated on the recall task (`data.source=recall`)."""
+    if "data.source" not in runs.columns:
+        return []
+    return [
+        r.get("run_name") or r["run_id"]
+        for r in runs.iter_rows(named=True)
+        if r["data.source"] == RECALL_SOURCE
+    ]
+
+
 def _no_context_use(runs: pl.DataFrame) -> bool:
     """TTT-E2E's runs use no context beyond the window: every one's context use is
     within two standard errors of zero (runs that did not record it do not count)."""
@@ -107,6 +119,12 @@ def judge(claim: Claim, ev: Evidence | None, data: Data, valid: bool | None) -> 
     """(verdict, reason) of one claim."""
     if ev is None or not ev.points:
         return "no runs", f"no run in the store measures it: run {claim.spec}"
+    if claim.lm and (tasks := _on_recall(ev.runs)):
+        return "not evidence", (
+            f"{len(tasks)} of its runs are on the recall task ({', '.join(tasks[:4])}"
+            f"{', ...' if len(tasks) > 4 else ''}), a synthetic task with no language in it: "
+            "their loss says nothing about a language-model claim"
+        )
     if claim.lm:
         above = _above_trigram(ev.runs, data.floors())
         if above:

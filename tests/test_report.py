@@ -21,14 +21,14 @@ CLAIM = "fig1.ttt_at_or_below_full"
 FLOORS = {"stdlib": Floors("fp", {1: 3.3, 2: 2.4, 3: 1.75, 4: 1.37}, 10, 10, 258)}
 
 
-def store(tmp_path, losses: dict, se: float = 0.002, floors=FLOORS, seq_lens=(256,)):
+def store(tmp_path, losses: dict, se=0.002, floors=FLOORS, seq_lens=(256,), **overrides):
     """Two seeds of full attention and TTT-E2E per length, each with the given final
     loss (`losses[(method, seed)]`, plus 0.01 per doubling of T) and standard error."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runs = []
     for (mixer, seed), loss in losses.items():
         for t in seq_lens:
-            params = trial_params(mixer, train__seed=seed, data__seq_len=t)
+            params = trial_params(mixer, train__seed=seed, data__seq_len=t, **overrides)
             final = {"final_eval_loss": loss - 0.01 * np.log2(t / 256), "eval_loss_se": se,
                      "context_use": 0.3, "context_use_se": 0.01}  # fmt: skip
             runs.append(FakeRun("study", params, final))
@@ -73,6 +73,13 @@ def test_runs_above_the_trigram_floor_are_not_evidence(tmp_path):
     assert v.verdict == "not evidence" and "trigram floor" in v.reason
     # the same runs without floors in the store are read as they are
     assert verdict_of(store(tmp_path / "n", high, floors=None)).verdict == "supported"
+
+
+def test_runs_on_the_recall_task_are_not_evidence_for_a_language_model_claim(tmp_path):
+    """A recall store's losses (filler and keys scored with the values) are not Fig 1's."""
+    win = {("full", 0): 1.60, ("full", 1): 1.62, ("ttt_e2e", 0): 1.50, ("ttt_e2e", 1): 1.51}
+    v = verdict_of(store(tmp_path, win, seq_lens=(64,), data__source="recall"))
+    assert v.verdict == "not evidence" and "recall task" in v.reason, v.reason
 
 
 def test_a_claim_with_no_runs_names_what_would_produce_them(tmp_path):

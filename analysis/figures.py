@@ -343,7 +343,7 @@ def _niah(t):
 def _recall(t):
     """Accuracy by distance, a line per method and setting with its seed range as a band, chance
     (1/recall.values), the window, and each TTT variant's chunk."""
-    fig, ax = plt.subplots(figsize=(8, 4.6))
+    fig, ax = plt.subplots(figsize=(10.5, 4.6))
     for (name,), g in t.group_by("line", maintain_order=True):
         g = g.sort("distance_lo")
         line = ax.plot(g["distance_lo"], g["mean"], marker="o", lw=1.2, label=name)[0]
@@ -375,7 +375,9 @@ def _recall(t):
     ax.set(xlabel="distance from a pair to its query (tokens, log2 buckets)",
            ylabel="exact-match accuracy", ylim=(-0.03, 1.03),
            title=f"Recall by distance ({band})")  # fmt: skip
-    ax.legend(fontsize=6, ncol=2, loc="upper right")
+    # beside the axes: at the top, where every method that recalls lies, it hid the lines
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
     return fig
 
 

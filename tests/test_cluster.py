@@ -464,9 +464,9 @@ def test_losing_a_node_fails_its_trial_over(tmp_path, corpus, two_nodes, trackin
 
 def test_trials_waiting_for_cpus_held_by_another_sweep_say_so(monkeypatch, capsys, tmp_path):
     import ray
-    import ray.util.state
     from conftest import PICO_SWEEP
 
+    import sweeps.driver
     from sweeps.driver import say_if_waiting
     from sweeps.spec import load_spec
 
@@ -486,7 +486,7 @@ def test_trials_waiting_for_cpus_held_by_another_sweep_say_so(monkeypatch, capsy
         metadata, status, submission_id = {"ttt.sweep": "first"}, "RUNNING", "first-1"
 
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.0})
-    monkeypatch.setattr(ray.util.state, "list_jobs", lambda **kw: [Job()])
+    monkeypatch.setattr(sweeps.driver, "list_jobs", lambda **kw: [Job()])  # where it is called
     say_if_waiting(spec)
     err = capsys.readouterr().err
     assert "sweep second: its trials wait for 2 CPU each; the cluster has 1 free" in err

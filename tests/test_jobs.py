@@ -207,7 +207,7 @@ def test_status_and_watch_read_the_record_while_running_and_after(sweeps):
     assert status.returncode == 0, status.stderr
     lines = status.stdout.splitlines()
     assert lines[0] == "sweep long (running): 1 running", status.stdout
-    (head,) = [ln.split() for ln in lines if ln.split()[:1] == ["trial"]]
+    head = next(ln.split() for ln in lines if ln.split()[:1] == ["trial"])  # the table's
     (row,) = [dict(zip(head, ln.split(), strict=False)) for ln in lines if " running " in ln]
     step, total = row["step"].split("/")
     assert total == "2000" and int(step) >= 1 and row["eta"].endswith(("s", "m")), row

@@ -133,6 +133,17 @@ def reference_data(tmp_path_factory):
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
+def serves(url: str) -> bool:
+    """Whether an MLflow server (`ttt tracking serve`, `ttt ui`) answers at `url`."""
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{url}/health", timeout=2)
+        return True
+    except OSError:
+        return False
+
+
 def wait_until(check, what: str, timeout: float = 120, every: float = 1.0):
     """`check()`'s first true value, or a failure naming `what` after `timeout` s."""
     import time

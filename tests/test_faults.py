@@ -14,10 +14,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
-from conftest import PICO_TRAIN, wait_until
+from conftest import PICO_TRAIN, serves, wait_until
 
 from sweeps.status import sweep_status
 from sweeps.trial import add_older_checkpoints
@@ -399,14 +398,7 @@ class _Server:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
 
-        def up():
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2)
-                return True
-            except OSError:
-                return False
-
-        wait_until(up, "the tracking server", 120)
+        wait_until(lambda: serves(self.url), "the tracking server", 120)
 
     def stop(self):
         if self.proc is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import headless_browser, write_sweep_spec
+from conftest import headless_browser, serves, write_sweep_spec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -379,14 +379,7 @@ def test_a_browser_sees_the_running_job_and_the_finished_runs(sweeps):
 
         # The two MLflow links the sweep printed, each in a browser that never opened the
         # UI (a fresh profile): nothing to expand, sort or pick before the trials show.
-        def up():
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                return True
-            except OSError:
-                return False
-
-        wait_for(up, "ttt ui", timeout=120)
+        wait_for(lambda: serves(f"http://127.0.0.1:{port}"), "ttt ui", timeout=120)
         out = sweeps.short_run.stdout + sweeps.short_run.stderr
         (table,) = [ln.split(": ", 1)[1].split(" (ttt ui")[0] for ln in out.splitlines()
                     if ln.startswith("MLflow runs: ")]  # fmt: skip

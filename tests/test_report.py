@@ -141,9 +141,8 @@ def test_the_page_renders_its_figures_and_its_links_open_the_runs(tmp_path):
     import signal
     import subprocess
     import sys
-    import urllib.request
 
-    from conftest import headless_browser, wait_until
+    from conftest import headless_browser, serves, wait_until
     from selenium.webdriver.common.by import By
 
     win = {("full", 0): 1.60, ("full", 1): 1.62, ("ttt_e2e", 0): 1.50, ("ttt_e2e", 1): 1.51}
@@ -171,13 +170,7 @@ def test_the_page_renders_its_figures_and_its_links_open_the_runs(tmp_path):
         link = driver.find_elements(By.CSS_SELECTOR, "a.run")[0]
         name, href = link.text, link.get_attribute("href")
 
-        def up():
-            try:
-                return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            except OSError:
-                return None
-
-        wait_until(up, "ttt ui", timeout=120)
+        wait_until(lambda: serves(f"http://127.0.0.1:{port}"), "ttt ui", timeout=120)
         driver.get(href.replace("127.0.0.1:5000", f"127.0.0.1:{port}"))
         wait_until(lambda: name in driver.find_element(By.TAG_NAME, "body").text,
                    f"the run page of {name}", timeout=90)  # fmt: skip
